@@ -1,0 +1,191 @@
+"""Pure-data description of where the MoE parts live in a flat parameter dictionary.
+
+A :class:`MoELayout` names, for every MoE layer, the router tensors (one row per expert
+along dimension 0) and the slices that make up each expert. Strategies, the simulator and
+the Flower apps only ever see flat ``{name: tensor}`` dictionaries plus this layout, so the
+aggregation code never touches a model object.
+
+Two storage styles are covered by :class:`ExpertSlice`:
+
+* fused experts (transformers 5): ``experts.gate_up_proj`` has shape ``(E, 2I, H)`` and
+  expert ``e`` is rows ``[e, e + 1)`` of dimension 0;
+* one module per expert (Switch, our upcycled encoders): expert ``e`` owns whole tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """The part of one parameter tensor that belongs to one expert.
+
+    Parameters
+    ----------
+    param : str
+        Name of the tensor in the flat parameter dictionary.
+    start, stop : int or None, default None
+        Rows ``[start, stop)`` along dimension 0. ``None`` for both means the whole tensor.
+    """
+
+    param: str
+    start: int | None = None
+    stop: int | None = None
+
+    def read(self, state: Mapping[str, Tensor]) -> Tensor:
+        tensor = state[self.param]
+        if self.start is None:
+            return tensor
+        return tensor[self.start : self.stop]
+
+    def write(self, state: dict[str, Tensor], value: Tensor) -> None:
+        """Write ``value`` into ``state`` in place of this slice (copy-on-write of the tensor)."""
+        if self.start is None:
+            state[self.param] = value.reshape(state[self.param].shape).clone()
+            return
+        tensor = state[self.param].clone()
+        tensor[self.start : self.stop] = value.reshape(tensor[self.start : self.stop].shape)
+        state[self.param] = tensor
+
+    def numel(self, state: Mapping[str, Tensor]) -> int:
+        return int(self.read(state).numel())
+
+
+@dataclass(frozen=True)
+class MoELayerLayout:
+    """One MoE layer: its router rows and its experts' slices.
+
+    Parameters
+    ----------
+    name : str
+        Module path of the MoE block, e.g. ``"model.layers.1.mlp"``. Used as the key of
+        routing statistics and decision records.
+    num_experts : int
+        Number of routed experts ``E``.
+    top_k : int
+        Experts selected per token.
+    hidden_size : int
+        Width ``H`` of the hidden states entering the layer.
+    router_params : tuple of str
+        Router tensors; each has one row per expert along dimension 0 (weight ``(E, H)``,
+        optional bias ``(E,)``).
+    experts : tuple of tuple of ExpertSlice
+        ``experts[e]`` lists the slices that make up expert ``e``. May be empty for an
+        expert when none of its parameters is trainable.
+    """
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    router_params: tuple[str, ...]
+    experts: tuple[tuple[ExpertSlice, ...], ...]
+
+    def expert_param_names(self) -> set[str]:
+        return {s.param for slices in self.experts for s in slices}
+
+    def expert_vector(self, state: Mapping[str, Tensor], expert: int) -> Tensor:
+        """Expert ``expert`` flattened into one vector, shape ``(P_e,)``."""
+        parts = [s.read(state).reshape(-1) for s in self.experts[expert]]
+        if not parts:
+            return torch.zeros(0)
+        return torch.cat(parts)
+
+    def expert_matrix(self, state: Mapping[str, Tensor]) -> Tensor:
+        """All experts stacked, shape ``(E, P_e)``."""
+        return torch.stack([self.expert_vector(state, e) for e in range(self.num_experts)])
+
+    def write_expert_vector(self, state: dict[str, Tensor], expert: int, vector: Tensor) -> None:
+        """Inverse of :meth:`expert_vector`: scatter a ``(P_e,)`` vector back into ``state``."""
+        offset = 0
+        for s in self.experts[expert]:
+            size = s.numel(state)
+            s.write(state, vector[offset : offset + size])
+            offset += size
+        if offset != vector.numel():
+            raise ValueError(
+                f"expert vector has {vector.numel()} values, layer {self.name!r} expert "
+                f"{expert} has {offset}"
+            )
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """All MoE layers of a model, in forward order."""
+
+    layers: tuple[MoELayerLayout, ...]
+
+    def router_param_names(self) -> set[str]:
+        return {p for layer in self.layers for p in layer.router_params}
+
+    def expert_param_names(self) -> set[str]:
+        return {p for layer in self.layers for p in layer.expert_param_names()}
+
+    def layer(self, name: str) -> MoELayerLayout:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no MoE layer named {name!r}; layers: {[x.name for x in self.layers]}")
+
+    def restrict(self, names: Iterable[str]) -> MoELayout:
+        """Keep only the tensors in ``names`` (e.g. the trainable ones that travel)."""
+        keep = set(names)
+        layers = []
+        for layer in self.layers:
+            layers.append(
+                MoELayerLayout(
+                    name=layer.name,
+                    num_experts=layer.num_experts,
+                    top_k=layer.top_k,
+                    hidden_size=layer.hidden_size,
+                    router_params=tuple(p for p in layer.router_params if p in keep),
+                    experts=tuple(
+                        tuple(s for s in slices if s.param in keep) for slices in layer.experts
+                    ),
+                )
+            )
+        return MoELayout(layers=tuple(layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (for run folders and Flower messages)."""
+        return {
+            "layers": [
+                {
+                    "name": layer.name,
+                    "num_experts": layer.num_experts,
+                    "top_k": layer.top_k,
+                    "hidden_size": layer.hidden_size,
+                    "router_params": list(layer.router_params),
+                    "experts": [
+                        [[s.param, s.start, s.stop] for s in slices] for slices in layer.experts
+                    ],
+                }
+                for layer in self.layers
+            ]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MoELayout:
+        return cls(
+            layers=tuple(
+                MoELayerLayout(
+                    name=layer["name"],
+                    num_experts=int(layer["num_experts"]),
+                    top_k=int(layer["top_k"]),
+                    hidden_size=int(layer["hidden_size"]),
+                    router_params=tuple(layer["router_params"]),
+                    experts=tuple(
+                        tuple(ExpertSlice(p, start, stop) for p, start, stop in slices)
+                        for slices in layer["experts"]
+                    ),
+                )
+                for layer in data["layers"]
+            )
+        )
