@@ -9,11 +9,12 @@ work starts, and is saved into every run folder as ``config.toml``.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -301,7 +302,9 @@ class ExperimentConfig:
         hints = get_type_hints(type(section))
         if field_name not in hints:
             accepted = sorted(f.name.replace("_", "-") for f in fields(section))
-            raise ConfigError(f"unknown config key {dotted_key!r}; accepted in [{section_key}]: {accepted}")
+            raise ConfigError(
+                f"unknown config key {dotted_key!r}; accepted in [{section_key}]: {accepted}"
+            )
         setattr(section, field_name, _coerce(dotted_key, value, hints[field_name]))
 
     def apply_overrides(self, overrides: Iterable[str]) -> None:

@@ -1,0 +1,516 @@
+"""Labelled text sources and the global train/test split.
+
+Three kinds of source are supported, chosen by :attr:`fedalign.config.DataConfig.dataset`:
+
+``wordnet-supersense``
+    Embedded in the package (no network): WordNet 3.0 noun glosses labelled by eight noun
+    supersenses (lexicographer files). Built by ``scripts/build_wordnet_dataset.py``; see
+    that script for the text cleaning. Licence: ``assets/WORDNET_LICENSE``.
+``ag_news``
+    The Hugging Face hub dataset, through :func:`datasets.load_dataset` (needs network).
+a path ending in ``.csv``, ``.jsonl`` or ``.json``
+    A local file with a text column and a label column (``.json`` is read as JSON lines,
+    or as one JSON array of objects when the file starts with ``[``).
+
+:func:`load_data` returns the pooled training data (partitioned across clients later) and a
+class-balanced global test set that clients never see.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import importlib.resources
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedalign.config import ConfigError, DataConfig
+
+DATASETS = ("wordnet-supersense", "ag_news")
+"""Named sources accepted by ``data.dataset`` (besides file paths)."""
+
+FILE_EXTENSIONS = (".csv", ".jsonl", ".json")
+"""File extensions accepted by ``data.dataset``."""
+
+WORDNET_LEXFILES: dict[int, str] = {
+    4: "act",
+    5: "animal",
+    6: "artifact",
+    10: "communication",
+    13: "food",
+    15: "location",
+    18: "person",
+    20: "plant",
+}
+"""WordNet lexicographer file number -> supersense label kept in the embedded dataset."""
+
+WORDNET_SUPERSENSES: tuple[str, ...] = tuple(sorted(WORDNET_LEXFILES.values()))
+"""Label names of the embedded dataset, in label-id order."""
+
+AG_NEWS_LABELS: tuple[str, ...] = ("World", "Sports", "Business", "Sci-Tech")
+"""Label names of AG News in label-id order (the hub calls the last one ``Sci/Tech``)."""
+
+_WORDNET_ASSET = "wordnet_supersense.jsonl.gz"
+_INT_PATTERN = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+# --------------------------------------------------------------------------- containers
+@dataclass
+class TextDataset:
+    """Texts with integer class labels.
+
+    Parameters
+    ----------
+    texts : list of str
+        One text per example.
+    labels : numpy.ndarray
+        Class ids, converted to int64 of shape ``(N,)``; each in ``[0, len(label_names))``.
+    label_names : list of str
+        Name of each class id.
+
+    Raises
+    ------
+    ValueError
+        If the lengths disagree or a label is out of range.
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.texts = list(self.texts)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.label_names = [str(name) for name in self.label_names]
+        if len(self.texts) != len(self.labels):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if len(self.labels) and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.label_names)
+        ):
+            raise ValueError(
+                f"labels must lie in [0, {len(self.label_names)}) "
+                f"(got {self.labels.min()}..{self.labels.max()})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``len(label_names)`` (some may have no example)."""
+        return len(self.label_names)
+
+    def subset(self, indices: np.ndarray) -> TextDataset:
+        """Return the examples at ``indices`` (in that order), sharing ``label_names``.
+
+        Parameters
+        ----------
+        indices : numpy.ndarray
+            Integer positions into this dataset.
+
+        Returns
+        -------
+        TextDataset
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return TextDataset(
+            texts=[self.texts[i] for i in idx.tolist()],
+            labels=self.labels[idx],
+            label_names=list(self.label_names),
+        )
+
+    def class_counts(self) -> np.ndarray:
+        """Return the number of examples per class, shape ``(num_classes,)`` int64."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+
+@dataclass
+class DataSplits:
+    """The pooled training data and the global test set.
+
+    Parameters
+    ----------
+    train : TextDataset
+        Pooled training data, to be partitioned across clients.
+    test : TextDataset
+        Global test set, class-balanced when held out here; never given to clients.
+    """
+
+    train: TextDataset
+    test: TextDataset
+
+
+# ------------------------------------------------------------------------------ sources
+@functools.lru_cache(maxsize=1)
+def _read_wordnet_asset() -> tuple[tuple[str, ...], np.ndarray]:
+    resource = importlib.resources.files("fedalign.data").joinpath("assets", _WORDNET_ASSET)
+    raw = gzip.decompress(resource.read_bytes()).decode("utf-8")
+    ids = {name: i for i, name in enumerate(WORDNET_SUPERSENSES)}
+    texts: list[str] = []
+    labels: list[int] = []
+    for line in raw.splitlines():
+        if line:
+            record = json.loads(line)
+            texts.append(record["text"])
+            labels.append(ids[record["label"]])
+    array = np.asarray(labels, dtype=np.int64)
+    array.setflags(write=False)
+    return tuple(texts), array
+
+
+def load_wordnet_supersense() -> TextDataset:
+    """Load the embedded WordNet supersense dataset (no network).
+
+    Returns
+    -------
+    TextDataset
+        About 56k noun glosses in file order, labelled with one of
+        :data:`WORDNET_SUPERSENSES`. The parsed asset is cached; each call returns a
+        fresh copy.
+    """
+    texts, labels = _read_wordnet_asset()
+    return TextDataset(list(texts), labels.copy(), list(WORDNET_SUPERSENSES))
+
+
+def load_ag_news() -> DataSplits:
+    """Load AG News from the Hugging Face hub with ``datasets.load_dataset("ag_news")``.
+
+    Needs network access (or a populated ``datasets`` cache).
+
+    Returns
+    -------
+    DataSplits
+        The hub's train (120k) and test (7.6k, balanced) splits, labels
+        :data:`AG_NEWS_LABELS`.
+    """
+    import datasets  # lazy: importing it is slow and only this source needs it
+
+    dataset_dict = datasets.load_dataset("ag_news")
+
+    def convert(split: str) -> TextDataset:
+        part = dataset_dict[split]
+        return TextDataset(
+            texts=[str(t) for t in part["text"]],
+            labels=np.asarray(list(part["label"]), dtype=np.int64),
+            label_names=list(AG_NEWS_LABELS),
+        )
+
+    return DataSplits(train=convert("train"), test=convert("test"))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a CSV / JSON-lines / JSON-array file into a list of row dicts."""
+    suffix = path.suffix.lower()
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"data.dataset: cannot read {str(path)!r}: {error}") from error
+    if not content.strip():
+        raise ConfigError(f"data.dataset: file {str(path)!r} is empty")
+    rows: list[dict[str, Any]] = []
+    if suffix == ".csv":
+        try:
+            reader = csv.DictReader(content.splitlines())
+            if not reader.fieldnames:
+                raise ConfigError(f"data.dataset: CSV file {str(path)!r} has no header row")
+            for row in reader:
+                rows.append(dict(row))
+        except csv.Error as error:
+            raise ConfigError(
+                f"data.dataset: CSV file {str(path)!r} is unreadable: {error}"
+            ) from error
+        if not rows:
+            raise ConfigError(f"data.dataset: CSV file {str(path)!r} has a header but no rows")
+        return rows
+    if suffix == ".json" and content.lstrip().startswith("["):
+        try:
+            loaded = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"data.dataset: JSON file {str(path)!r} is unreadable: {error}"
+            ) from error
+        items = list(loaded)
+    else:
+        items = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ConfigError(
+                    f"data.dataset: line {number} of {str(path)!r} is not valid JSON "
+                    f"(expected one JSON object per line): {error}"
+                ) from error
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"data.dataset: record {number} of {str(path)!r} is not a JSON object"
+            )
+        rows.append(item)
+    if not rows:
+        raise ConfigError(f"data.dataset: file {str(path)!r} has no records")
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(str(key), None)
+    return list(seen)
+
+
+def load_text_file(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> TextDataset:
+    """Load a labelled text file.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A ``.csv`` file with a header row, a ``.jsonl`` file (one JSON object per line) or a
+        ``.json`` file (JSON lines, or one JSON array of objects).
+    text_column : str, default "text"
+        Column (key) holding the text.
+    label_column : str, default "label"
+        Column (key) holding the label. If every label is an integer (``"3"`` counts in a
+        CSV) the integers are kept as class ids and the class names are ``"0"`` ..
+        ``str(max)``; otherwise labels are read as strings and the sorted unique names get
+        ids ``0, 1, ...``.
+
+    Returns
+    -------
+    TextDataset
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, has an unsupported extension, is empty or unreadable, lacks
+        a column, or has a missing value or a negative integer label.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in FILE_EXTENSIONS:
+        raise ConfigError(
+            f"data.dataset: unsupported file extension {path.suffix!r} for {str(path)!r}; "
+            f"accepted extensions: {list(FILE_EXTENSIONS)}"
+        )
+    if not path.is_file():
+        raise ConfigError(f"data.dataset: file {str(path)!r} not found")
+    rows = _read_rows(path)
+    columns = _columns(rows)
+    for field_name, column in (
+        ("data.text-column", text_column),
+        ("data.label-column", label_column),
+    ):
+        if column not in columns:
+            raise ConfigError(
+                f"{field_name}: column {column!r} not found in {str(path)!r}; "
+                f"the file has columns {columns}"
+            )
+    texts: list[str] = []
+    raw_labels: list[Any] = []
+    for number, row in enumerate(rows, start=1):
+        text = row.get(text_column)
+        label = row.get(label_column)
+        if text is None:
+            raise ConfigError(
+                f"data.text-column: record {number} of {str(path)!r} has no {text_column!r} value"
+            )
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise ConfigError(
+                f"data.label-column: record {number} of {str(path)!r} has no {label_column!r} value"
+            )
+        texts.append(str(text).strip())
+        raw_labels.append(label)
+
+    def is_int(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, int):
+            return True
+        if isinstance(value, float):
+            return value.is_integer()
+        return isinstance(value, str) and bool(_INT_PATTERN.match(value))
+
+    if all(is_int(v) for v in raw_labels):
+        ids = np.asarray([int(float(v)) if not isinstance(v, str) else int(v) for v in raw_labels])
+        if ids.min() < 0:
+            raise ConfigError(
+                f"data.label-column: integer labels in {str(path)!r} must be >= 0 "
+                f"(got {int(ids.min())})"
+            )
+        names = [str(i) for i in range(int(ids.max()) + 1)]
+        return TextDataset(texts, ids.astype(np.int64), names)
+    strings = [str(v).strip() for v in raw_labels]
+    names = sorted(set(strings))
+    lookup = {name: i for i, name in enumerate(names)}
+    return TextDataset(texts, np.asarray([lookup[s] for s in strings], dtype=np.int64), names)
+
+
+# ------------------------------------------------------------------------ global split
+def _check_data_config(config: DataConfig) -> None:
+    """Validate ``config`` before anything is loaded."""
+    name = config.dataset
+    is_file = Path(name).suffix.lower() in FILE_EXTENSIONS
+    if name not in DATASETS and not is_file:
+        raise ConfigError(
+            f"data.dataset must be one of {list(DATASETS)} or a path ending in "
+            f"{', '.join(FILE_EXTENSIONS)} (got {name!r})"
+        )
+    if is_file and name not in DATASETS and not Path(name).is_file():
+        raise ConfigError(f"data.dataset: file {name!r} not found")
+    if not 0.0 < config.test_fraction < 1.0:
+        raise ConfigError(f"data.test-fraction must be in (0, 1) (got {config.test_fraction})")
+    for field_name, value in (
+        ("data.max-train-examples", config.max_train_examples),
+        ("data.max-test-examples", config.max_test_examples),
+    ):
+        if value < 0:
+            raise ConfigError(f"{field_name} must be >= 0 (0 = no cap; got {value})")
+    if is_file:
+        for field_name, column in (
+            ("data.text-column", config.text_column),
+            ("data.label-column", config.label_column),
+        ):
+            if not column:
+                raise ConfigError(f"{field_name} must be a non-empty column name")
+
+
+def _present_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.flatnonzero(np.bincount(labels, minlength=num_classes) > 0)
+
+
+def holdout_balanced_test(dataset: TextDataset, test_fraction: float, seed: int) -> DataSplits:
+    """Split off a class-balanced test set.
+
+    Every class present gets ``per_class = min(floor(test_fraction * N / C),
+    min_class_count // 2)`` test examples, drawn at random; ``C`` counts the classes present.
+
+    Parameters
+    ----------
+    dataset : TextDataset
+        The whole labelled pool.
+    test_fraction : float
+        Target fraction of the pool held out (the balance constraint may give less).
+    seed : int
+        Seeds the draw.
+
+    Returns
+    -------
+    DataSplits
+        Train and test, each with indices in the pool's original order.
+
+    Raises
+    ------
+    ConfigError
+        If the test set would be empty (a class has fewer than 2 examples or the fraction is
+        too small).
+    """
+    counts = dataset.class_counts()
+    present = _present_classes(dataset.labels, dataset.num_classes)
+    n = len(dataset)
+    per_class = min(math.floor(test_fraction * n / len(present)), int(counts[present].min()) // 2)
+    if per_class < 1:
+        raise ConfigError(
+            f"data.test-fraction ({test_fraction}) leaves an empty balanced test set for "
+            f"{n} examples over {len(present)} classes (smallest class: "
+            f"{int(counts[present].min())} examples); every class needs >= 2 examples"
+        )
+    rng = np.random.default_rng([seed, 0x7E57])
+    test_mask = np.zeros(n, dtype=bool)
+    for c in present:
+        members = np.flatnonzero(dataset.labels == c)
+        test_mask[rng.choice(members, size=per_class, replace=False)] = True
+    return DataSplits(
+        train=dataset.subset(np.flatnonzero(~test_mask)),
+        test=dataset.subset(np.flatnonzero(test_mask)),
+    )
+
+
+def _cap_train(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
+    """Random subsample of ``cap`` examples that keeps one of every present class."""
+    n = len(dataset)
+    if cap <= 0 or cap >= n:
+        return dataset
+    present = _present_classes(dataset.labels, dataset.num_classes)
+    if cap < len(present):
+        raise ConfigError(
+            f"data.max-train-examples ({cap}) must be >= the number of classes ({len(present)})"
+        )
+    rng = np.random.default_rng([seed, 0x7CA9])
+    order = rng.permutation(n)
+    ordered_labels = dataset.labels[order]
+    # first occurrence of every class in the shuffled order, then fill with the rest
+    _, first = np.unique(ordered_labels, return_index=True)
+    chosen = np.zeros(n, dtype=bool)
+    chosen[first] = True
+    rest = np.flatnonzero(~chosen)[: cap - len(first)]
+    chosen[rest] = True
+    return dataset.subset(np.sort(order[chosen]))
+
+
+def _cap_test(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
+    """Keep ``cap // C`` random examples of every present class (at most ``cap`` in all)."""
+    if cap <= 0 or cap >= len(dataset):
+        return dataset
+    present = _present_classes(dataset.labels, dataset.num_classes)
+    per_class = cap // len(present)
+    if per_class < 1:
+        raise ConfigError(
+            f"data.max-test-examples ({cap}) must be >= the number of classes ({len(present)})"
+        )
+    rng = np.random.default_rng([seed, 0x7CAB])
+    keep: list[np.ndarray] = []
+    for c in present:
+        members = np.flatnonzero(dataset.labels == c)
+        keep.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
+    return dataset.subset(np.sort(np.concatenate(keep)))
+
+
+def load_data(config: DataConfig, seed: int) -> DataSplits:
+    """Load the configured source and return the pooled train data and global test set.
+
+    Sources without a test split get a class-balanced held-out test set (see
+    :func:`holdout_balanced_test`). Then ``max_train_examples`` (a random subsample keeping
+    every class) and ``max_test_examples`` (``cap // C`` per class, keeping the balance)
+    apply when > 0.
+
+    Parameters
+    ----------
+    config : DataConfig
+        ``dataset``, ``text_column``, ``label_column``, ``max_train_examples``,
+        ``max_test_examples`` and ``test_fraction`` are used.
+    seed : int
+        Seeds the hold-out and the subsampling (each with its own stream).
+
+    Returns
+    -------
+    DataSplits
+
+    Raises
+    ------
+    ConfigError
+        For an unknown dataset, a missing or unreadable file, a missing column or an
+        out-of-range fraction or cap, before anything heavy is done.
+    """
+    _check_data_config(config)
+    if config.dataset == "ag_news":
+        splits = load_ag_news()
+    else:
+        if config.dataset == "wordnet-supersense":
+            pool = load_wordnet_supersense()
+        else:
+            pool = load_text_file(config.dataset, config.text_column, config.label_column)
+        splits = holdout_balanced_test(pool, config.test_fraction, seed)
+    return DataSplits(
+        train=_cap_train(splits.train, config.max_train_examples, seed),
+        test=_cap_test(splits.test, config.max_test_examples, seed),
+    )

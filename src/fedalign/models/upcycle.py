@@ -1,0 +1,221 @@
+"""Sparse upcycling of a dense BERT-style encoder into an MoE classifier.
+
+Each chosen FFN (``intermediate.dense`` -> activation -> ``output.dense``) is copied into
+``E`` experts and a fresh router with top-k routing is added (Komatsuzaki et al. 2023,
+"Sparse Upcycling"). Because the top-k weights are renormalised to sum to one and every
+expert starts identical, the upcycled model reproduces the dense model's hidden states at
+initialisation. The residual connection, dropout and LayerNorm of ``BertOutput`` stay shared
+(``output.dense`` becomes the identity and its weights move into the experts).
+
+:class:`EncoderClassifier` adds mean pooling and a linear head, and splits the forward pass
+at the first trainable layer so the simulator can cache the frozen prefix's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class UpcycledExpert(nn.Module):
+    """One FFN expert: ``fc_out(act(fc_in(x)))``."""
+
+    def __init__(self, fc_in: nn.Linear, activation: nn.Module, fc_out: nn.Linear) -> None:
+        super().__init__()
+        self.fc_in = fc_in
+        self.activation = activation
+        self.fc_out = fc_out
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.fc_out(self.activation(self.fc_in(hidden)))
+
+
+class UpcycledMoE(nn.Module):
+    """Top-k routed mixture of FFN experts with a linear router (``router``, no bias).
+
+    Parameters
+    ----------
+    fc_in, fc_out : nn.Linear
+        The dense FFN's two projections (copied into every expert).
+    activation : nn.Module
+        The FFN's activation.
+    num_experts : int
+    top_k : int
+    router_init_std : float, default 0.02
+        Std of the router's normal initialisation; 0 gives a zero router (uniform routing).
+    """
+
+    def __init__(
+        self,
+        fc_in: nn.Linear,
+        activation: nn.Module,
+        fc_out: nn.Linear,
+        num_experts: int,
+        top_k: int,
+        router_init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}] (got {top_k})")
+        hidden_size = fc_in.in_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        if router_init_std > 0:
+            nn.init.normal_(self.router.weight, std=router_init_std)
+        else:
+            nn.init.zeros_(self.router.weight)
+        self.experts = nn.ModuleList(
+            UpcycledExpert(copy.deepcopy(fc_in), copy.deepcopy(activation), copy.deepcopy(fc_out))
+            for _ in range(num_experts)
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        shape = hidden.shape
+        flat = hidden.reshape(-1, shape[-1])  # (N, H)
+        logits = self.router(flat)  # (N, E)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        top_weights, top_index = probs.topk(self.top_k, dim=-1)  # (N, k)
+        top_weights = (top_weights / top_weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
+        output = torch.zeros_like(flat)
+        for expert_index, expert in enumerate(self.experts):
+            rows, slot = torch.where(top_index == expert_index)
+            if rows.numel() == 0:
+                continue
+            routed = expert(flat[rows]) * top_weights[rows, slot, None]  # (n_e, H)
+            output.index_add_(0, rows, routed)
+        return output.reshape(shape)
+
+
+def upcycle_bert_layer(layer: Any, num_experts: int, top_k: int, router_init_std: float) -> None:
+    """Replace a ``BertLayer``'s FFN by an :class:`UpcycledMoE` in place."""
+    intermediate = layer.intermediate
+    output = layer.output
+    moe = UpcycledMoE(
+        fc_in=intermediate.dense,
+        activation=intermediate.intermediate_act_fn,
+        fc_out=output.dense,
+        num_experts=num_experts,
+        top_k=top_k,
+        router_init_std=router_init_std,
+    )
+    layer.intermediate = moe
+    output.dense = nn.Identity()
+
+
+class EncoderClassifier(nn.Module):
+    """Mean-pooled linear classification head on a BERT-style or Switch encoder.
+
+    ``forward(input_ids, attention_mask)`` returns logits ``(B, C)``. For BERT-style
+    encoders, :meth:`prefix` and :meth:`forward_from_prefix` split the pass after
+    ``prefix_layers`` encoder layers; the prefix always runs without dropout so that caching
+    it gives the same numbers as recomputing it.
+
+    Parameters
+    ----------
+    encoder : nn.Module
+        ``BertModel`` (possibly upcycled) or ``SwitchTransformersEncoderModel``.
+    hidden_size : int
+    num_labels : int
+    dropout : float, default 0.1
+    """
+
+    def __init__(
+        self, encoder: nn.Module, hidden_size: int, num_labels: int, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.encoder: Any = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+        self.prefix_layers = 0
+
+    # --- pooling and head -------------------------------------------------
+    def _head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+        return self.classifier(self.dropout(pooled))  # (B, C)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if not self._is_bert():
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+            return self._head(hidden.last_hidden_state, attention_mask)
+        if self.prefix_layers > 0:
+            return self.forward_from_prefix(self.prefix(input_ids, attention_mask), attention_mask)
+        embedded = self.encoder.embeddings(input_ids=input_ids)
+        return self._run_layers(embedded, attention_mask, 0)
+
+    # --- prefix split (BERT-style only) -----------------------------------
+    def _is_bert(self) -> bool:
+        return hasattr(self.encoder, "embeddings") and hasattr(self.encoder, "encoder")
+
+    def _layers(self) -> nn.ModuleList:
+        layers: nn.ModuleList = self.encoder.encoder.layer
+        return layers
+
+    def _mask(self, embedded: Tensor, attention_mask: Tensor) -> Tensor | None:
+        masks = self.encoder._create_attention_masks(  # pinned transformers 5.23 API
+            attention_mask=attention_mask,
+            encoder_attention_mask=None,
+            embedding_output=embedded,
+            encoder_hidden_states=None,
+            past_key_values=None,
+        )
+        mask: Tensor | None = masks[0]
+        return mask
+
+    def _run_layers(self, hidden: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        mask = self._mask(hidden, attention_mask)
+        for layer in self._layers()[start:]:
+            hidden = layer(hidden, mask)
+        return self._head(hidden, attention_mask)
+
+    def prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Hidden states after the first ``prefix_layers`` layers, ``(B, T, H)``, no dropout."""
+        modules = [self.encoder.embeddings, *self._layers()[: self.prefix_layers]]
+        was_training = [m.training for m in modules]
+        for module in modules:
+            module.eval()
+        try:
+            hidden = self.encoder.embeddings(input_ids=input_ids)
+            mask = self._mask(hidden, attention_mask)
+            for layer in self._layers()[: self.prefix_layers]:
+                hidden = layer(hidden, mask)
+        finally:
+            for module, flag in zip(modules, was_training):
+                module.train(flag)
+        return hidden
+
+    def forward_from_prefix(self, prefix_hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``(B, C)`` from the cached output of :meth:`prefix`."""
+        return self._run_layers(prefix_hidden, attention_mask, self.prefix_layers)
+
+
+def upcycle_encoder(
+    encoder: Any,
+    num_experts: int,
+    top_k: int,
+    upcycle_layers: int,
+    router_init_std: float = 0.02,
+) -> list[int]:
+    """Upcycle the top ``upcycle_layers`` FFNs of a ``BertModel`` in place.
+
+    Returns the upcycled layer indices.
+    """
+    layers = encoder.encoder.layer
+    if not 1 <= upcycle_layers <= len(layers):
+        raise ValueError(
+            f"model.upcycle-layers must be in [1, {len(layers)}] for this encoder "
+            f"(got {upcycle_layers})"
+        )
+    indices = list(range(len(layers) - upcycle_layers, len(layers)))
+    for index in indices:
+        upcycle_bert_layer(layers[index], num_experts, top_k, router_init_std)
+    return indices

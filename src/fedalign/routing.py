@@ -1,0 +1,392 @@
+"""Routing math shared by clients and strategies: statistics, regularisers, divergences.
+
+Everything here is a pure function of tensors (no model, no module hooks):
+
+* :class:`RoutingStatisticsAccumulator` turns router logits and the hidden states entering
+  an MoE layer into the per-expert statistics a client uploads (FedAlign-MoE client step 2):
+  routing distribution ``pbar_i(e)``, usage ``u_i(e)``, decision margin ``m_i(e)``, mean
+  routed hidden state ``mu_i(e)`` and token counts;
+* :func:`privatize_mean_hidden` adds norm-relative Gaussian noise to ``mu_i(e)`` (privacy
+  option for the hidden-state summaries that leave the client);
+* :func:`routing_regularizer` is the FedAlign-MoE alignment loss ``L_reg`` and
+  :func:`load_balancing_loss` the Switch-Transformer auxiliary loss;
+* :func:`jensen_shannon`, :func:`routing_divergence` and :func:`semantic_dispersion` are the
+  per-round divergence metrics every strategy records.
+
+Shapes: ``N`` tokens, ``E`` experts, ``H`` hidden width, ``C`` clients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    # Imported lazily at run time: the strategies package imports this module, so a
+    # top-level import of it here would be circular when this module is imported first.
+    from fedalign.strategies.base import LayerRoutingStatistics, RoutingStatistics
+
+Tensor = torch.Tensor
+
+GLOBAL_ROUTING_FLOOR = 1e-8
+"""Smallest value of ``p_g(e)`` inside the regulariser's logarithm (``log(p / p_g)``)."""
+
+
+def _check_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (got {top_k})")
+
+
+def _routing_probabilities(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities in float32 and the top-k membership mask.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, E)
+    top_k : int
+
+    Returns
+    -------
+    probabilities : Tensor, shape (N, E), float32
+    routed : Tensor, shape (N, E), bool
+        ``routed[x, e]`` is True when ``e`` is among the ``top_k`` experts of token ``x``.
+    """
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    selected = probabilities.topk(top_k, dim=-1).indices  # (N, k)
+    routed = torch.zeros_like(probabilities, dtype=torch.bool)
+    routed.scatter_(1, selected, True)
+    return probabilities, routed
+
+
+class RoutingStatisticsAccumulator:
+    """Accumulates one MoE layer's routing statistics over batches of tokens.
+
+    Feed it the router logits and the hidden states entering the layer for the (already
+    padding-filtered) tokens of each batch, then call :meth:`result`. Per-token math is
+    float32; the running sums are kept in float64 so that splitting the tokens into
+    batches gives the same statistics as one big batch.
+
+    Parameters
+    ----------
+    num_experts : int
+        Routed experts ``E``.
+    hidden_size : int
+        Width ``H`` of the hidden states entering the layer.
+    top_k : int
+        Experts selected per token.
+
+    Notes
+    -----
+    The margin of a token routed to ``e`` is ``p(x, e) - p(x, e_(k+1))`` where ``e_(k+1)`` is
+    the best expert *not* selected. When ``top_k == num_experts`` every expert is selected
+    and there is no ``(k+1)``-th probability; 0 is used in its place, so the margin equals
+    ``p(x, e)``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, top_k: int) -> None:
+        _check_top_k(top_k, num_experts)
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.top_k = top_k
+        self._probability_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self._token_count = torch.zeros(num_experts, dtype=torch.float64)
+        self._margin_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self._hidden_sum = torch.zeros(num_experts, hidden_size, dtype=torch.float64)
+        self._num_tokens = 0
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, hidden: Tensor) -> None:
+        """Add a batch of tokens.
+
+        Parameters
+        ----------
+        logits : Tensor, shape (N, E)
+            Router logits (any float dtype; leading dimensions are flattened).
+        hidden : Tensor, shape (N, H)
+            Hidden states entering the MoE layer for the same tokens.
+        """
+        logits = logits.detach().reshape(-1, self.num_experts)
+        hidden = hidden.detach().reshape(-1, self.hidden_size)
+        if logits.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"logits cover {logits.shape[0]} tokens but hidden states {hidden.shape[0]}"
+            )
+        if logits.shape[0] == 0:
+            return
+        probabilities, routed = _routing_probabilities(logits, self.top_k)  # (N, E) each
+        if self.top_k < self.num_experts:
+            # Best non-selected probability: the (k+1)-th largest of each row, shape (N, 1).
+            runner_up = probabilities.topk(self.top_k + 1, dim=-1).values[:, -1:]
+        else:
+            runner_up = torch.zeros_like(probabilities[:, :1])
+        routed_float = routed.float()
+        margins = (probabilities - runner_up) * routed_float  # (N, E), 0 where not routed
+
+        self._probability_sum += probabilities.double().sum(dim=0)
+        self._token_count += routed_float.double().sum(dim=0)
+        self._margin_sum += margins.double().sum(dim=0)
+        # (E, N) @ (N, H) -> (E, H): sum of hidden states over the tokens routed to each expert.
+        self._hidden_sum += routed_float.double().T @ hidden.float().double()
+        self._num_tokens += int(logits.shape[0])
+
+    def result(self) -> LayerRoutingStatistics:
+        """The statistics of all tokens seen so far (float32, on CPU).
+
+        Experts that received no token get margin 0 and mean hidden state 0; with no token
+        at all, every statistic is 0.
+        """
+        from fedalign.strategies.base import LayerRoutingStatistics
+
+        num_tokens = max(self._num_tokens, 1)
+        routed_count = self._token_count.clamp(min=1.0)
+        return LayerRoutingStatistics(
+            routing_distribution=(self._probability_sum / num_tokens).float(),
+            usage=(self._token_count / num_tokens).float(),
+            margin=(self._margin_sum / routed_count).float(),
+            mean_hidden=(self._hidden_sum / routed_count[:, None]).float(),
+            token_count=self._token_count.float(),
+            num_tokens=self._num_tokens,
+        )
+
+
+def privatize_mean_hidden(
+    mean_hidden: Tensor, noise_std: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Add Gaussian noise relative to each row's norm to the mean hidden states ``mu_i(e)``.
+
+    Row ``e`` becomes ``mu(e) + noise_std * ||mu(e)|| * z`` with ``z ~ N(0, I)``, so the noise
+    is scale-free (a ``noise_std`` of 0.1 perturbs each summary by about 10% of its norm per
+    coordinate). Rows that are zero (experts without tokens) stay zero.
+
+    Parameters
+    ----------
+    mean_hidden : Tensor, shape (E, H)
+    noise_std : float
+        Relative noise scale; 0 returns ``mean_hidden`` itself.
+    generator : torch.Generator or None, default None
+        Source of randomness (for reproducible runs).
+
+    Returns
+    -------
+    Tensor, shape (E, H)
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0 (got {noise_std})")
+    if noise_std == 0:
+        return mean_hidden
+    values = mean_hidden.float()
+    row_norms = values.norm(dim=-1, keepdim=True)  # (E, 1)
+    noise = torch.randn(values.shape, generator=generator, dtype=torch.float32)
+    return (values + noise_std * row_norms * noise).to(mean_hidden.dtype)
+
+
+def routing_regularizer(
+    logits: Tensor,
+    global_routing: Tensor,
+    expert_alpha: Tensor,
+    top_k: int,
+    floor: float = GLOBAL_ROUTING_FLOOR,
+) -> Tensor:
+    """FedAlign-MoE routing alignment loss ``L_reg``.
+
+    ``L_reg = mean_x sum_{e in TopK(x)} alpha(e) * p(x, e) * log(p(x, e) / p_g(e))``: the
+    top-k-masked KL terms between the client's routing probabilities and the global routing
+    distribution, weighted per expert.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, E)
+        Router logits of ``N`` (padding-filtered) tokens; gradients flow into them.
+    global_routing : Tensor, shape (E,)
+        Global routing distribution ``p_g`` (treated as a constant).
+    expert_alpha : Tensor, shape (E,)
+        Per-expert strengths ``alpha(e)`` (treated as a constant).
+    top_k : int
+        Experts selected per token; only their terms count.
+    floor : float, default GLOBAL_ROUTING_FLOOR
+        ``p_g`` is clamped to at least this value inside the logarithm.
+
+    Returns
+    -------
+    Tensor, shape ()
+        float32 scalar; 0 when ``N == 0``.
+    """
+    num_experts = logits.shape[-1]
+    _check_top_k(top_k, num_experts)
+    logits = logits.reshape(-1, num_experts).float()
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    log_probabilities = torch.log_softmax(logits, dim=-1)  # (N, E)
+    probabilities = log_probabilities.exp()
+    selected = probabilities.detach().topk(top_k, dim=-1).indices  # (N, k)
+    routed = torch.zeros_like(probabilities).scatter_(1, selected, 1.0)  # (N, E) 0/1
+    target = global_routing.detach().float().to(logits.device).clamp(min=floor)  # (E,)
+    alpha = expert_alpha.detach().float().to(logits.device)  # (E,)
+    per_entry = alpha * probabilities * (log_probabilities - target.log())  # (N, E)
+    return (per_entry * routed).sum(dim=-1).mean()
+
+
+def load_balancing_loss(logits: Tensor, top_k: int) -> Tensor:
+    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the ``N * top_k`` expert assignments that go to ``e`` and
+    ``P_e`` the mean routing probability of ``e``. Perfectly balanced routing gives 1.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, E)
+    top_k : int
+
+    Returns
+    -------
+    Tensor, shape ()
+        float32 scalar, differentiable through ``P_e``; 0 when ``N == 0``.
+    """
+    num_experts = logits.shape[-1]
+    _check_top_k(top_k, num_experts)
+    logits = logits.reshape(-1, num_experts).float()
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    probabilities = torch.softmax(logits, dim=-1)  # (N, E)
+    selected = probabilities.detach().topk(top_k, dim=-1).indices  # (N, k)
+    routed = torch.zeros_like(probabilities).scatter_(1, selected, 1.0)  # (N, E)
+    assignment_fraction = routed.mean(dim=0) / top_k  # (E,), sums to 1
+    mean_probability = probabilities.mean(dim=0)  # (E,)
+    return num_experts * (assignment_fraction * mean_probability).sum()
+
+
+def _normalise_distributions(distributions: Tensor) -> Tensor:
+    """Rows scaled to sum to 1 (float64); all-zero rows stay zero."""
+    distributions = distributions.double().clamp(min=0.0)
+    totals = distributions.sum(dim=-1, keepdim=True)
+    return distributions / totals.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def _jensen_shannon_rows(rows: Tensor, reference: Tensor) -> Tensor:
+    """JS divergence (natural log) of each row of ``rows`` (C, E) against ``reference`` (E,)."""
+    p = _normalise_distributions(rows)  # (C, E)
+    q = _normalise_distributions(reference).expand_as(p)  # (C, E)
+    mixture = 0.5 * (p + q)
+
+    def kl_to_mixture(x: Tensor) -> Tensor:
+        # 0 * log(0 / m) = 0: xlogy handles the zero entries.
+        return (torch.xlogy(x, x) - torch.xlogy(x, mixture)).sum(dim=-1)
+
+    divergence = 0.5 * kl_to_mixture(p) + 0.5 * kl_to_mixture(q)  # (C,)
+    return divergence.clamp(min=0.0, max=math.log(2.0))
+
+
+def jensen_shannon(p: Tensor, q: Tensor) -> float:
+    """Jensen-Shannon divergence between two distributions over experts.
+
+    Both inputs are renormalised to sum to 1. Natural logarithm, so the value lies in
+    ``[0, ln 2]``.
+
+    Parameters
+    ----------
+    p, q : Tensor, shape (E,)
+
+    Returns
+    -------
+    float
+    """
+    return float(_jensen_shannon_rows(p.reshape(1, -1), q.reshape(-1))[0])
+
+
+def _layer_names(client_stats: Sequence[RoutingStatistics]) -> list[str]:
+    names: list[str] = []
+    for stats in client_stats:
+        for name in stats:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def routing_divergence(
+    client_stats: Sequence[RoutingStatistics], global_routing: Mapping[str, Tensor] | None
+) -> dict[str, dict[str, Any]]:
+    """Gating preference divergence: JS between each client's routing and the global one.
+
+    Parameters
+    ----------
+    client_stats : sequence of dict of str to LayerRoutingStatistics
+        One entry per client, keyed by layer name.
+    global_routing : dict of str to Tensor or None
+        Per layer ``p_g`` (shape ``(E,)``). ``None``, or a layer missing from it, uses the
+        plain mean of the clients' routing distributions as the reference.
+
+    Returns
+    -------
+    dict
+        ``{layer: {"mean_js": float, "max_js": float, "num_clients": int}}``. Clients that
+        saw no token in a layer are left out of that layer; a layer nobody saw gets
+        ``mean_js = max_js = 0.0`` and ``num_clients = 0``.
+    """
+    metrics: dict[str, dict[str, Any]] = {}
+    for name in _layer_names(client_stats):
+        rows = [
+            stats[name].routing_distribution.float()
+            for stats in client_stats
+            if name in stats and stats[name].num_tokens > 0
+        ]
+        if not rows:
+            metrics[name] = {"mean_js": 0.0, "max_js": 0.0, "num_clients": 0}
+            continue
+        distributions = torch.stack(rows)  # (C, E)
+        if global_routing is not None and name in global_routing:
+            reference = global_routing[name].float()
+        else:
+            reference = distributions.mean(dim=0)
+        divergences = _jensen_shannon_rows(distributions, reference)  # (C,)
+        metrics[name] = {
+            "mean_js": float(divergences.mean()),
+            "max_js": float(divergences.max()),
+            "num_clients": len(rows),
+        }
+    return metrics
+
+
+def semantic_dispersion(client_stats: Sequence[RoutingStatistics]) -> dict[str, dict[str, Any]]:
+    """Expert semantic blurring: how differently clients use same-index experts.
+
+    For each expert, the mean over pairs of distinct clients that both routed tokens to it
+    of ``1 - cos(mu_i(e), mu_j(e))``; then the mean over experts. All pairs of one layer are
+    computed with one batched product of normalised ``mu`` matrices.
+
+    Parameters
+    ----------
+    client_stats : sequence of dict of str to LayerRoutingStatistics
+
+    Returns
+    -------
+    dict
+        ``{layer: {"mean_dispersion": float or None, "per_expert": [float or None, ...]}}``.
+        Experts with fewer than two active clients have no pair: ``None`` and left out of
+        the mean (``None`` when no expert has a pair).
+    """
+    metrics: dict[str, dict[str, Any]] = {}
+    for name in _layer_names(client_stats):
+        layer_stats = [stats[name] for stats in client_stats if name in stats]
+        mean_hidden = torch.stack([s.mean_hidden.float() for s in layer_stats])  # (C, E, H)
+        active = torch.stack([s.token_count.float() > 0 for s in layer_stats])  # (C, E)
+        directions = F.normalize(mean_hidden, dim=-1)  # (C, E, H)
+        cosine = torch.einsum("ceh,deh->ecd", directions, directions)  # (E, C, C)
+        active_by_expert = active.T  # (E, C)
+        pair_mask = active_by_expert[:, :, None] & active_by_expert[:, None, :]  # (E, C, C)
+        pair_mask &= ~torch.eye(len(layer_stats), dtype=torch.bool)
+        pair_counts = pair_mask.sum(dim=(1, 2))  # (E,)
+        dispersion_sum = ((1.0 - cosine) * pair_mask).sum(dim=(1, 2))  # (E,)
+        per_expert: list[float | None] = [
+            float(total / count) if count > 0 else None
+            for total, count in zip(dispersion_sum.tolist(), pair_counts.tolist(), strict=True)
+        ]
+        defined = [value for value in per_expert if value is not None]
+        metrics[name] = {
+            "mean_dispersion": sum(defined) / len(defined) if defined else None,
+            "per_expert": per_expert,
+        }
+    return metrics

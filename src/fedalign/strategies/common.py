@@ -1,0 +1,256 @@
+"""Helpers shared by the strategies: weighted averaging, deltas, stacking, records.
+
+All arithmetic is float32 (whatever the tensors' storage dtype); results are cast back to
+the dtype of the matching global tensor at the end (see :func:`cast_like_reference`).
+Shapes: ``C`` clients, ``E`` experts, ``P_e`` values in one expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedalign.moe.layout import MoELayerLayout, MoELayout
+from fedalign.routing import routing_divergence, semantic_dispersion
+from fedalign.strategies.base import ClientResult, LayerRoutingStatistics
+
+Tensor = torch.Tensor
+
+RECORD_DIGITS = 6
+"""Decimal places kept for floats in decision records."""
+
+
+# ----------------------------------------------------------------------------- checks
+def check_results(global_parameters: Mapping[str, Tensor], results: Sequence[ClientResult]) -> None:
+    """Raise ``ValueError`` unless every result carries every global tensor with its shape.
+
+    Parameters
+    ----------
+    global_parameters : dict of str to Tensor
+    results : sequence of ClientResult
+    """
+    if not results:
+        raise ValueError("no client results to aggregate")
+    seen: set[int] = set()
+    for result in results:
+        if result.client_id in seen:
+            raise ValueError(f"client {result.client_id} appears twice in the results")
+        seen.add(result.client_id)
+        for name, tensor in global_parameters.items():
+            if name not in result.parameters:
+                raise ValueError(f"client {result.client_id} did not return parameter {name!r}")
+            if result.parameters[name].shape != tensor.shape:
+                raise ValueError(
+                    f"client {result.client_id} returned {name!r} with shape "
+                    f"{tuple(result.parameters[name].shape)}, expected {tuple(tensor.shape)}"
+                )
+
+
+def trainable_layout(layout: MoELayout, global_parameters: Mapping[str, Tensor]) -> MoELayout:
+    """The layout restricted to the tensors that actually travel (the global keys)."""
+    return layout.restrict(global_parameters.keys())
+
+
+def layer_statistics(
+    results: Sequence[ClientResult], layer_name: str
+) -> list[LayerRoutingStatistics]:
+    """Every client's statistics for one layer, in result order; ``ValueError`` if missing."""
+    statistics = []
+    for result in results:
+        if layer_name not in result.routing_statistics:
+            raise ValueError(
+                f"client {result.client_id} sent no routing statistics for MoE layer "
+                f"{layer_name!r}; this strategy needs them (collect_statistics=True)"
+            )
+        statistics.append(result.routing_statistics[layer_name])
+    return statistics
+
+
+# -------------------------------------------------------------------------- weighting
+def normalise_weights(weights: Tensor, fallback: Tensor | None = None) -> Tensor:
+    """Scale non-negative weights ``(C,)`` to sum to 1.
+
+    When they sum to 0, use ``fallback`` (normalised the same way) if given, else uniform.
+    """
+    weights = weights.float().clamp(min=0.0)
+    total = weights.sum()
+    if total > 0:
+        return weights / total
+    if fallback is not None:
+        return normalise_weights(fallback)
+    return torch.full_like(weights, 1.0 / max(weights.numel(), 1))
+
+
+def example_counts(results: Sequence[ClientResult]) -> Tensor:
+    """``n_i`` of every client, shape ``(C,)``, float32."""
+    return torch.tensor([float(r.num_examples) for r in results], dtype=torch.float32)
+
+
+def example_weights(results: Sequence[ClientResult]) -> Tensor:
+    """FedAvg weights ``n_i / sum_j n_j``, shape ``(C,)``; uniform if every ``n_i`` is 0."""
+    return normalise_weights(example_counts(results))
+
+
+def stack_client_tensors(results: Sequence[ClientResult], name: str) -> Tensor:
+    """One tensor from every client, stacked in float32: shape ``(C, *tensor.shape)``."""
+    return torch.stack([r.parameters[name].float() for r in results])
+
+
+def weighted_sum(stacked: Tensor, weights: Tensor) -> Tensor:
+    """Sum over clients of ``weights * stacked``.
+
+    Parameters
+    ----------
+    stacked : Tensor, shape (C, *S)
+    weights : Tensor, shape (C,) or (C, S_0, ..., S_j)
+        A prefix of ``stacked``'s shape; broadcast over the remaining dimensions (e.g.
+        ``(C, E)`` weights for ``(C, E, H)`` router weights: one weight per client and row).
+
+    Returns
+    -------
+    Tensor, shape S, float32
+    """
+    weights = weights.float()
+    expanded = weights.reshape(*weights.shape, *([1] * (stacked.dim() - weights.dim())))
+    return (stacked.float() * expanded).sum(dim=0)
+
+
+def cast_like(values: Tensor, reference: Tensor) -> Tensor:
+    """``values`` (float32) in ``reference``'s dtype; integer tensors are rounded first."""
+    if values.dtype == reference.dtype:
+        return values
+    if reference.dtype.is_floating_point or reference.dtype.is_complex:
+        return values.to(reference.dtype)
+    return values.round().to(reference.dtype)
+
+
+def cast_like_reference(
+    parameters: dict[str, Tensor], reference: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Every tensor of ``parameters`` in the dtype of the same-named ``reference`` tensor."""
+    return {name: cast_like(tensor, reference[name]) for name, tensor in parameters.items()}
+
+
+def weighted_average(
+    global_parameters: Mapping[str, Tensor],
+    results: Sequence[ClientResult],
+    weights: Tensor,
+) -> dict[str, Tensor]:
+    """Every global tensor replaced by the ``weights``-weighted sum of the clients' tensors.
+
+    Parameters
+    ----------
+    global_parameters : dict of str to Tensor
+        Defines the keys and the output dtypes.
+    results : sequence of ClientResult
+    weights : Tensor, shape (C,)
+        Already normalised client weights.
+
+    Returns
+    -------
+    dict of str to Tensor
+        New tensors, in the global tensors' dtypes.
+    """
+    return {
+        name: cast_like(weighted_sum(stack_client_tensors(results, name), weights), reference)
+        for name, reference in global_parameters.items()
+    }
+
+
+def fedavg(
+    global_parameters: Mapping[str, Tensor], results: Sequence[ClientResult]
+) -> dict[str, Tensor]:
+    """FedAvg (McMahan et al. 2017): every tensor averaged with weights ``n_i``."""
+    return weighted_average(global_parameters, results, example_weights(results))
+
+
+def parameter_deltas(
+    parameters: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``parameters - reference`` for every key of ``reference``, in float32."""
+    return {name: parameters[name].float() - tensor.float() for name, tensor in reference.items()}
+
+
+def client_expert_matrix(
+    results: Sequence[ClientResult], layer: MoELayerLayout, expert: int
+) -> Tensor:
+    """Expert ``expert`` of every client flattened and stacked: shape ``(C, P_e)``, float32."""
+    return torch.stack([layer.expert_vector(r.parameters, expert).float() for r in results])
+
+
+def router_rows_average(
+    results: Sequence[ClientResult], name: str, row_weights: Tensor, num_experts: int
+) -> Tensor:
+    """Router tensor whose row ``e`` is ``sum_i row_weights[i, e] * client_i[name][e]``.
+
+    Parameters
+    ----------
+    results : sequence of ClientResult
+    name : str
+        Router tensor, one row per expert along dimension 0 (weight ``(E, H)`` or bias ``(E,)``).
+    row_weights : Tensor, shape (C, E)
+    num_experts : int
+
+    Returns
+    -------
+    Tensor, same shape as the router tensor, float32
+    """
+    stacked = stack_client_tensors(results, name)  # (C, E, ...)
+    if stacked.dim() < 2 or stacked.shape[1] != num_experts:
+        raise ValueError(
+            f"router tensor {name!r} has shape {tuple(stacked.shape[1:])}; expected "
+            f"{num_experts} rows along dimension 0"
+        )
+    return weighted_sum(stacked, row_weights)
+
+
+# ---------------------------------------------------------------------------- records
+def rounded(value: float, digits: int = RECORD_DIGITS) -> float:
+    """``value`` as a plain float rounded for records."""
+    return round(float(value), digits)
+
+
+def rounded_list(values: Tensor, digits: int = RECORD_DIGITS) -> list[float]:
+    """A 1-D tensor as a list of rounded floats."""
+    return [round(float(v), digits) for v in values.reshape(-1).tolist()]
+
+
+def per_client(client_ids: Sequence[int], values: Tensor) -> dict[str, float]:
+    """``{str(client_id): rounded value}`` for a ``(C,)`` tensor (JSON keys are strings)."""
+    return {str(cid): rounded(v) for cid, v in zip(client_ids, values.tolist(), strict=True)}
+
+
+def routing_metrics(
+    results: Sequence[ClientResult], global_routing: Mapping[str, Tensor] | None
+) -> dict[str, Any]:
+    """``routing_divergence`` and ``semantic_dispersion`` of the clients that sent statistics.
+
+    Both are empty dictionaries when no client sent routing statistics.
+    """
+    statistics = [r.routing_statistics for r in results if r.routing_statistics]
+    if not statistics:
+        return {"routing_divergence": {}, "semantic_dispersion": {}}
+    return {
+        "routing_divergence": routing_divergence(statistics, global_routing),
+        "semantic_dispersion": semantic_dispersion(statistics),
+    }
+
+
+def base_record(
+    strategy_name: str, server_round: int, results: Sequence[ClientResult], weights: Tensor
+) -> dict[str, Any]:
+    """Fields every strategy's decision record starts with.
+
+    ``{"strategy", "round", "clients": [ids], "num_examples": {id: n},
+    "example_weights": {id: n_i / sum n}}``.
+    """
+    client_ids = [r.client_id for r in results]
+    return {
+        "strategy": strategy_name,
+        "round": int(server_round),
+        "clients": client_ids,
+        "num_examples": {str(r.client_id): int(r.num_examples) for r in results},
+        "example_weights": per_client(client_ids, weights),
+    }

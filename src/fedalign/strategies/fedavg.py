@@ -1,0 +1,57 @@
+"""FedAvg (McMahan et al., 2017): every trainable tensor averaged with weights ``n_i``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.strategies.common import (
+    base_record,
+    check_results,
+    example_weights,
+    routing_metrics,
+    weighted_average,
+)
+
+Tensor = torch.Tensor
+
+
+class FedAvg(Strategy):
+    """Federated averaging: ``w = sum_i n_i w_i / sum_i n_i`` for every tensor.
+
+    Parameters
+    ----------
+    layout : MoELayout
+        Where routers and experts live (unused by the aggregation itself; kept for the
+        common interface).
+
+    Notes
+    -----
+    Routing statistics are not needed. When clients send them anyway, the record carries
+    the round's ``routing_divergence`` (against the clients' mean routing) and
+    ``semantic_dispersion``; otherwise those entries are empty. Clients with
+    ``num_examples == 0`` everywhere give uniform weights.
+    """
+
+    name = "fedavg"
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        state: StrategyState,
+    ) -> AggregationResult:
+        """Weighted mean of the clients' tensors; the state passes through unchanged.
+
+        Record: ``{"strategy", "round", "clients", "num_examples", "example_weights",
+        "routing_divergence", "semantic_dispersion"}``.
+        """
+        check_results(global_parameters, results)
+        weights = example_weights(results)  # (C,)
+        parameters = weighted_average(global_parameters, results, weights)
+        record = base_record(self.name, server_round, results, weights)
+        record.update(routing_metrics(results, None))
+        return AggregationResult(parameters=parameters, state=dict(state), record=record)
