@@ -264,7 +264,8 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         for key in row:
-            seen.setdefault(str(key), None)
+            if key is not None:  # csv.DictReader files surplus fields under None
+                seen.setdefault(str(key), None)
     return list(seen)
 
 
@@ -279,7 +280,7 @@ def load_text_file(
         A ``.csv`` file with a header row, a ``.jsonl`` file (one JSON object per line) or a
         ``.json`` file (JSON lines, or one JSON array of objects).
     text_column : str, default "text"
-        Column (key) holding the text.
+        Column (key) holding the text; surrounding whitespace is stripped.
     label_column : str, default "label"
         Column (key) holding the label. If every label is an integer (``"3"`` counts in a
         CSV) the integers are kept as class ids and the class names are ``"0"`` ..

@@ -69,18 +69,18 @@ def layer_statistics(
 
 
 # -------------------------------------------------------------------------- weighting
-def normalise_weights(weights: Tensor, fallback: Tensor | None = None) -> Tensor:
+def normalise_weights(weights: Tensor, *fallbacks: Tensor) -> Tensor:
     """Scale non-negative weights ``(C,)`` to sum to 1.
 
-    When they sum to 0, use ``fallback`` (normalised the same way) if given, else uniform.
+    When they sum to 0, the first of ``fallbacks`` with a positive sum is normalised
+    instead; uniform weights when none has.
     """
-    weights = weights.float().clamp(min=0.0)
-    total = weights.sum()
-    if total > 0:
-        return weights / total
-    if fallback is not None:
-        return normalise_weights(fallback)
-    return torch.full_like(weights, 1.0 / max(weights.numel(), 1))
+    for candidate in (weights, *fallbacks):
+        candidate = candidate.float().clamp(min=0.0)
+        total = candidate.sum()
+        if total > 0:
+            return candidate / total
+    return torch.full_like(weights.float(), 1.0 / max(weights.numel(), 1))
 
 
 def example_counts(results: Sequence[ClientResult]) -> Tensor:

@@ -1,0 +1,652 @@
+"""FedAlign-MoE: aggregation alignment for federated MoE fine-tuning under data heterogeneity.
+
+Implements the server side of FedAlign-MoE (Fang, Wang, An, Lin, Deng, Chen, Fang,
+"Aggregation Alignment for Federated Learning with Mixture-of-Experts under Data
+Heterogeneity", arXiv 2603.21276, 2026) as specified in ``docs/METHOD.md``:
+
+* client instructions: the routing regulariser ``lambda * L_reg`` towards the global routing
+  distribution ``p_g`` with adaptive per-expert strengths ``alpha_i(e)``;
+* A. routing consistency weights ``omega_i(e)`` from expert overlap and routing margin;
+* B. the global routing distribution ``p_g^t``;
+* C. router rows aggregated with ``omega``;
+* D. semantic-aware expert aggregation over the semantically aligned clients only
+  (optionally personalised starting experts);
+* E. FedAvg for everything else.
+
+Choices of ours (METHOD.md's **[ours]** items) are constructor options of
+:class:`FedAlignMoE` or documented in its Notes. Shapes: ``C`` clients in the round, ``E``
+experts, ``H`` hidden width, ``P_e`` values in one expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedalign.config import ABLATIONS, ConfigError
+from fedalign.moe.layout import MoELayerLayout, MoELayout
+from fedalign.strategies.base import (
+    AggregationResult,
+    ClientResult,
+    LayerRoutingStatistics,
+    Strategy,
+    StrategyState,
+    TrainInstructions,
+)
+from fedalign.strategies.common import (
+    base_record,
+    cast_like_reference,
+    check_results,
+    client_expert_matrix,
+    example_counts,
+    example_weights,
+    layer_statistics,
+    normalise_weights,
+    per_client,
+    rounded,
+    rounded_list,
+    router_rows_average,
+    routing_metrics,
+    trainable_layout,
+    weighted_average,
+)
+
+Tensor = torch.Tensor
+
+ABLATION_LEVEL: dict[str, int] = {
+    "fedavg": 0,
+    "uniform-align": 1,
+    "consistency": 2,
+    "overlap-only": 2,
+    "margin-only": 2,
+    "adaptive-reg": 3,
+    "full": 4,
+}
+"""Row of the paper's ablation table each ablation switch belongs to (0-based)."""
+
+CONSISTENCY_SCORES: dict[str, str] = {
+    "uniform-align": "uniform",
+    "consistency": "overlap*margin",
+    "overlap-only": "overlap",
+    "margin-only": "margin",
+    "adaptive-reg": "overlap*margin",
+    "full": "overlap*margin",
+}
+"""Consistency score ``s_i(e)`` used by each ablation (``fedavg`` uses none)."""
+
+THRESHOLD_STD_CHOICES = ("population", "sample")
+
+
+# ------------------------------------------------------------------ A/B: routing math
+def consistency_weights(
+    routing_distribution: Tensor,
+    margin: Tensor,
+    previous_global_routing: Tensor,
+    score: str = "overlap*margin",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Routing consistency weights ``omega_i(e) = s_i(e) / sum_j s_j(e)`` (step A).
+
+    Parameters
+    ----------
+    routing_distribution : Tensor, shape (C, E)
+        Clients' ``pbar_i(e)``.
+    margin : Tensor, shape (C, E)
+        Clients' routing margins ``m_i(e)``.
+    previous_global_routing : Tensor, shape (E,)
+        ``p_g^{t-1}`` (in round 1 the plain mean of the ``pbar_i``).
+    score : {"overlap*margin", "overlap", "margin", "uniform"}, default "overlap*margin"
+        ``s = o * m``, ``s = o``, ``s = m`` with ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``,
+        or ``omega = 1 / C``.
+    eps : float, default 1e-6
+        Floor on ``s``, so an expert nobody scores gets uniform weights.
+
+    Returns
+    -------
+    Tensor, shape (C, E)
+        Columns sum to 1.
+    """
+    routing_distribution = routing_distribution.float()
+    num_clients = routing_distribution.shape[0]
+    if score == "uniform":
+        return torch.full_like(routing_distribution, 1.0 / num_clients)
+    overlap = (routing_distribution * previous_global_routing.float()[None, :]).clamp(min=0).sqrt()
+    if score == "overlap*margin":
+        raw_score = overlap * margin.float()
+    elif score == "overlap":
+        raw_score = overlap
+    elif score == "margin":
+        raw_score = margin.float()
+    else:
+        raise ValueError(
+            f"unknown consistency score {score!r}; accepted: "
+            "['overlap*margin', 'overlap', 'margin', 'uniform']"
+        )
+    floored = raw_score.clamp(min=eps)  # (C, E)
+    return floored / floored.sum(dim=0, keepdim=True)
+
+
+def global_routing_distribution(routing_distribution: Tensor, weights: Tensor) -> Tensor:
+    """``p_g^t(e) = sum_i omega_i(e) * pbar_i(e)`` renormalised over experts (step B).
+
+    Parameters
+    ----------
+    routing_distribution : Tensor, shape (C, E)
+    weights : Tensor, shape (C, E)
+
+    Returns
+    -------
+    Tensor, shape (E,)
+        Sums to 1 (uniform if every ``pbar`` is 0).
+    """
+    combined = (weights.float() * routing_distribution.float()).sum(dim=0)  # (E,)
+    total = combined.sum()
+    if total <= 0:
+        return torch.full_like(combined, 1.0 / combined.numel())
+    return combined / total
+
+
+# -------------------------------------------------------------- D: semantic alignment
+@dataclass
+class SemanticDecision:
+    """Step D's decision for one expert of one layer.
+
+    Parameters
+    ----------
+    gamma : Tensor, shape (C, C)
+        ``gamma_ij = S_ij * max(D_ij, 0)``.
+    consensus : Tensor, shape (C,)
+        ``c_i``; NaN for inactive clients (and for everyone when fewer than two are active).
+    threshold : float or None
+        ``tau_e = M - beta * Sigma``; ``None`` when fewer than two clients are active.
+    aligned : Tensor, shape (C,), bool
+        Clients whose updates are aggregated (``A_e``, or the active clients on fallback).
+    fallback : str or None
+        ``"no-active-client"``, ``"single-active-client"``, ``"empty-aligned-set"`` or None.
+    """
+
+    gamma: Tensor
+    consensus: Tensor
+    threshold: float | None
+    aligned: Tensor
+    fallback: str | None
+
+
+def semantic_alignment(
+    hidden_similarity: Tensor,
+    update_similarity: Tensor,
+    active: Tensor,
+    beta: float = 1.0,
+    threshold_std: str = "population",
+    tolerance: float = 1e-6,
+) -> SemanticDecision:
+    """Which clients' updates of one expert are semantically aligned (step D).
+
+    Parameters
+    ----------
+    hidden_similarity : Tensor, shape (C, C)
+        ``S_ij = cos(mu_i(e), mu_j(e))``.
+    update_similarity : Tensor, shape (C, C)
+        ``D_ij = cos(dtheta_i(e), dtheta_j(e))``.
+    active : Tensor, shape (C,), bool
+        ``count_i(e) > 0``.
+    beta : float, default 1.0
+        ``tau_e = M - beta * Sigma``.
+    threshold_std : {"population", "sample"}, default "population"
+        Standard deviation ``Sigma`` of the ``c_i`` over the active clients with divisor
+        ``n`` (population) or ``n - 1`` (sample).
+    tolerance : float, default 1e-6
+        ``c_i >= tau_e - tolerance`` counts as aligned, so rounding cannot drop a client
+        when all ``c_i`` are equal (``Sigma = 0``).
+
+    Returns
+    -------
+    SemanticDecision
+    """
+    num_clients = active.numel()
+    gamma = hidden_similarity.float() * update_similarity.float().clamp(min=0.0)  # (C, C)
+    consensus = torch.full((num_clients,), float("nan"))
+    num_active = int(active.sum())
+    if num_active == 0:
+        return SemanticDecision(gamma, consensus, None, active.clone(), "no-active-client")
+    if num_active == 1:
+        return SemanticDecision(gamma, consensus, None, active.clone(), "single-active-client")
+    # c_i = mean over active j != i of gamma_ij: mask (C, C) keeps active columns off the diagonal.
+    others = active[None, :] & ~torch.eye(num_clients, dtype=torch.bool)
+    consensus_all = (gamma * others.float()).sum(dim=1) / (num_active - 1)  # (C,)
+    consensus = torch.where(active, consensus_all, consensus)
+    active_consensus = consensus_all[active]  # (n_active,)
+    spread = active_consensus.std(correction=0 if threshold_std == "population" else 1)
+    threshold = float(active_consensus.mean() - beta * spread)
+    aligned = active & (consensus_all >= threshold - tolerance)
+    if not aligned.any():
+        return SemanticDecision(gamma, consensus, threshold, active.clone(), "empty-aligned-set")
+    return SemanticDecision(gamma, consensus, threshold, aligned, None)
+
+
+def personal_region_weights(
+    decision: SemanticDecision, active: Tensor, include_self: bool = True, tolerance: float = 1e-6
+) -> Tensor:
+    """Row ``i``: client ``i``'s weights over the clients in its semantic region.
+
+    Region of active client ``i`` = active ``j`` with ``gamma_ij >= tau_e`` (and > 0), plus
+    ``i`` itself with ``gamma_ii = 1`` when ``include_self``. Weights are ``gamma_ij``
+    normalised over the region. Without a threshold (fewer than two active clients) the
+    region is ``i`` alone.
+
+    Parameters
+    ----------
+    decision : SemanticDecision
+    active : Tensor, shape (C,), bool
+    include_self : bool, default True
+    tolerance : float, default 1e-6
+
+    Returns
+    -------
+    Tensor, shape (C, C)
+        Rows sum to 1, or are all zero (inactive client, or an empty region).
+    """
+    num_clients = active.numel()
+    gamma = decision.gamma.clone()
+    if decision.threshold is None:
+        in_region = torch.zeros(num_clients, num_clients, dtype=torch.bool)
+    else:
+        in_region = (gamma >= decision.threshold - tolerance) & (gamma > 0) & active[None, :]
+    diagonal = torch.eye(num_clients, dtype=torch.bool)
+    in_region &= ~diagonal
+    if include_self:
+        gamma[diagonal] = 1.0
+        in_region |= diagonal
+    in_region &= active[:, None]  # rows of inactive clients stay empty
+    region_gamma = gamma * in_region.float()  # (C, C)
+    totals = region_gamma.sum(dim=1, keepdim=True)  # (C, 1)
+    return torch.where(totals > 0, region_gamma / totals.clamp(min=1e-12), 0.0)
+
+
+# ---------------------------------------------------------------------- the strategy
+class FedAlignMoE(Strategy):
+    """FedAlign-MoE (arXiv 2603.21276) with the paper's ablation rows as switches.
+
+    Parameters
+    ----------
+    layout : MoELayout
+        Where routers and experts live among the trainable parameters.
+    ablation : str, default "full"
+        Ablation row (see :data:`fedalign.config.ABLATIONS`): ``"fedavg"`` (plain FedAvg, no
+        regulariser, no statistics), ``"uniform-align"`` (``omega = 1/|S_t|``, ``alpha = 1``),
+        ``"consistency"`` (``s = o * m``), ``"overlap-only"`` (``s = o``), ``"margin-only"``
+        (``s = m``), ``"adaptive-reg"`` (+ adaptive ``alpha_i(e)``), ``"full"`` (+ semantic
+        expert aggregation). Below ``"full"`` experts are FedAvg'd by ``n_i``.
+    routing_lambda : float, default 0.1
+        Weight ``lambda`` of the routing regulariser sent to clients.
+    beta : float, default 1.0
+        Threshold ``tau_e = M(e) - beta * Sigma(e)`` of semantic aggregation.
+    eps : float, default 1e-6
+        Floor on the consistency scores ``s_i(e)``.
+    personalized_experts : bool, default False
+        Clients start each round from their semantic region's experts (needs ``"full"``).
+    threshold_std : {"population", "sample"}, default "population"
+        Standard deviation used for ``Sigma(e)`` (divisor ``n`` or ``n - 1`` active clients).
+    consensus_tolerance : float, default 1e-6
+        ``c_i >= tau_e - consensus_tolerance`` counts as aligned (guards float rounding).
+    personalize_include_self : bool, default True
+        Whether client ``i``'s own update is part of its region with ``gamma_ii = 1``
+        (``cos`` of a vector with itself).
+
+    Notes
+    -----
+    Choices of ours beyond METHOD.md:
+
+    * Round 1 (no ``p_g`` in the state yet, i.e. before any client has reported): clients
+      get ``routing_lambda = 0`` since there is no target distribution.
+    * ``alpha_i(e) = clip(|S_t'| * omega_i(e), 0, 1)`` from the client's last participating
+      round ``t'``; ones before its first round and for ablations below ``"adaptive-reg"``.
+    * Step D weights ``w_i ∝ n_i * u_i(e)`` over ``A_e``; if they are all 0, ``n_i``; then
+      uniform. A client with ``count_i(e) = 0`` contributes nothing to expert ``e``.
+    * Gram matrices: the hidden-state similarities ``S`` of a layer are one batched
+      ``einsum`` over all experts; the update similarities ``D`` are one ``(C, P_e) x (P_e,
+      C)`` product per expert, so only one expert's client updates are in memory at a time.
+    * Personalised experts: only positive ``gamma_ij`` enter a region, and they are stored in
+      the state per client until its next participation (stale under partial participation).
+    * ``routing_divergence`` in the record is measured against the new ``p_g^t``.
+    """
+
+    name = "fedalign"
+
+    def __init__(
+        self,
+        layout: MoELayout,
+        *,
+        ablation: str = "full",
+        routing_lambda: float = 0.1,
+        beta: float = 1.0,
+        eps: float = 1e-6,
+        personalized_experts: bool = False,
+        threshold_std: str = "population",
+        consensus_tolerance: float = 1e-6,
+        personalize_include_self: bool = True,
+    ) -> None:
+        super().__init__(layout)
+        if ablation not in ABLATIONS:
+            raise ConfigError(
+                f"strategy.ablation must be one of {list(ABLATIONS)} (got {ablation!r})"
+            )
+        if routing_lambda < 0 or beta < 0 or eps <= 0:
+            raise ConfigError(
+                "strategy.routing-lambda and strategy.beta must be >= 0 and strategy.eps > 0 "
+                f"(got {routing_lambda}, {beta}, {eps})"
+            )
+        if threshold_std not in THRESHOLD_STD_CHOICES:
+            raise ConfigError(
+                f"threshold_std must be one of {list(THRESHOLD_STD_CHOICES)} "
+                f"(got {threshold_std!r})"
+            )
+        if personalized_experts and ablation != "full":
+            raise ConfigError(
+                f"strategy.personalized-experts needs strategy.ablation = 'full' (got {ablation!r})"
+            )
+        self.ablation = ablation
+        self.routing_lambda = float(routing_lambda)
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.personalized_experts = bool(personalized_experts)
+        self.threshold_std = threshold_std
+        self.consensus_tolerance = float(consensus_tolerance)
+        self.personalize_include_self = bool(personalize_include_self)
+        self.needs_routing_statistics = ablation != "fedavg"
+
+    @property
+    def ablation_level(self) -> int:
+        """0 (``"fedavg"``) to 4 (``"full"``): the ablation table row, 0-based."""
+        return ABLATION_LEVEL[self.ablation]
+
+    # ---------------------------------------------------------------- client side
+    def expert_alpha(self, client_id: int, state: StrategyState) -> dict[str, Tensor]:
+        """Per layer ``alpha_i(e)``, shape ``(E,)``, for ``client_id``.
+
+        ``clip(|S_t'| * omega_i(e), 0, 1)`` from the client's last participating round
+        ``t'`` (kept in ``state["client_weights"]``); ones when it has none, or for ablations
+        below ``"adaptive-reg"``.
+        """
+        memory = state.get("client_weights", {}).get(client_id)
+        alphas: dict[str, Tensor] = {}
+        for layer in self.layout.layers:
+            if self.ablation_level < ABLATION_LEVEL["adaptive-reg"] or memory is None:
+                alphas[layer.name] = torch.ones(layer.num_experts)
+                continue
+            omega = memory["omega"].get(layer.name)
+            if omega is None:
+                alphas[layer.name] = torch.ones(layer.num_experts)
+                continue
+            alphas[layer.name] = (float(memory["num_selected"]) * omega.float()).clamp(0.0, 1.0)
+        return alphas
+
+    def configure_train(
+        self, server_round: int, client_ids: Sequence[int], state: StrategyState
+    ) -> dict[int, TrainInstructions]:
+        """Routing-regulariser instructions (and personalised experts) for each client.
+
+        Ablation ``"fedavg"``: plain local training, no statistics. Otherwise
+        ``routing_lambda`` (0 while the state has no ``p_g`` yet), ``global_routing`` per
+        layer, ``expert_alpha`` per layer, ``collect_statistics=True`` and, with
+        ``personalized_experts``, the client's stored personalised expert tensors.
+        """
+        if self.ablation == "fedavg":
+            return {cid: TrainInstructions() for cid in client_ids}
+        global_routing: Mapping[str, Tensor] = state.get("global_routing", {})
+        routing_lambda = self.routing_lambda if global_routing else 0.0
+        personalised: Mapping[int, Mapping[str, Tensor]] = state.get("personalized_experts", {})
+        instructions = {}
+        for cid in client_ids:
+            start = None
+            if self.personalized_experts and cid in personalised:
+                start = {name: tensor.clone() for name, tensor in personalised[cid].items()}
+            instructions[cid] = TrainInstructions(
+                routing_lambda=routing_lambda,
+                global_routing={name: p.clone() for name, p in global_routing.items()},
+                expert_alpha=self.expert_alpha(cid, state),
+                collect_statistics=True,
+                start_parameters=start,
+            )
+        return instructions
+
+    # ---------------------------------------------------------------- server side
+    def aggregate(
+        self,
+        server_round: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        state: StrategyState,
+    ) -> AggregationResult:
+        """Steps A-E of FedAlign-MoE (see the module docstring and METHOD.md).
+
+        Record (JSON-able)::
+
+            {"strategy": "fedalign", "round", "clients", "num_examples", "example_weights",
+             "ablation", "routing_lambda",
+             "layers": {layer: {
+                 "routing_reference": "previous-global" | "client-mean",
+                 "global_routing": [E floats],               # p_g^t
+                 "expert_aggregation": "semantic" | "fedavg",
+                 "experts": [{"expert": e,
+                              "omega": {id: omega_i(e)}, "p_g": p_g^t(e),
+                              "active": [ids] | None, "consensus": {id: c_i} | None,
+                              "tau": float | None, "aligned": [ids] | None,
+                              "aggregation_weights": {id: w_i} | None,
+                              "fallback": str | None}, ...]}},
+             "routing_divergence": {...}, "semantic_dispersion": {...}}
+
+        Ablation ``"fedavg"`` gives the FedAvg record with ``"layers": {}``.
+        """
+        check_results(global_parameters, results)
+        layout = trainable_layout(self.layout, global_parameters)
+        weights = example_weights(results)  # (C,)
+        parameters = weighted_average(global_parameters, results, weights)
+        record = base_record(self.name, server_round, results, weights)
+        record["ablation"] = self.ablation
+        record["routing_lambda"] = self.routing_lambda
+        if self.ablation == "fedavg":
+            record["layers"] = {}
+            record.update(routing_metrics(results, None))
+            return AggregationResult(parameters=parameters, state=dict(state), record=record)
+
+        client_ids = [r.client_id for r in results]
+        previous_routing: Mapping[str, Tensor] = state.get("global_routing", {})
+        new_routing: dict[str, Tensor] = {}
+        client_omega: dict[int, dict[str, Tensor]] = {cid: {} for cid in client_ids}
+        personal_vectors: dict[int, list[tuple[MoELayerLayout, int, Tensor]]] = {
+            cid: [] for cid in client_ids
+        }
+        layer_records: dict[str, Any] = {}
+        for layer in layout.layers:
+            statistics = layer_statistics(results, layer.name)
+            routing_distribution = torch.stack(
+                [s.routing_distribution.float() for s in statistics]
+            )  # (C, E)
+            margin = torch.stack([s.margin.float() for s in statistics])  # (C, E)
+            # A. consistency weights against p_g^{t-1} (round 1: plain mean of the pbar_i).
+            if layer.name in previous_routing:
+                reference = previous_routing[layer.name].float()
+                reference_source = "previous-global"
+            else:
+                reference = routing_distribution.mean(dim=0)
+                reference_source = "client-mean"
+            omega = consistency_weights(
+                routing_distribution, margin, reference, CONSISTENCY_SCORES[self.ablation], self.eps
+            )  # (C, E)
+            # B. global routing distribution p_g^t.
+            global_routing = global_routing_distribution(routing_distribution, omega)  # (E,)
+            new_routing[layer.name] = global_routing
+            for index, cid in enumerate(client_ids):
+                client_omega[cid][layer.name] = omega[index].clone()
+            # C. router rows.
+            for name in layer.router_params:
+                parameters[name] = router_rows_average(results, name, omega, layer.num_experts)
+
+            expert_records: list[dict[str, Any]] = [
+                {
+                    "expert": expert,
+                    "omega": per_client(client_ids, omega[:, expert]),
+                    "p_g": rounded(float(global_routing[expert])),
+                    "active": None,
+                    "consensus": None,
+                    "tau": None,
+                    "aligned": None,
+                    "aggregation_weights": None,
+                    "fallback": None,
+                }
+                for expert in range(layer.num_experts)
+            ]
+            # D. semantic-aware expert aggregation (full method only; else experts stay FedAvg).
+            if self.ablation == "full":
+                self._aggregate_experts(
+                    layer,
+                    global_parameters,
+                    results,
+                    statistics,
+                    parameters,
+                    expert_records,
+                    personal_vectors,
+                )
+            layer_records[layer.name] = {
+                "routing_reference": reference_source,
+                "global_routing": rounded_list(global_routing),
+                "expert_aggregation": "semantic" if self.ablation == "full" else "fedavg",
+                "experts": expert_records,
+            }
+
+        record["layers"] = layer_records
+        record.update(routing_metrics(results, new_routing))
+        parameters = cast_like_reference(parameters, global_parameters)
+
+        new_state = dict(state)
+        new_state["global_routing"] = new_routing
+        client_weights = dict(state.get("client_weights", {}))
+        for cid in client_ids:
+            client_weights[cid] = {
+                "round": int(server_round),
+                "num_selected": len(client_ids),
+                "omega": client_omega[cid],
+            }
+        new_state["client_weights"] = client_weights
+
+        client_parameters: dict[int, dict[str, Tensor]] = {}
+        if self.personalized_experts:
+            client_parameters = self._personal_parameters(
+                layout, parameters, global_parameters, personal_vectors
+            )
+            stored = dict(state.get("personalized_experts", {}))
+            stored.update(client_parameters)
+            new_state["personalized_experts"] = stored
+        return AggregationResult(
+            parameters=parameters,
+            state=new_state,
+            record=record,
+            client_parameters=client_parameters,
+        )
+
+    def _aggregate_experts(
+        self,
+        layer: MoELayerLayout,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        statistics: Sequence[LayerRoutingStatistics],
+        parameters: dict[str, Tensor],
+        expert_records: list[dict[str, Any]],
+        personal_vectors: dict[int, list[tuple[MoELayerLayout, int, Tensor]]],
+    ) -> None:
+        """Step D for one layer: write every expert into ``parameters``, fill the records."""
+        client_ids = [r.client_id for r in results]
+        counts = example_counts(results)  # (C,)
+        usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
+        token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
+        mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
+        hidden_directions = F.normalize(mean_hidden, dim=-1)  # (C, E, H), zero rows stay zero
+        # S for all experts at once: (C, E, H) x (C, E, H) -> (E, C, C).
+        hidden_similarity = torch.einsum("ceh,deh->ecd", hidden_directions, hidden_directions)
+
+        for expert in range(layer.num_experts):
+            expert_record = expert_records[expert]
+            active = token_count[:, expert] > 0  # (C,)
+            expert_record["active"] = [
+                cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a
+            ]
+            if not layer.experts[expert]:
+                expert_record["fallback"] = "no-trainable-parameters"
+                continue
+            previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
+            if not active.any():
+                expert_record["fallback"] = "no-active-client"
+                layer.write_expert_vector(parameters, expert, previous)
+                continue
+            updates = client_expert_matrix(results, layer, expert) - previous  # (C, P_e)
+            update_directions = F.normalize(updates, dim=-1)  # (C, P_e)
+            update_similarity = update_directions @ update_directions.T  # (C, C)
+            decision = semantic_alignment(
+                hidden_similarity[expert],
+                update_similarity,
+                active,
+                beta=self.beta,
+                threshold_std=self.threshold_std,
+                tolerance=self.consensus_tolerance,
+            )
+            aligned = decision.aligned.float()  # (C,)
+            aggregation_weights = normalise_weights(
+                counts * usage[:, expert] * aligned, counts * aligned, aligned
+            )  # (C,), zero outside the aligned set
+            layer.write_expert_vector(parameters, expert, previous + aggregation_weights @ updates)
+
+            expert_record["consensus"] = {
+                str(cid): rounded(c)
+                for cid, c, a in zip(
+                    client_ids, decision.consensus.tolist(), active.tolist(), strict=True
+                )
+                if a and c == c  # c != c only for NaN (no consensus defined)
+            }
+            expert_record["tau"] = (
+                None if decision.threshold is None else rounded(decision.threshold)
+            )
+            expert_record["aligned"] = [
+                cid for cid, a in zip(client_ids, decision.aligned.tolist(), strict=True) if a
+            ]
+            expert_record["aggregation_weights"] = {
+                str(cid): rounded(w)
+                for cid, w, a in zip(
+                    client_ids, aggregation_weights.tolist(), decision.aligned.tolist(), strict=True
+                )
+                if a
+            }
+            expert_record["fallback"] = decision.fallback
+
+            if self.personalized_experts:
+                region_weights = personal_region_weights(
+                    decision, active, self.personalize_include_self, self.consensus_tolerance
+                )  # (C, C)
+                personal = previous + region_weights @ updates  # (C, P_e)
+                has_region = region_weights.sum(dim=1) > 0  # (C,)
+                for index, cid in enumerate(client_ids):
+                    if has_region[index]:
+                        personal_vectors[cid].append((layer, expert, personal[index]))
+
+    @staticmethod
+    def _personal_parameters(
+        layout: MoELayout,
+        parameters: Mapping[str, Tensor],
+        global_parameters: Mapping[str, Tensor],
+        personal_vectors: Mapping[int, list[tuple[MoELayerLayout, int, Tensor]]],
+    ) -> dict[int, dict[str, Tensor]]:
+        """Per client, its expert tensors: the new global ones with its personal experts."""
+        expert_names = sorted(layout.expert_param_names())
+        client_parameters: dict[int, dict[str, Tensor]] = {}
+        for cid, vectors in personal_vectors.items():
+            if not vectors:
+                continue
+            own = {name: parameters[name].clone() for name in expert_names}
+            for layer, expert, vector in vectors:
+                layer.write_expert_vector(own, expert, vector)
+            client_parameters[cid] = cast_like_reference(own, global_parameters)
+        return client_parameters

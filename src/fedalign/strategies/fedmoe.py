@@ -1,0 +1,132 @@
+"""FedMoE-style activation-aware aggregation (after Mei et al., 2024).
+
+Expert ``e`` of a layer is aggregated only from the clients that actually used it:
+clients with usage ``u_i(e) >= u_min`` contribute, weighted by ``n_i * u_i(e)``. When no
+client qualifies the expert keeps its previous global value. Routers and every other
+tensor are FedAvg'd by ``n_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedalign.moe.layout import MoELayout
+from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.strategies.common import (
+    base_record,
+    cast_like_reference,
+    check_results,
+    client_expert_matrix,
+    example_counts,
+    example_weights,
+    layer_statistics,
+    normalise_weights,
+    rounded,
+    routing_metrics,
+    trainable_layout,
+    weighted_average,
+)
+
+Tensor = torch.Tensor
+
+
+class FedMoE(Strategy):
+    """Activation-aware expert aggregation; FedAvg for routers and everything else.
+
+    Parameters
+    ----------
+    layout : MoELayout
+        Where routers and experts live.
+    u_min : float, default 0.01
+        Minimum usage ``u_i(e)`` (fraction of the client's tokens with ``e`` in their
+        top-k) for client ``i`` to contribute to expert ``e``.
+
+    Notes
+    -----
+    Weights over the qualifying clients are ``n_i * u_i(e)`` normalised; if they are all 0
+    (possible only with ``u_min == 0``) the qualifying clients are weighted by ``n_i``.
+    """
+
+    name = "fedmoe"
+    needs_routing_statistics = True
+
+    def __init__(self, layout: MoELayout, u_min: float = 0.01) -> None:
+        super().__init__(layout)
+        if not 0.0 <= u_min <= 1.0:
+            raise ValueError(f"u_min must be in [0, 1] (got {u_min})")
+        self.u_min = float(u_min)
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        state: StrategyState,
+    ) -> AggregationResult:
+        """FedAvg, then every expert replaced by its activation-aware aggregate.
+
+        Record: the FedAvg fields plus ``"u_min"`` and ``"layers": {layer: {"experts":
+        [{"expert": e, "qualified": [ids], "weights": {id: w}, "fallback": str or None}]}}``
+        with fallback ``"no-qualified-client"`` (previous global value kept) or
+        ``"no-trainable-parameters"``.
+        """
+        check_results(global_parameters, results)
+        layout = trainable_layout(self.layout, global_parameters)
+        client_ids = [r.client_id for r in results]
+        weights = example_weights(results)  # (C,)
+        counts = example_counts(results)  # (C,)
+        parameters = weighted_average(global_parameters, results, weights)
+
+        layer_records: dict[str, Any] = {}
+        for layer in layout.layers:
+            usage = torch.stack(
+                [s.usage.float() for s in layer_statistics(results, layer.name)]
+            )  # (C, E)
+            expert_records = []
+            for expert in range(layer.num_experts):
+                qualified = usage[:, expert] >= self.u_min  # (C,)
+                expert_record: dict[str, Any] = {
+                    "expert": expert,
+                    "qualified": [
+                        cid for cid, q in zip(client_ids, qualified.tolist(), strict=True) if q
+                    ],
+                    "weights": {},
+                    "fallback": None,
+                }
+                expert_records.append(expert_record)
+                if not layer.experts[expert]:
+                    expert_record["fallback"] = "no-trainable-parameters"
+                    continue
+                if not qualified.any():
+                    expert_record["fallback"] = "no-qualified-client"
+                    previous = layer.expert_vector(global_parameters, expert)
+                    layer.write_expert_vector(parameters, expert, previous.float())
+                    continue
+                mask = qualified.float()
+                expert_weights = normalise_weights(
+                    counts * usage[:, expert] * mask, counts * mask, mask
+                )  # (C,), zero for non-qualified clients
+                # (C,) @ (C, P_e) -> (P_e,)
+                vector = expert_weights @ client_expert_matrix(results, layer, expert)
+                layer.write_expert_vector(parameters, expert, vector)
+                expert_record["weights"] = {
+                    str(cid): rounded(w)
+                    for cid, w, q in zip(
+                        client_ids, expert_weights.tolist(), qualified.tolist(), strict=True
+                    )
+                    if q
+                }
+            layer_records[layer.name] = {"experts": expert_records}
+
+        record = base_record(self.name, server_round, results, weights)
+        record["u_min"] = self.u_min
+        record["layers"] = layer_records
+        record.update(routing_metrics(results, None))
+        return AggregationResult(
+            parameters=cast_like_reference(parameters, global_parameters),
+            state=dict(state),
+            record=record,
+        )

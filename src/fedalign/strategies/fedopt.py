@@ -1,0 +1,153 @@
+"""Adaptive server optimisers FedAdam and FedYogi (Reddi et al., 2021, "Adaptive Federated
+Optimization").
+
+The server treats ``Delta_t = FedAvg(client parameters) - x_t`` as a pseudo-gradient and
+applies an Adam- or Yogi-style step with its own moments (kept in the strategy state):
+
+* ``m_t = beta1 * m_{t-1} + (1 - beta1) * Delta_t``
+* FedAdam: ``v_t = beta2 * v_{t-1} + (1 - beta2) * Delta_t^2``
+* FedYogi: ``v_t = v_{t-1} - (1 - beta2) * Delta_t^2 * sign(v_{t-1} - Delta_t^2)``
+* ``x_{t+1} = x_t + server_lr * m_t / (sqrt(v_t) + tau)``
+
+As in the paper's Algorithm 2 there is no bias correction; ``m`` starts at 0 and ``v`` at
+``initial_v`` (default ``tau**2``, the paper's ``v_{-1} >= tau^2``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedalign.moe.layout import MoELayout
+from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.strategies.common import (
+    base_record,
+    cast_like,
+    check_results,
+    example_weights,
+    rounded,
+    routing_metrics,
+    stack_client_tensors,
+    weighted_sum,
+)
+
+Tensor = torch.Tensor
+
+
+class FedOpt(Strategy):
+    """Base of the adaptive server optimisers (Reddi et al., 2021).
+
+    Parameters
+    ----------
+    layout : MoELayout
+        Where routers and experts live (unused: every tensor gets the same update rule).
+    server_lr : float, default 0.01
+        Server learning rate ``eta``.
+    beta1 : float, default 0.9
+        First-moment decay.
+    beta2 : float, default 0.99
+        Second-moment decay.
+    tau : float, default 1e-3
+        Adaptivity constant added to ``sqrt(v)``.
+    initial_v : float or None, default None
+        Starting value of the second moment; ``None`` means ``tau**2``.
+
+    Notes
+    -----
+    State: ``{"first_moment": {name: Tensor}, "second_moment": {name: Tensor}}`` (float32,
+    same shapes as the parameters), created in the first round.
+    """
+
+    name = "fedopt"
+
+    def __init__(
+        self,
+        layout: MoELayout,
+        server_lr: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        initial_v: float | None = None,
+    ) -> None:
+        super().__init__(layout)
+        if server_lr <= 0 or not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0 or tau <= 0:
+            raise ValueError(
+                "FedAdam/FedYogi need server_lr > 0, beta1 and beta2 in [0, 1) and tau > 0 "
+                f"(got server_lr={server_lr}, beta1={beta1}, beta2={beta2}, tau={tau})"
+            )
+        self.server_lr = float(server_lr)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.tau = float(tau)
+        self.initial_v = float(tau**2 if initial_v is None else initial_v)
+
+    @abstractmethod
+    def _second_moment(self, previous: Tensor, pseudo_gradient: Tensor) -> Tensor:
+        """``v_t`` from ``v_{t-1}`` and ``Delta_t`` (same shapes)."""
+
+    def aggregate(
+        self,
+        server_round: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        state: StrategyState,
+    ) -> AggregationResult:
+        """One server optimiser step along the FedAvg pseudo-gradient.
+
+        Record: the FedAvg fields plus ``"server_lr"`` and ``"pseudo_gradient_norm"`` (the
+        L2 norm of ``Delta_t`` over all tensors).
+        """
+        check_results(global_parameters, results)
+        weights = example_weights(results)  # (C,)
+        previous_first: Mapping[str, Tensor] = state.get("first_moment", {})
+        previous_second: Mapping[str, Tensor] = state.get("second_moment", {})
+        first_moment: dict[str, Tensor] = {}
+        second_moment: dict[str, Tensor] = {}
+        parameters: dict[str, Tensor] = {}
+        squared_norm = 0.0
+        for name, reference in global_parameters.items():
+            current = reference.float()
+            average = weighted_sum(stack_client_tensors(results, name), weights)
+            pseudo_gradient = average - current
+            squared_norm += float(pseudo_gradient.square().sum())
+            first = previous_first.get(name, torch.zeros_like(current))
+            second = previous_second.get(name, torch.full_like(current, self.initial_v))
+            first = self.beta1 * first + (1.0 - self.beta1) * pseudo_gradient
+            second = self._second_moment(second, pseudo_gradient)
+            first_moment[name] = first
+            second_moment[name] = second
+            updated = current + self.server_lr * first / (second.sqrt() + self.tau)
+            parameters[name] = cast_like(updated, reference)
+
+        record = base_record(self.name, server_round, results, weights)
+        record["server_lr"] = self.server_lr
+        record["pseudo_gradient_norm"] = rounded(squared_norm**0.5)
+        record.update(routing_metrics(results, None))
+        new_state = dict(state)
+        new_state["first_moment"] = first_moment
+        new_state["second_moment"] = second_moment
+        return AggregationResult(parameters=parameters, state=new_state, record=record)
+
+
+class FedAdam(FedOpt):
+    """FedAdam: ``v_t = beta2 * v_{t-1} + (1 - beta2) * Delta_t^2``. See :class:`FedOpt`."""
+
+    name = "fedadam"
+
+    def _second_moment(self, previous: Tensor, pseudo_gradient: Tensor) -> Tensor:
+        return self.beta2 * previous + (1.0 - self.beta2) * pseudo_gradient.square()
+
+
+class FedYogi(FedOpt):
+    """FedYogi: ``v_t = v_{t-1} - (1 - beta2) * Delta_t^2 * sign(v_{t-1} - Delta_t^2)``.
+
+    See :class:`FedOpt`.
+    """
+
+    name = "fedyogi"
+
+    def _second_moment(self, previous: Tensor, pseudo_gradient: Tensor) -> Tensor:
+        squared = pseudo_gradient.square()
+        return previous - (1.0 - self.beta2) * squared * torch.sign(previous - squared)
