@@ -57,6 +57,18 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _router(block_name: str, path: str, module: nn.Module) -> tuple[Any, str]:
+    """The module holding a router's tensors and its name.
+
+    peft LoRA on the router itself (``lora_targets`` naming it) moves its tensors to
+    ``<path>.base_layer``; the layout must name the tensors that exist.
+    """
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Module):
+        return base, _join(block_name, f"{path}.base_layer")
+    return module, _join(block_name, path)
+
+
 def _first(output: Any) -> Tensor:
     logits: Tensor = output[0] if isinstance(output, tuple) else output
     return logits
@@ -75,12 +87,12 @@ def _is_fused_block(module: nn.Module) -> bool:
 
 
 def _describe_fused(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap]:
-    gate = block.gate
+    gate, gate_name = _router(name, "gate", block.gate)
     experts = block.experts
     num_experts, hidden_size = gate.weight.shape
-    router_params = [_join(name, "gate.weight")]
+    router_params = [f"{gate_name}.weight"]
     if isinstance(getattr(gate, "bias", None), nn.Parameter):
-        router_params.append(_join(name, "gate.bias"))
+        router_params.append(f"{gate_name}.bias")
     # every expert tensor is stored (E, ...): expert e is row e of dimension 0
     expert_tensors = [
         _join(name, f"experts.{pname}")
@@ -97,7 +109,7 @@ def _describe_fused(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap]:
             tuple(ExpertSlice(p, e, e + 1) for p in expert_tensors) for e in range(num_experts)
         ),
     )
-    return layout, RouterTap(layer=name, module=gate, logits_from_output=_first)
+    return layout, RouterTap(layer=name, module=block.gate, logits_from_output=_first)
 
 
 FUSED = MoEAdapter("fused-experts", _is_fused_block, _describe_fused)
@@ -110,11 +122,11 @@ def _is_switch_block(module: nn.Module) -> bool:
 
 
 def _describe_switch(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap]:
-    classifier = block.router.classifier
+    classifier, classifier_name = _router(name, "router.classifier", block.router.classifier)
     num_experts = int(classifier.out_features)
-    router_params = [_join(name, "router.classifier.weight")]
+    router_params = [f"{classifier_name}.weight"]
     if classifier.bias is not None:
-        router_params.append(_join(name, "router.classifier.bias"))
+        router_params.append(f"{classifier_name}.bias")
     experts = []
     for e in range(num_experts):
         expert_module = block.experts[f"expert_{e}"]
@@ -144,6 +156,7 @@ SWITCH = MoEAdapter("switch", _is_switch_block, _describe_switch)
 # --- our sparsely upcycled encoders -------------------------------------------------------
 def _describe_upcycled(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap]:
     assert isinstance(block, UpcycledMoE)
+    router, router_name = _router(name, "router", block.router)
     experts = []
     for e, expert in enumerate(block.experts):
         experts.append(
@@ -156,8 +169,8 @@ def _describe_upcycled(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap
         name=name,
         num_experts=block.num_experts,
         top_k=block.top_k,
-        hidden_size=int(block.router.in_features),
-        router_params=(_join(name, "router.weight"),),
+        hidden_size=int(router.in_features),
+        router_params=(f"{router_name}.weight",),
         experts=tuple(experts),
     )
     return layout, RouterTap(layer=name, module=block.router, logits_from_output=_first)

@@ -254,9 +254,16 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
         )
     tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
     if model_type in SEQUENCE_CLASSIFICATION_TYPES:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+        # a saved classifier may have another number of classes: its head is then re-initialised
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
         if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+            # the id the data pipeline pads with (pad, else eos, else unk): the head pools
+            # the last token that is not this id, and needs one for batches > 1
+            from fedalign.data.tokenize import pad_token_id
+
+            model.config.pad_token_id = pad_token_id(tokenizer)
         return model, tokenizer, model_type
     if model_type == "switch_transformers":
         from transformers import SwitchTransformersEncoderModel

@@ -48,7 +48,9 @@ class ExpertSlice:
     def write(self, state: dict[str, Tensor], value: Tensor) -> None:
         """Write ``value`` into ``state`` in place of this slice (copy-on-write of the tensor)."""
         if self.start is None:
-            state[self.param] = value.reshape(state[self.param].shape).clone()
+            old = state[self.param]
+            # keep the stored dtype and device, as the sliced branch below does
+            state[self.param] = value.reshape(old.shape).to(old.device, old.dtype).clone()
             return
         tensor = state[self.param].clone()
         tensor[self.start : self.stop] = value.reshape(tensor[self.start : self.stop].shape)
@@ -104,16 +106,17 @@ class MoELayerLayout:
 
     def write_expert_vector(self, state: dict[str, Tensor], expert: int, vector: Tensor) -> None:
         """Inverse of :meth:`expert_vector`: scatter a ``(P_e,)`` vector back into ``state``."""
-        offset = 0
-        for s in self.experts[expert]:
-            size = s.numel(state)
-            s.write(state, vector[offset : offset + size])
-            offset += size
-        if offset != vector.numel():
+        sizes = [s.numel(state) for s in self.experts[expert]]
+        # check before writing anything: a wrong length must leave ``state`` untouched
+        if sum(sizes) != vector.numel():
             raise ValueError(
                 f"expert vector has {vector.numel()} values, layer {self.name!r} expert "
-                f"{expert} has {offset}"
+                f"{expert} has {sum(sizes)}"
             )
+        offset = 0
+        for s, size in zip(self.experts[expert], sizes):
+            s.write(state, vector[offset : offset + size])
+            offset += size
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,31 @@ def cast_like_reference(
     return {name: cast_like(tensor, reference[name]) for name, tensor in parameters.items()}
 
 
+def weighted_tensor_average(
+    results: Sequence[ClientResult], name: str, weights: Tensor, shape: torch.Size
+) -> Tensor:
+    """``sum_i weights[i] * client_i[name]`` in float32, accumulated client by client.
+
+    Only one float32 copy of the tensor is alive at a time (no ``(C, ...)`` stack).
+
+    Parameters
+    ----------
+    results : sequence of ClientResult
+    name : str
+    weights : Tensor, shape (C,)
+    shape : torch.Size
+        Shape of the tensor.
+
+    Returns
+    -------
+    Tensor, shape ``shape``, float32
+    """
+    total = torch.zeros(shape, dtype=torch.float32)
+    for weight, result in zip(weights.tolist(), results, strict=True):
+        total.add_(result.parameters[name].float(), alpha=weight)
+    return total
+
+
 def weighted_average(
     global_parameters: Mapping[str, Tensor],
     results: Sequence[ClientResult],
@@ -151,10 +176,10 @@ def weighted_average(
     Returns
     -------
     dict of str to Tensor
-        New tensors, in the global tensors' dtypes.
+        New tensors (owned by the caller), in the global tensors' dtypes.
     """
     return {
-        name: cast_like(weighted_sum(stack_client_tensors(results, name), weights), reference)
+        name: cast_like(weighted_tensor_average(results, name, weights, reference.shape), reference)
         for name, reference in global_parameters.items()
     }
 
@@ -176,8 +201,46 @@ def parameter_deltas(
 def client_expert_matrix(
     results: Sequence[ClientResult], layer: MoELayerLayout, expert: int
 ) -> Tensor:
-    """Expert ``expert`` of every client flattened and stacked: shape ``(C, P_e)``, float32."""
-    return torch.stack([layer.expert_vector(r.parameters, expert).float() for r in results])
+    """Expert ``expert`` of every client flattened and stacked: shape ``(C, P_e)``, float32.
+
+    Row ``i`` equals ``layer.expert_vector(results[i].parameters, expert)``; the slices are
+    copied straight into one preallocated matrix.
+    """
+    slices = layer.experts[expert]
+    if not results:
+        return torch.zeros(0, 0)
+    sizes = [s.numel(results[0].parameters) for s in slices]
+    matrix = torch.empty(len(results), sum(sizes), dtype=torch.float32)
+    for row, result in enumerate(results):
+        offset = 0
+        for expert_slice, size in zip(slices, sizes, strict=True):
+            matrix[row, offset : offset + size] = expert_slice.read(result.parameters).reshape(-1)
+            offset += size
+    return matrix
+
+
+def write_expert_vector_in_place(
+    layer: MoELayerLayout, state: dict[str, Tensor], expert: int, vector: Tensor
+) -> None:
+    """Copy a ``(P_e,)`` vector into expert ``expert``'s slices of ``state``, in place.
+
+    The in-place twin of :meth:`MoELayerLayout.write_expert_vector` (same slice order and
+    meaning) for dictionaries whose tensors the caller owns, e.g. freshly aggregated
+    parameters: it avoids cloning a fused ``(E, ...)`` tensor once per expert. Values are
+    cast to each tensor's dtype.
+    """
+    slices = layer.experts[expert]
+    sizes = [s.numel(state) for s in slices]
+    if sum(sizes) != vector.numel():
+        raise ValueError(
+            f"expert vector has {vector.numel()} values, layer {layer.name!r} expert "
+            f"{expert} has {sum(sizes)}"
+        )
+    offset = 0
+    for expert_slice, size in zip(slices, sizes, strict=True):
+        target = expert_slice.read(state)  # a view of the owned tensor
+        target.copy_(vector[offset : offset + size].reshape(target.shape))
+        offset += size
 
 
 def router_rows_average(

@@ -20,6 +20,7 @@ experts, ``H`` hidden width, ``P_e`` values in one expert.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from fedalign.strategies.common import (
     routing_metrics,
     trainable_layout,
     weighted_average,
+    write_expert_vector_in_place,
 )
 
 Tensor = torch.Tensor
@@ -151,6 +153,27 @@ def global_routing_distribution(routing_distribution: Tensor, weights: Tensor) -
 
 
 # -------------------------------------------------------------- D: semantic alignment
+def cosine_gram(vectors: Tensor, eps: float = 1e-12) -> Tensor:
+    """Pairwise cosine similarities of the rows, from one matrix product.
+
+    ``(V V^T)_ij / (max(|v_i|, eps) * max(|v_j|, eps))``, i.e. the Gram matrix of the
+    normalised rows (as :func:`torch.nn.functional.normalize` would give) without writing a
+    normalised ``(C, P)`` copy. Zero rows have similarity 0 with everything.
+
+    Parameters
+    ----------
+    vectors : Tensor, shape (C, P)
+    eps : float, default 1e-12
+
+    Returns
+    -------
+    Tensor, shape (C, C), values in [-1, 1]
+    """
+    gram = vectors @ vectors.T  # (C, C)
+    norms = vectors.norm(dim=1).clamp(min=eps)  # (C,)
+    return (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
+
+
 @dataclass
 class SemanticDecision:
     """Step D's decision for one expert of one layer.
@@ -310,9 +333,19 @@ class FedAlignMoE(Strategy):
     * Gram matrices: the hidden-state similarities ``S`` of a layer are one batched
       ``einsum`` over all experts; the update similarities ``D`` are one ``(C, P_e) x (P_e,
       C)`` product per expert, so only one expert's client updates are in memory at a time.
-    * Personalised experts: only positive ``gamma_ij`` enter a region, and they are stored in
-      the state per client until its next participation (stale under partial participation).
+      ``D`` is the Gram matrix of the updates divided by the outer product of their norms
+      (the cosines of the normalised rows, without a normalised copy).
+    * ``Sigma(e)`` is the population standard deviation by default (``threshold_std``).
+    * Personalised experts: client ``i``'s region holds itself (``gamma_ii = 1``, option
+      ``personalize_include_self``) and the active ``j`` with ``gamma_ij >= tau_e`` and
+      ``gamma_ij > 0`` (a negative ``gamma`` never pulls). Inactive clients of ``e`` start
+      from the new global ``theta(e)``. The tensors are stored in the state per client until
+      its next participation (stale under partial participation).
     * ``routing_divergence`` in the record is measured against the new ``p_g^t``.
+    * As specified, ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``: the factor
+      ``sqrt(p_g^{t-1}(e))`` is common to all clients of expert ``e`` and cancels when
+      ``s_i(e)`` is normalised over clients, so ``p_g^{t-1}`` changes ``omega`` only through
+      the ``eps`` floor.
     """
 
     name = "fedalign"
@@ -581,11 +614,10 @@ class FedAlignMoE(Strategy):
             previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
             if not active.any():
                 expert_record["fallback"] = "no-active-client"
-                layer.write_expert_vector(parameters, expert, previous)
+                write_expert_vector_in_place(layer, parameters, expert, previous)
                 continue
-            updates = client_expert_matrix(results, layer, expert) - previous  # (C, P_e)
-            update_directions = F.normalize(updates, dim=-1)  # (C, P_e)
-            update_similarity = update_directions @ update_directions.T  # (C, C)
+            updates = client_expert_matrix(results, layer, expert).sub_(previous)  # (C, P_e)
+            update_similarity = cosine_gram(updates)  # (C, C)
             decision = semantic_alignment(
                 hidden_similarity[expert],
                 update_similarity,
@@ -598,14 +630,15 @@ class FedAlignMoE(Strategy):
             aggregation_weights = normalise_weights(
                 counts * usage[:, expert] * aligned, counts * aligned, aligned
             )  # (C,), zero outside the aligned set
-            layer.write_expert_vector(parameters, expert, previous + aggregation_weights @ updates)
+            new_vector = previous + aggregation_weights @ updates  # (P_e,)
+            write_expert_vector_in_place(layer, parameters, expert, new_vector)
 
             expert_record["consensus"] = {
                 str(cid): rounded(c)
                 for cid, c, a in zip(
                     client_ids, decision.consensus.tolist(), active.tolist(), strict=True
                 )
-                if a and c == c  # c != c only for NaN (no consensus defined)
+                if a and not math.isnan(c)  # NaN: no consensus defined (< 2 active)
             }
             expert_record["tau"] = (
                 None if decision.threshold is None else rounded(decision.threshold)
@@ -647,6 +680,6 @@ class FedAlignMoE(Strategy):
                 continue
             own = {name: parameters[name].clone() for name in expert_names}
             for layer, expert, vector in vectors:
-                layer.write_expert_vector(own, expert, vector)
+                write_expert_vector_in_place(layer, own, expert, vector)
             client_parameters[cid] = cast_like_reference(own, global_parameters)
         return client_parameters

@@ -28,6 +28,7 @@ from fedalign.strategies.common import (
     routing_metrics,
     trainable_layout,
     weighted_average,
+    write_expert_vector_in_place,
 )
 
 Tensor = torch.Tensor
@@ -103,7 +104,7 @@ class FedMoE(Strategy):
                 if not qualified.any():
                     expert_record["fallback"] = "no-qualified-client"
                     previous = layer.expert_vector(global_parameters, expert)
-                    layer.write_expert_vector(parameters, expert, previous.float())
+                    write_expert_vector_in_place(layer, parameters, expert, previous)
                     continue
                 mask = qualified.float()
                 expert_weights = normalise_weights(
@@ -111,7 +112,7 @@ class FedMoE(Strategy):
                 )  # (C,), zero for non-qualified clients
                 # (C,) @ (C, P_e) -> (P_e,)
                 vector = expert_weights @ client_expert_matrix(results, layer, expert)
-                layer.write_expert_vector(parameters, expert, vector)
+                write_expert_vector_in_place(layer, parameters, expert, vector)
                 expert_record["weights"] = {
                     str(cid): rounded(w)
                     for cid, w, q in zip(

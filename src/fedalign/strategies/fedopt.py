@@ -29,8 +29,7 @@ from fedalign.strategies.common import (
     example_weights,
     rounded,
     routing_metrics,
-    stack_client_tensors,
-    weighted_sum,
+    weighted_tensor_average,
 )
 
 Tensor = torch.Tensor
@@ -109,7 +108,7 @@ class FedOpt(Strategy):
         squared_norm = 0.0
         for name, reference in global_parameters.items():
             current = reference.float()
-            average = weighted_sum(stack_client_tensors(results, name), weights)
+            average = weighted_tensor_average(results, name, weights, reference.shape)
             pseudo_gradient = average - current
             squared_norm += float(pseudo_gradient.square().sum())
             first = previous_first.get(name, torch.zeros_like(current))

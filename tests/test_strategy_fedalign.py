@@ -1,0 +1,512 @@
+"""FedAlign-MoE: consistency weights, p_g, router rows, semantic expert aggregation, state.
+
+Every expected value is computed by hand in the comments next to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fedalign.config import ConfigError, StrategyConfig
+from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.strategies import (
+    ClientResult,
+    FedAdam,
+    FedAlignMoE,
+    FedAvg,
+    FedMoE,
+    FedProx,
+    FedYogi,
+    LayerRoutingStatistics,
+    build_strategy,
+)
+from fedalign.strategies.fedalign import semantic_alignment
+
+ROUTER_PARAMS = ("moe.router.weight", "moe.router.bias")
+# Two experts of 4 values each, stored fused ((E, 2, 2), rows [e, e+1)) or one tensor pair
+# per expert (w (3,), b (1,)).
+FUSED = MoELayout(
+    layers=(
+        MoELayerLayout(
+            name="moe",
+            num_experts=2,
+            top_k=1,
+            hidden_size=2,
+            router_params=ROUTER_PARAMS,
+            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
+        ),
+    )
+)
+PER_EXPERT = MoELayout(
+    layers=(
+        MoELayerLayout(
+            name="moe",
+            num_experts=2,
+            top_k=1,
+            hidden_size=2,
+            router_params=ROUTER_PARAMS,
+            experts=tuple(
+                (ExpertSlice(f"moe.experts.{e}.w"), ExpertSlice(f"moe.experts.{e}.b"))
+                for e in range(2)
+            ),
+        ),
+    )
+)
+LAYOUTS = pytest.mark.parametrize("layout", [FUSED, PER_EXPERT], ids=["fused", "per-expert"])
+
+
+def build(
+    layout: MoELayout,
+    experts: Sequence[Sequence[float]] = ((0.0,) * 4, (0.0,) * 4),
+    router_weight: Sequence[Sequence[float]] = ((0.0, 0.0), (0.0, 0.0)),
+    router_bias: Sequence[float] = (0.0, 0.0),
+    head: Sequence[float] = (0.0, 0.0),
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    if layout is FUSED:
+        state = {"moe.experts.w": torch.zeros(2, 2, 2)}
+    else:
+        state = {
+            f"moe.experts.{e}.{part}": torch.zeros(size)
+            for e in range(2)
+            for part, size in (("w", 3), ("b", 1))
+        }
+    for expert, values in enumerate(experts):
+        layout.layers[0].write_expert_vector(state, expert, torch.tensor(values, dtype=torch.float))
+    state["moe.router.weight"] = torch.tensor(router_weight)
+    state["moe.router.bias"] = torch.tensor(router_bias)
+    state["head.weight"] = torch.tensor(head)
+    return {name: tensor.to(dtype) for name, tensor in state.items()}
+
+
+def stats(
+    routing_distribution: Sequence[float] = (0.5, 0.5),
+    margin: Sequence[float] = (0.1, 0.1),
+    usage: Sequence[float] = (0.5, 0.5),
+    token_count: Sequence[float] = (10.0, 10.0),
+    mean_hidden: Sequence[Sequence[float]] = ((1.0, 0.0), (1.0, 0.0)),
+) -> dict[str, LayerRoutingStatistics]:
+    return {
+        "moe": LayerRoutingStatistics(
+            routing_distribution=torch.tensor(routing_distribution),
+            usage=torch.tensor(usage),
+            margin=torch.tensor(margin),
+            mean_hidden=torch.tensor(mean_hidden),
+            token_count=torch.tensor(token_count),
+            num_tokens=20,
+        )
+    }
+
+
+# ---------------------------------------------------------------- A/B/C: routing side
+def two_routing_clients(layout: MoELayout) -> list[ClientResult]:
+    """Client 0 prefers expert 0, client 1 expert 1."""
+    return [
+        ClientResult(
+            0,
+            1,
+            build(layout, ((1.0,) * 4, (2.0,) * 4), ((1, 2), (3, 4)), (1, 1), head=(2, 0)),
+            stats(routing_distribution=(0.8, 0.2), margin=(0.5, 0.1)),
+        ),
+        ClientResult(
+            1,
+            1,
+            build(layout, ((3.0,) * 4, (4.0,) * 4), ((5, 6), (7, 8)), (0, 3), head=(0, 4)),
+            stats(routing_distribution=(0.2, 0.8), margin=(0.2, 0.4)),
+        ),
+    ]
+
+
+@LAYOUTS
+def test_consistency_weights_global_routing_and_router_rows(layout: MoELayout) -> None:
+    strategy = FedAlignMoE(layout, ablation="consistency")
+    aggregated = strategy.aggregate(1, build(layout), two_routing_clients(layout), {})
+    # Round 1: p_g^0 = mean pbar = [0.5, 0.5]; with r = sqrt(0.1), sqrt(0.4) = 2r:
+    #   o_0 = sqrt([0.4, 0.1]) = [2r, r],  s_0 = o_0 * m_0 = [2r * 0.5, r * 0.1] = [r, 0.1r]
+    #   o_1 = sqrt([0.1, 0.4]) = [r, 2r],  s_1 = [r * 0.2, 2r * 0.4] = [0.2r, 0.8r]
+    #   omega(e0) = [1, 0.2] / 1.2 = [5/6, 1/6];  omega(e1) = [0.1, 0.8] / 0.9 = [1/9, 8/9]
+    # p_g before renormalising: e0 = 5/6 * 0.8 + 1/6 * 0.2 = 0.7 = 21/30,
+    #   e1 = 1/9 * 0.2 + 8/9 * 0.8 = 6.6 / 9 = 22/30  ->  p_g = [21/43, 22/43].
+    p_g = torch.tensor([21 / 43, 22 / 43])
+    assert_close(aggregated.state["global_routing"]["moe"], p_g)
+    # Router rows: row 0 = 5/6 [1, 2] + 1/6 [5, 6]; row 1 = 1/9 [3, 4] + 8/9 [7, 8].
+    assert_close(
+        aggregated.parameters["moe.router.weight"],
+        torch.tensor([[10 / 6, 16 / 6], [59 / 9, 68 / 9]]),
+    )
+    assert_close(aggregated.parameters["moe.router.bias"], torch.tensor([5 / 6, 25 / 9]))
+    # Experts and head: FedAvg with n = [1, 1].
+    moe = layout.layers[0]
+    assert_close(moe.expert_vector(aggregated.parameters, 0), torch.full((4,), 2.0))
+    assert_close(moe.expert_vector(aggregated.parameters, 1), torch.full((4,), 3.0))
+    assert_close(aggregated.parameters["head.weight"], torch.tensor([1.0, 2.0]))
+
+    layer_record = aggregated.record["layers"]["moe"]
+    assert layer_record["routing_reference"] == "client-mean"
+    assert layer_record["expert_aggregation"] == "fedavg"
+    assert layer_record["global_routing"] == pytest.approx([21 / 43, 22 / 43], abs=1e-6)
+    expert_0 = layer_record["experts"][0]
+    assert expert_0["omega"] == pytest.approx({"0": 5 / 6, "1": 1 / 6}, abs=1e-6)
+    assert expert_0["p_g"] == pytest.approx(21 / 43, abs=1e-6)
+    assert expert_0["tau"] is None and expert_0["aligned"] is None
+    json.dumps(aggregated.record)
+
+
+@pytest.mark.parametrize(
+    ("ablation", "omega_0", "omega_1"),
+    [
+        ("uniform-align", [1 / 2, 1 / 2], [1 / 2, 1 / 2]),
+        # s = o: e0 [2r, r] -> [2/3, 1/3]; e1 [r, 2r] -> [1/3, 2/3].
+        ("overlap-only", [2 / 3, 1 / 3], [1 / 3, 2 / 3]),
+        # s = m: e0 [0.5, 0.2] -> [5/7, 2/7]; e1 [0.1, 0.4] -> [1/5, 4/5].
+        ("margin-only", [5 / 7, 2 / 7], [1 / 5, 4 / 5]),
+    ],
+)
+def test_consistency_score_variants(
+    ablation: str, omega_0: list[float], omega_1: list[float]
+) -> None:
+    strategy = FedAlignMoE(FUSED, ablation=ablation)
+    aggregated = strategy.aggregate(1, build(FUSED), two_routing_clients(FUSED), {})
+    weights = aggregated.state["client_weights"]
+    assert_close(weights[0]["omega"]["moe"], torch.tensor([omega_0[0], omega_1[0]]))
+    assert_close(weights[1]["omega"]["moe"], torch.tensor([omega_0[1], omega_1[1]]))
+    # Router row 0 = omega(e0) . [[1, 2], [5, 6]].
+    row_0 = omega_0[0] * torch.tensor([1.0, 2.0]) + omega_0[1] * torch.tensor([5.0, 6.0])
+    assert_close(aggregated.parameters["moe.router.weight"][0], row_0)
+
+
+def test_eps_floor_gives_uniform_weights_for_unscored_expert() -> None:
+    # Zero margins everywhere: every s is floored to eps -> omega = 1/2 for both experts.
+    results = [
+        ClientResult(0, 1, build(FUSED), stats((0.8, 0.2), margin=(0.0, 0.0))),
+        ClientResult(1, 3, build(FUSED), stats((0.2, 0.8), margin=(0.0, 0.0))),
+    ]
+    aggregated = FedAlignMoE(FUSED, ablation="consistency").aggregate(1, build(FUSED), results, {})
+    assert_close(aggregated.state["client_weights"][0]["omega"]["moe"], torch.tensor([0.5, 0.5]))
+    # p_g = 0.5 * pbar_0 + 0.5 * pbar_1 = [0.5, 0.5].
+    assert_close(aggregated.state["global_routing"]["moe"], torch.tensor([0.5, 0.5]))
+
+
+# ------------------------------------------------------------ client instructions, alpha
+def test_instructions_and_alpha_across_rounds() -> None:
+    strategy = FedAlignMoE(FUSED, ablation="adaptive-reg", routing_lambda=0.1)
+    # Round 1: no p_g yet -> no regulariser; alpha = 1; statistics requested.
+    first = strategy.configure_train(1, [0, 1], strategy.initial_state())
+    assert first[0].routing_lambda == 0.0
+    assert first[0].global_routing == {}
+    assert first[0].collect_statistics
+    assert_close(first[0].expert_alpha["moe"], torch.ones(2))
+
+    state = strategy.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).state
+    second = strategy.configure_train(2, [0, 1, 2], state)
+    assert second[0].routing_lambda == 0.1
+    assert_close(second[0].global_routing["moe"], torch.tensor([21 / 43, 22 / 43]))
+    # alpha = clip(|S_1| * omega, 0, 1) with |S_1| = 2:
+    #   client 0: 2 * [5/6, 1/9] = [5/3, 2/9] -> [1, 2/9]
+    #   client 1: 2 * [1/6, 8/9] = [1/3, 16/9] -> [1/3, 1]
+    #   client 2 never participated -> ones.
+    assert_close(second[0].expert_alpha["moe"], torch.tensor([1.0, 2 / 9]))
+    assert_close(second[1].expert_alpha["moe"], torch.tensor([1 / 3, 1.0]))
+    assert_close(second[2].expert_alpha["moe"], torch.ones(2))
+
+    # Round 2 with client 0 alone: omega = 1 and |S_2| = 1 -> alpha = 1; client 1 keeps its
+    # weights from round 1.
+    only_client_0 = two_routing_clients(FUSED)[:1]
+    state = strategy.aggregate(2, build(FUSED), only_client_0, state).state
+    third = strategy.configure_train(3, [0, 1], state)
+    assert_close(third[0].expert_alpha["moe"], torch.ones(2))
+    assert_close(third[1].expert_alpha["moe"], torch.tensor([1 / 3, 1.0]))
+    assert state["client_weights"][1]["round"] == 1
+    assert_close(
+        state["client_weights"][0],
+        {"round": 2, "num_selected": 1, "omega": {"moe": torch.ones(2)}},
+    )
+
+
+def test_alpha_is_one_below_adaptive_reg() -> None:
+    strategy = FedAlignMoE(FUSED, ablation="consistency")
+    state = strategy.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).state
+    assert_close(strategy.configure_train(2, [0], state)[0].expert_alpha["moe"], torch.ones(2))
+
+
+@LAYOUTS
+def test_fedavg_ablation_equals_fedavg(layout: MoELayout) -> None:
+    strategy = FedAlignMoE(layout, ablation="fedavg")
+    assert not strategy.needs_routing_statistics
+    results = two_routing_clients(layout)
+    results[1].num_examples = 3
+    state = {"global_routing": {"moe": torch.tensor([0.9, 0.1])}}
+    instruction = strategy.configure_train(2, [0], state)[0]
+    assert instruction.routing_lambda == 0.0
+    assert not instruction.collect_statistics
+    ours = strategy.aggregate(1, build(layout), results, {})
+    reference = FedAvg(layout).aggregate(1, build(layout), results, {})
+    assert ours.parameters.keys() == reference.parameters.keys()
+    for name, tensor in reference.parameters.items():
+        assert_close(ours.parameters[name], tensor)
+    assert ours.record["layers"] == {}
+
+
+# --------------------------------------------------------------- D: semantic aggregation
+THETA_0 = [1.0, 1.0, 1.0, 1.0]  # previous global expert 0
+THETA_1 = [5.0, 5.0, 5.0, 5.0]  # previous global expert 1 (nobody routes to it)
+V = torch.tensor([1.0, -1.0, 2.0, 0.0])  # update direction
+
+
+def semantic_round(
+    layout: MoELayout,
+    update_scales: Sequence[float],
+    hidden: Sequence[Sequence[float]],
+    usage: Sequence[float] = (0.5, 0.5, 0.5),
+    counts: Sequence[float] = (10.0, 10.0, 10.0),
+    num_examples: Sequence[int] = (1, 1, 1),
+    personalized: bool = False,
+) -> tuple[FedAlignMoE, dict[str, torch.Tensor], list[ClientResult]]:
+    """Three clients whose expert 0 moved by ``scale_i * V`` with ``mu_i(0) = hidden[i]``."""
+    results = []
+    for cid in range(3):
+        expert_0 = (torch.tensor(THETA_0) + update_scales[cid] * V).tolist()
+        results.append(
+            ClientResult(
+                cid,
+                num_examples[cid],
+                build(layout, (expert_0, [9.0 + cid] * 4)),
+                stats(
+                    usage=(usage[cid], 0.0),
+                    token_count=(counts[cid], 0.0),
+                    mean_hidden=(hidden[cid], (float(cid), 1.0)),
+                ),
+            )
+        )
+    strategy = FedAlignMoE(layout, ablation="full", personalized_experts=personalized)
+    return strategy, build(layout, (THETA_0, THETA_1)), results
+
+
+def expert(parameters: dict[str, torch.Tensor], layout: MoELayout, index: int) -> torch.Tensor:
+    return layout.layers[0].expert_vector(parameters, index).float()
+
+
+@LAYOUTS
+def test_opposite_update_is_excluded(layout: MoELayout) -> None:
+    # Updates +V, +2V, -V with the same routed hidden states: D = [[1,1,-1],[1,1,-1],[-1,-1,1]]
+    # gamma_01 = 1, gamma_02 = gamma_12 = 0 -> c = [1/2, 1/2, 0], M = 1/3,
+    # Sigma (population) = sqrt(((1/6)^2 * 2 + (1/3)^2) / 3) = sqrt(1/18), tau = 1/3 - sqrt(1/18)
+    # ~ 0.0976 -> A = {0, 1}; w = n * u = [0.5, 0.5] -> theta = theta0 + (1 + 2) / 2 V.
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    assert_close(expert(aggregated.parameters, layout, 0), torch.tensor(THETA_0) + 1.5 * V)
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["consensus"] == pytest.approx({"0": 0.5, "1": 0.5, "2": 0.0}, abs=1e-6)
+    assert record["tau"] == pytest.approx(1 / 3 - math.sqrt(1 / 18), abs=1e-6)
+    assert record["aligned"] == [0, 1]
+    assert record["active"] == [0, 1, 2]
+    assert record["aggregation_weights"] == pytest.approx({"0": 0.5, "1": 0.5}, abs=1e-6)
+    assert record["fallback"] is None
+    # Expert 1: no client routed a token to it -> previous global value kept.
+    assert_close(expert(aggregated.parameters, layout, 1), torch.tensor(THETA_1))
+    expert_1 = aggregated.record["layers"]["moe"]["experts"][1]
+    assert expert_1["fallback"] == "no-active-client"
+    assert expert_1["active"] == []
+    assert aggregated.record["layers"]["moe"]["expert_aggregation"] == "semantic"
+    json.dumps(aggregated.record)
+
+
+@LAYOUTS
+def test_client_with_different_routed_hidden_states_is_excluded(layout: MoELayout) -> None:
+    # Same update direction (V, 2V, 3V: D = 1) but client 2's mu points elsewhere (S_02 = S_12
+    # = 0): gamma as in the opposite-update case -> A = {0, 1}, theta = theta0 + 1.5 V.
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, 3.0), [(1.0, 0.0), (2.0, 0.0), (0.0, 1.0)]
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    assert_close(expert(aggregated.parameters, layout, 0), torch.tensor(THETA_0) + 1.5 * V)
+    assert aggregated.record["layers"]["moe"]["experts"][0]["aligned"] == [0, 1]
+
+
+@LAYOUTS
+def test_identical_clients_reduce_to_usage_weighted_mean(layout: MoELayout) -> None:
+    # gamma = 1 for every pair -> c = [1, 1, 1], Sigma = 0, tau = 1, A = everyone.
+    # w = n * u = [1 * 0.2, 1 * 0.4, 2 * 0.4] = [0.2, 0.4, 0.8] -> [1/7, 2/7, 4/7];
+    # theta = theta0 + (1 * 1 + 2 * 2 + 4 * 3) / 7 V = theta0 + 17/7 V.
+    strategy, global_parameters, results = semantic_round(
+        layout,
+        (1.0, 2.0, 3.0),
+        [(1.0, 0.0)] * 3,
+        usage=(0.2, 0.4, 0.4),
+        num_examples=(1, 1, 2),
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    expected = torch.tensor(THETA_0) + 17 / 7 * V
+    assert_close(expert(aggregated.parameters, layout, 0), expected)
+    usage_weighted = sum(
+        w * expert(r.parameters, layout, 0)
+        for w, r in zip([1 / 7, 2 / 7, 4 / 7], results, strict=True)
+    )
+    assert_close(expert(aggregated.parameters, layout, 0), usage_weighted)
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["aligned"] == [0, 1, 2]
+    assert record["tau"] == pytest.approx(1.0, abs=1e-6)
+
+
+@LAYOUTS
+def test_single_active_client_falls_back(layout: MoELayout) -> None:
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, counts=(0.0, 10.0, 0.0)
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    # Usage-weighted mean over the active clients = client 1's expert.
+    assert_close(expert(aggregated.parameters, layout, 0), torch.tensor(THETA_0) + 2 * V)
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["fallback"] == "single-active-client"
+    assert record["aligned"] == [1]
+    assert record["tau"] is None
+    assert record["consensus"] == {}
+
+
+@LAYOUTS
+def test_inactive_clients_contribute_nothing(layout: MoELayout) -> None:
+    # Client 2 routed no token to expert 0: its wild expert (theta0 + 1000 V) and its mu are
+    # ignored. Two active clients: c_0 = c_1 = gamma_01 = 1 -> both aligned, theta0 + 1.5 V.
+    strategy, global_parameters, results = semantic_round(
+        layout,
+        (1.0, 2.0, 1000.0),
+        [(1.0, 0.0), (1.0, 0.0), (-1.0, 0.0)],
+        usage=(0.5, 0.5, 0.0),
+        counts=(10.0, 10.0, 0.0),
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    assert_close(expert(aggregated.parameters, layout, 0), torch.tensor(THETA_0) + 1.5 * V)
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["active"] == [0, 1]
+    assert record["aligned"] == [0, 1]
+    assert set(record["consensus"]) == {"0", "1"}
+
+
+def test_semantic_alignment_sample_std_option() -> None:
+    # c = [1/2, 1/2, 0]: sample std = sqrt((1/36 + 1/36 + 1/9) / 2) = sqrt(1/12).
+    gamma_pattern = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    decision = semantic_alignment(
+        torch.ones(3, 3), gamma_pattern, torch.ones(3, dtype=torch.bool), threshold_std="sample"
+    )
+    assert decision.threshold == pytest.approx(1 / 3 - math.sqrt(1 / 12))
+    assert decision.aligned.tolist() == [True, True, False]
+    assert_close(decision.consensus, torch.tensor([0.5, 0.5, 0.0]))
+
+
+@LAYOUTS
+def test_personalized_experts_follow_semantic_regions(layout: MoELayout) -> None:
+    # Opposite-update case: gamma_01 = 1 >= tau, gamma_02 = gamma_12 = 0.
+    # Client 0's region {0 (gamma_00 = 1), 1}: weights [1/2, 1/2] -> theta0 + 1.5 V (same for 1).
+    # Client 2's region is itself alone -> its own expert theta0 - V.
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, personalized=True
+    )
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    personal = aggregated.client_parameters
+    assert set(personal) == {0, 1, 2}
+    assert_close(expert(personal[0], layout, 0), torch.tensor(THETA_0) + 1.5 * V)
+    assert_close(expert(personal[1], layout, 0), torch.tensor(THETA_0) + 1.5 * V)
+    assert_close(expert(personal[2], layout, 0), torch.tensor(THETA_0) - V)
+    # Expert 1 had no active client: everyone starts from the global value.
+    assert_close(expert(personal[2], layout, 1), torch.tensor(THETA_1))
+    assert set(personal[2]) == layout.expert_param_names()
+    start = strategy.configure_train(2, [2], aggregated.state)[2].start_parameters
+    assert start is not None
+    assert_close(expert(start, layout, 0), torch.tensor(THETA_0) - V)
+
+
+def test_personalized_experts_need_full_ablation() -> None:
+    with pytest.raises(ConfigError, match="personalized-experts"):
+        FedAlignMoE(FUSED, ablation="consistency", personalized_experts=True)
+    with pytest.raises(ConfigError, match=r"strategy\.ablation"):
+        FedAlignMoE(FUSED, ablation="nope")
+
+
+# -------------------------------------------------------------------- state, dtype, build
+def test_state_round_trip_through_torch_save() -> None:
+    strategy, global_parameters, results = semantic_round(
+        FUSED, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, personalized=True
+    )
+    first = strategy.aggregate(1, global_parameters, results, {})
+    buffer = io.BytesIO()
+    torch.save(first.state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+
+    def second_round(state: dict) -> tuple:
+        instructions = strategy.configure_train(2, [0, 1, 2], state)
+        aggregated = strategy.aggregate(2, first.parameters, results, state)
+        return instructions, aggregated
+
+    original_instructions, original = second_round(first.state)
+    loaded_instructions, reloaded = second_round(loaded)
+    for cid in (0, 1, 2):
+        a, b = original_instructions[cid], loaded_instructions[cid]
+        assert a.routing_lambda == b.routing_lambda
+        assert_close(a.expert_alpha, b.expert_alpha)
+        assert_close(a.global_routing, b.global_routing)
+        assert_close(a.start_parameters, b.start_parameters)
+    assert_close(original.parameters, reloaded.parameters)
+    assert_close(original.state, reloaded.state)
+    assert original.record == reloaded.record
+    assert original.record["layers"]["moe"]["routing_reference"] == "previous-global"
+
+
+def test_bfloat16_parameters_keep_their_dtype() -> None:
+    strategy = FedAlignMoE(FUSED)
+    results = two_routing_clients(FUSED)
+    for result in results:
+        result.parameters = {k: v.bfloat16() for k, v in result.parameters.items()}
+    global_parameters = build(FUSED, dtype=torch.bfloat16)
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    assert all(t.dtype == torch.bfloat16 for t in aggregated.parameters.values())
+    # Router bias row 0 = 5/6 * 1 + 1/6 * 0 (as in the float32 case), rounded to bfloat16.
+    assert_close(
+        aggregated.parameters["moe.router.bias"],
+        torch.tensor([5 / 6, 25 / 9]).bfloat16(),
+    )
+
+
+def test_build_strategy_maps_names_and_knobs() -> None:
+    def make(**values: object) -> StrategyConfig:
+        config = StrategyConfig()
+        for key, value in values.items():
+            setattr(config, key, value)
+        return config
+
+    assert type(build_strategy(make(name="fedavg"), FUSED)) is FedAvg
+    prox = build_strategy(make(name="fedprox", proximal_mu=0.3), FUSED)
+    assert isinstance(prox, FedProx) and prox.proximal_mu == 0.3
+    fedmoe = build_strategy(make(name="fedmoe", fedmoe_u_min=0.2), FUSED)
+    assert isinstance(fedmoe, FedMoE) and fedmoe.u_min == 0.2
+    align = build_strategy(
+        make(name="fedalign", ablation="adaptive-reg", routing_lambda=0.5, beta=2.0, eps=1e-3),
+        FUSED,
+    )
+    assert isinstance(align, FedAlignMoE)
+    assert (align.ablation, align.routing_lambda, align.beta, align.eps) == (
+        "adaptive-reg",
+        0.5,
+        2.0,
+        1e-3,
+    )
+    adam = build_strategy(make(name="fedadam", server_lr=0.5, server_tau=0.1), FUSED)
+    assert isinstance(adam, FedAdam) and (adam.server_lr, adam.tau) == (0.5, 0.1)
+    assert isinstance(build_strategy(make(name="fedyogi"), FUSED), FedYogi)
+
+
+def test_build_strategy_unknown_name() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.name") as error:
+        build_strategy(StrategyConfig(name="fedsgd"), FUSED)
+    for accepted in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedadam", "fedyogi"):
+        assert accepted in str(error.value)
+    assert "fedsgd" in str(error.value)
