@@ -64,6 +64,41 @@ def test_layout_has_the_architecture_s_layers_and_experts(name: str) -> None:
         seen |= names
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("tiny-qwen3moe", {"trainable": "all"}),
+        ("tiny-qwen3moe", {"trainable": "lora", "lora_targets": ["q_proj", "v_proj"]}),
+        ("tiny-qwen3moe", {"trainable": "lora", "lora_targets": ["q_proj", "gate"]}),
+        ("tiny-upcycled", {"trainable": "lora", "lora_targets": ["query", "router"]}),
+        ("tiny-switch", {"trainable": "lora", "lora_targets": ["q", "v"]}),
+    ],
+)
+def test_layout_names_exist_in_the_model(
+    name: str, kwargs: dict[str, Any], minilm_batch: dict[str, Tensor]
+) -> None:
+    """Every tensor the layouts name exists (also with LoRA on the router); layout ⊆ trainable."""
+    moe = _load(name, **kwargs)
+    params = dict(moe.model.named_parameters())
+    full = moe.full_layout
+    assert full.router_param_names() and full.router_param_names() <= params.keys()
+    assert full.expert_param_names() and full.expert_param_names() <= params.keys()
+    travelling = moe.layout.router_param_names() | moe.layout.expert_param_names()
+    assert travelling <= set(moe.trainable_names)
+    for layer in full.layers:
+        assert params[layer.router_params[0]].shape == (layer.num_experts, layer.hidden_size)
+        assert layer.top_k == EXPECTED_LAYOUT[name][2]
+    moe.model.eval()
+    with torch.no_grad(), RoutingCapture(moe.taps) as capture:
+        capture.set_token_mask(minilm_batch["attention_mask"])
+        moe.classify(minilm_batch["input_ids"], minilm_batch["attention_mask"])
+    records = capture.pop()
+    assert [records[layer.name][0].shape[1] for layer in full.layers] == [
+        layer.num_experts for layer in full.layers
+    ]
+
+
 @pytest.mark.parametrize("name", FUSED)
 def test_fused_experts_are_rows_of_the_stacked_tensors(name: str) -> None:
     """transformers-5 fused experts: expert e is row e of gate_up_proj (E, 2I, H) and down_proj."""

@@ -61,9 +61,12 @@ class ModelConfig:
         Tokens per example after truncation.
     load_balance_coef : float, default 0.0
         Coefficient of the Switch-style load-balancing loss computed on router logits.
-    router_noise_std : float, default 0.0
-        Std of the noise added to the fresh router of upcycled layers at initialisation
-        (0 gives identical experts and a router that starts uniform).
+    router_noise_std : float, default 0.02
+        Std of the normal initialisation of the fresh router of upcycled layers (0 gives a
+        zero router: uniform routing probabilities).
+    cache_prefix : bool, default True
+        For upcycled encoders whose lower layers are frozen, run the frozen prefix once per
+        example and reuse its outputs every round (same numbers, far less compute).
     """
 
     name: str = "upcycled-minilm"
@@ -77,6 +80,7 @@ class ModelConfig:
     max_length: int = 64
     load_balance_coef: float = 0.0
     router_noise_std: float = 0.02
+    cache_prefix: bool = True
 
 
 @dataclass

@@ -96,6 +96,7 @@ class RunRecorder:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics: list[dict[str, Any]] = read_jsonl(self.metrics_path)
         self.decisions: list[dict[str, Any]] = read_jsonl(self.decisions_path)
+        self.routing: list[dict[str, Any]] = read_jsonl(self.routing_path)
 
     @property
     def metrics_path(self) -> Path:
@@ -106,6 +107,10 @@ class RunRecorder:
         return self.folder / "decisions.jsonl"
 
     @property
+    def routing_path(self) -> Path:
+        return self.folder / "routing.jsonl"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.folder / "checkpoint" / "state.pt"
 
@@ -113,8 +118,12 @@ class RunRecorder:
         """Forget rounds after ``last_round`` (a resume continues from the checkpoint)."""
         self.metrics = [m for m in self.metrics if int(m["round"]) <= last_round]
         self.decisions = [d for d in self.decisions if int(d["round"]) <= last_round]
+        # routing snapshots include round 0 (the initial model): keep it on resume
+        keep_routing = last_round if last_round > 0 else -1
+        self.routing = [r for r in self.routing if int(r["round"]) <= keep_routing]
         write_jsonl(self.metrics_path, self.metrics)
         write_jsonl(self.decisions_path, self.decisions)
+        write_jsonl(self.routing_path, self.routing)
 
     def add_round(self, metrics: Mapping[str, Any], decision: Mapping[str, Any]) -> None:
         self.metrics.append(dict(to_jsonable(metrics)))
@@ -123,6 +132,11 @@ class RunRecorder:
             stream.write(json.dumps(self.metrics[-1]) + "\n")
         with self.decisions_path.open("a") as stream:
             stream.write(json.dumps(self.decisions[-1]) + "\n")
+
+    def add_routing(self, snapshot: Mapping[str, Any]) -> None:
+        self.routing.append(dict(to_jsonable(snapshot)))
+        with self.routing_path.open("a") as stream:
+            stream.write(json.dumps(self.routing[-1]) + "\n")
 
     def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
         """Atomically replace the checkpoint (torch.save of tensors and plain values)."""

@@ -40,7 +40,13 @@ from fedalign.models import MoEModel, load_moe_model
 from fedalign.records import RunRecorder, plot_convergence, save_state, tensor_bytes
 from fedalign.routing import routing_divergence, semantic_dispersion
 from fedalign.strategies import build_strategy
-from fedalign.strategies.base import ClientResult, Strategy, StrategyState, TrainInstructions
+from fedalign.strategies.base import (
+    ClientResult,
+    RoutingStatistics,
+    Strategy,
+    StrategyState,
+    TrainInstructions,
+)
 from fedalign.training import (
     ModelInputs,
     compute_prefix_inputs,
@@ -96,7 +102,7 @@ def prepare_data(
     test = _inputs(
         tokenize_dataset(federated.splits.test, model.tokenizer, config.model.max_length)
     )
-    cached = model.supports_prefix_cache
+    cached = model.supports_prefix_cache and config.model.cache_prefix
     if cached:
         batch = 64
         assert train.input_ids is not None and test.input_ids is not None
@@ -139,6 +145,26 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
 def peak_memory_mib() -> float:
     """Peak resident memory of this process (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def routing_snapshot(
+    server_round: int, client_ids: Sequence[int], statistics: Sequence[RoutingStatistics]
+) -> dict[str, Any]:
+    """Per layer: clients x experts usage and routing distribution, and per expert the
+    clients x clients cosine similarity of their mean routed hidden states."""
+    layers: dict[str, Any] = {}
+    names = sorted({name for stats in statistics for name in stats})
+    for name in names:
+        present = [s[name] for s in statistics if name in s]
+        hidden = torch.stack([s.mean_hidden for s in present])  # (C, E, H)
+        unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        similarity = torch.einsum("ceh,deh->ecd", unit, unit)  # (E, C, C)
+        layers[name] = {
+            "usage": torch.stack([s.usage for s in present]),
+            "routing_distribution": torch.stack([s.routing_distribution for s in present]),
+            "semantic_similarity": similarity,
+        }
+    return {"round": server_round, "clients": list(client_ids), "layers": layers}
 
 
 @dataclass
@@ -226,6 +252,8 @@ class Simulation:
         else:
             self.recorder.truncate(0)
         self._write_setup()
+        if self.completed_rounds == 0:
+            self._record_initial_routing()
 
     # ------------------------------------------------------------------ records
     def _write_setup(self) -> None:
@@ -266,6 +294,23 @@ class Simulation:
         self.recorder.truncate(self.completed_rounds)
         self.log(f"resuming after round {self.completed_rounds}")
 
+    def _client_statistics(self, client_id: int, seed: int) -> RoutingStatistics:
+        return compute_routing_statistics(
+            self.model,
+            _subset(self.data.train, self.data.client_train[client_id]),
+            max_examples=self.config.strategy.stats_max_examples,
+            seed=seed,
+            hidden_noise_std=self.config.strategy.hidden_noise_std,
+        )
+
+    def _record_initial_routing(self) -> None:
+        """Round 0 of routing.jsonl: how the initial global model routes each client's data."""
+        self.model.load_trainable_state(self.global_parameters)
+        clients = list(range(self.data.num_clients))
+        seed = self.config.federated.seed
+        statistics = [self._client_statistics(c, client_seed(seed, 0, c)) for c in clients]
+        self.recorder.add_routing(routing_snapshot(0, clients, statistics))
+
     def client_state_bytes(self) -> int:
         """Bytes kept per client between rounds, summed over clients."""
         return tensor_bytes(self.optimizer_states) + tensor_bytes(self.personal_parameters)
@@ -295,13 +340,7 @@ class Simulation:
             self.optimizer_states[client_id] = outcome.optimizer_state
         # statistics are computed for every strategy (divergence diagnostics), but only
         # count as uploaded when the strategy asked for them
-        statistics = compute_routing_statistics(
-            self.model,
-            data,
-            max_examples=config.strategy.stats_max_examples,
-            seed=seed,
-            hidden_noise_std=config.strategy.hidden_noise_std,
-        )
+        statistics = self._client_statistics(client_id, seed)
         sent = tensor_bytes(self.global_parameters) + tensor_bytes(
             [
                 instructions.global_routing,
@@ -401,6 +440,7 @@ class Simulation:
         decision = {"round": server_round, "strategy": self.strategy.name, **outcome.record}
         self.completed_rounds = server_round
         self.recorder.add_round(line, decision)
+        self.recorder.add_routing(routing_snapshot(server_round, selected, statistics))
         self._checkpoint()
         return line
 
