@@ -141,6 +141,38 @@ def test_modular_experts_own_whole_tensors(name: str, module_of: Callable[[str, 
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
+def test_layout_expert_e_is_the_expert_router_column_e_selects(name: str) -> None:
+    """Zeroing the layout's expert e changes a block's output for exactly the tokens routed to e.
+
+    This ties the view to the computation: slice e (row e of fused tensors, module e
+    otherwise) is the expert that router row / logit column e chooses.
+    """
+    moe = _load(name)
+    moe.model.eval()
+    layer = moe.full_layout.layers[0]
+    block = moe.model.get_submodule(layer.name)
+    tap = next(t for t in moe.taps if t.layer == layer.name)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, layer.hidden_size)
+    with torch.no_grad(), RoutingCapture([tap]) as capture:
+        before = block(hidden).reshape(-1, layer.hidden_size)
+    logits, _ = capture.pop()[layer.name]
+    chosen = logits.topk(layer.top_k, dim=-1).indices  # (N, k)
+    expert = int(torch.mode(chosen[:, 0]).values)  # an expert that some tokens use
+    routed = (chosen == expert).any(dim=-1)
+    assert 0 < int(routed.sum()) < len(routed)
+
+    state = _state(moe)
+    layer.write_expert_vector(state, expert, torch.zeros_like(layer.expert_vector(state, expert)))
+    moe.load_trainable_state({n: state[n] for n in moe.trainable_names})
+    with torch.no_grad():
+        after = block(hidden).reshape(-1, layer.hidden_size)
+    changed = (after - before).abs().amax(dim=-1)
+    assert bool((changed[routed] > 1e-4).all())
+    torch.testing.assert_close(after[~routed], before[~routed], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_layout_dict_round_trip_and_restrict(name: str) -> None:
     """A real layout survives to_dict/JSON/from_dict; restrict keeps only the given names."""
     layout = _load(name).full_layout

@@ -1,0 +1,82 @@
+"""The command line: run, compare, resume and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedalign.cli import build_parser, main, parse_strategy_list
+from fedalign.records import read_jsonl
+
+TINY = [
+    "--model",
+    "tiny-upcycled",
+    "--max-train-examples",
+    "200",
+    "--max-test-examples",
+    "80",
+    "--clients",
+    "3",
+    "--alpha",
+    "0.5",
+    "--local-steps",
+    "2",
+    "--rounds",
+    "2",
+    "--no-progress",
+    "--set",
+    "model.max-length=24",
+    "--set",
+    "strategy.stats-max-examples=16",
+    "--set",
+    "partition.min-client-size=5",
+]
+
+
+def test_help_lists_subcommands_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "run" in text and "compare" in text
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    for option in ("--strategy", "--alpha", "--rounds", "--seed", "--out", "--set", "--resume"):
+        assert option in help_text
+
+
+def test_run_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--strategy", "fedprox", "--out", str(out)]) == 0
+    assert "final accuracy" in capsys.readouterr().out
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert 'name = "fedprox"' in (out / "config.toml").read_text()
+    # resume with more rounds continues the same folder
+    assert main(["run", "--resume", str(out), "--rounds", "3"]) == 0
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_compare_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    code = main(["compare", *TINY, "--strategies", "fedavg,fedalign", "--out", str(out)])
+    assert code == 0
+    table = (out / "results.md").read_text()
+    assert "fedavg" in table and "fedalign" in table and "rounds_to_fedavg_final" in table
+    assert (out / "convergence.png").exists() and (out / "results.csv").exists()
+    assert (out / "fedavg" / "summary.json").exists()
+    assert "final_accuracy" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *TINY, "--alpha", "0"]) == 2
+    assert "partition.alpha" in capsys.readouterr().err
+    assert main(["run", *TINY, "--strategy", "nope"]) == 2
+    assert "strategy.name" in capsys.readouterr().err
+    assert main(["run", *TINY, "--model", "tiny-nothing"]) == 2
+    assert "model.name" in capsys.readouterr().err
+
+
+def test_strategy_list_parsing() -> None:
+    assert parse_strategy_list("fedavg, fedalign:consistency") == [
+        ("fedavg", "full"),
+        ("fedalign", "consistency"),
+    ]

@@ -1,0 +1,183 @@
+"""The simulator: determinism, the per-client memory rule, prefix caching, bytes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedalign.config import ExperimentConfig
+from fedalign.records import read_jsonl, tensor_bytes
+from fedalign.simulation import Simulation, client_seed, run_experiment, sample_clients
+
+
+def tiny_config(**overrides: object) -> ExperimentConfig:
+    """A tiny-upcycled run on 240 WordNet glosses, 3 clients, 2 rounds of 3 local steps."""
+    config = ExperimentConfig()
+    config.model.name = "tiny-upcycled"
+    config.model.max_length = 24
+    config.data.max_train_examples = 240
+    config.data.max_test_examples = 80
+    config.partition.num_clients = 3
+    config.partition.alpha = 0.5
+    config.partition.min_client_size = 10
+    config.federated.rounds = 2
+    config.train.local_steps = 3
+    config.train.batch_size = 8
+    config.train.lr = 1e-3
+    config.strategy.stats_max_examples = 32
+    config.run.progress = False
+    for key, value in overrides.items():
+        config.set(key.replace("__", "."), value)
+    return config
+
+
+def final_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final_state.safetensors"))
+
+
+def test_same_seed_same_numbers_twice(tmp_path: Path) -> None:
+    """Two runs with one seed give identical metrics and bitwise identical final states."""
+    config = tiny_config(strategy__name="fedalign")
+    first = run_experiment(config.copy(), tmp_path / "a", log=None)
+    second = run_experiment(config.copy(), tmp_path / "b", log=None)
+    assert first.accuracy_curve == second.accuracy_curve
+    assert first.final_loss == second.final_loss
+    state_a, state_b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    decisions_a = read_jsonl(tmp_path / "a" / "decisions.jsonl")
+    decisions_b = read_jsonl(tmp_path / "b" / "decisions.jsonl")
+    assert decisions_a == decisions_b
+
+
+def test_different_seed_different_numbers(tmp_path: Path) -> None:
+    first = run_experiment(tiny_config(federated__rounds=1), tmp_path / "a", log=None)
+    second = run_experiment(
+        tiny_config(federated__rounds=1, federated__seed=1), tmp_path / "b", log=None
+    )
+    state_a, state_b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert first.final_loss != second.final_loss
+    assert any(not torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_prefix_cache_gives_the_same_numbers(tmp_path: Path) -> None:
+    """Caching the frozen prefix once equals recomputing it every step."""
+    cached = Simulation(tiny_config(federated__rounds=1), tmp_path / "cached", log=None)
+    fresh = Simulation(
+        tiny_config(federated__rounds=1, model__cache_prefix=False), tmp_path / "fresh", log=None
+    )
+    assert cached.data.prefix_cached and cached.data.train.prefix_hidden is not None
+    assert not fresh.data.prefix_cached and fresh.data.train.prefix_hidden is None
+    cached_summary = cached.run()
+    fresh_summary = fresh.run()
+    a, b = final_state(tmp_path / "cached"), final_state(tmp_path / "fresh")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+    assert cached_summary.final_accuracy == fresh_summary.final_accuracy
+    assert cached_summary.final_loss == pytest.approx(fresh_summary.final_loss, abs=1e-5)
+
+
+def test_memory_grows_only_by_kept_client_state(tmp_path: Path) -> None:
+    """No optimizer state kept: nothing per client. Kept: exactly AdamW's two moments."""
+    plain = Simulation(tiny_config(federated__rounds=1), tmp_path / "plain", log=None)
+    plain.run()
+    assert plain.client_state_bytes() == 0
+    kept = Simulation(
+        tiny_config(federated__rounds=1, train__keep_optimizer_state=True),
+        tmp_path / "kept",
+        log=None,
+    )
+    kept.run()
+    trainable_bytes = tensor_bytes(kept.global_parameters)
+    per_client = [tensor_bytes(s) for s in kept.optimizer_states.values()]
+    assert len(per_client) == 3
+    for size in per_client:
+        # exp_avg and exp_avg_sq (one copy of the trainable parameters each) + step scalars
+        assert 2 * trainable_bytes <= size <= 2 * trainable_bytes + 8 * 1024
+    assert kept.client_state_bytes() == sum(per_client)
+    # the model itself is held once: its parameters are not multiplied by the clients
+    model_bytes = tensor_bytes(dict(kept.model.model.named_parameters()))
+    assert kept.client_state_bytes() < 3 * model_bytes
+
+
+def test_bytes_counted_per_client_and_round(tmp_path: Path) -> None:
+    sim = Simulation(tiny_config(federated__rounds=1), tmp_path / "run", log=None)
+    sim.run()
+    line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    trainable_bytes = tensor_bytes(sim.global_parameters)
+    for counts in line["bytes_per_client"].values():
+        # FedAvg: the parameters go down and come back, nothing else
+        assert counts == {"sent": trainable_bytes, "received": trainable_bytes}
+    assert line["bytes_received"] == 3 * trainable_bytes
+    aligned = Simulation(
+        tiny_config(federated__rounds=1, strategy__name="fedalign"), tmp_path / "al", log=None
+    )
+    aligned.run()
+    aligned_line = read_jsonl(tmp_path / "al" / "metrics.jsonl")[0]
+    for counts in aligned_line["bytes_per_client"].values():
+        # routing statistics ride along the update
+        assert counts["received"] > trainable_bytes
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = tiny_config(federated__rounds=3, strategy__name="fedalign")
+    run_experiment(config.copy(), tmp_path / "whole", log=None)
+    partial = Simulation(config.copy(), tmp_path / "crashed", log=None)
+    partial.run_round(1)
+    partial.run_round(2)
+    # the process dies here; a new one resumes from the checkpoint
+    del partial
+    resumed = Simulation(config.copy(), tmp_path / "crashed", resume=True, log=None)
+    assert resumed.completed_rounds == 2
+    resumed.run()
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [row["round"] for row in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")]
+    assert rounds == [1, 2, 3]
+
+
+def test_run_folder_contents(tmp_path: Path) -> None:
+    summary = run_experiment(tiny_config(strategy__name="fedalign"), tmp_path / "run", log=None)
+    folder = tmp_path / "run"
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "decisions.jsonl",
+        "routing.jsonl",
+        "summary.json",
+        "final_state.safetensors",
+        "partition.md",
+        "partition.csv",
+        "convergence.png",
+    ):
+        assert (folder / name).exists(), name
+    assert (folder / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        ExperimentConfig.from_toml(folder / "config.toml").to_dict()
+        == tiny_config(strategy__name="fedalign").to_dict()
+    )
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [1, 2]
+    for key in ("global_accuracy", "mean_local_accuracy", "worst_local_accuracy", "seconds"):
+        assert metrics[-1][key] is not None
+    assert metrics[-1]["routing_divergence"]
+    routing = read_jsonl(folder / "routing.jsonl")
+    assert [r["round"] for r in routing] == [0, 1, 2]
+    decisions = read_jsonl(folder / "decisions.jsonl")
+    layer = next(iter(decisions[-1]["layers"].values()))
+    assert len(layer["experts"]) == 8 and "aligned" in layer["experts"][0]
+    stored = json.loads((folder / "summary.json").read_text())
+    assert stored["final_accuracy"] == summary.final_accuracy
+
+
+def test_client_sampling_is_seeded_and_sized() -> None:
+    assert sample_clients(0, 1, 10, 1.0) == list(range(10))
+    picked = sample_clients(0, 3, 10, 0.3)
+    assert len(picked) == 3 and picked == sample_clients(0, 3, 10, 0.3)
+    assert sample_clients(0, 1, 10, 0.01) != [] and len(sample_clients(0, 1, 10, 0.01)) == 1
+    assert client_seed(0, 1, 2) == client_seed(0, 1, 2) != client_seed(0, 2, 2)
