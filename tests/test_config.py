@@ -63,5 +63,5 @@ def test_unknown_keys_and_types_are_rejected() -> None:
         config.set("trainer.lr", 1.0)
     with pytest.raises(ConfigError, match="expects int"):
         config.set("federated.rounds", "many")
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         config.apply_overrides(["rounds"])
