@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,3 +41,19 @@ def minilm_batch(minilm_tokenizer: Any) -> dict[str, torch.Tensor]:
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     assert bool((batch["attention_mask"] == 0).any()), "the batch must contain padding"
     return batch
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Run a test module on one torch thread, then restore the previous count.
+
+    Tiny models gain nothing from two threads, and two threads per process oversubscribe the
+    two cores when other jobs run beside the tests (several times slower). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -23,6 +23,8 @@ from fedalign.models.loading import _tiny_configs
 
 Tensor = torch.Tensor
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 ARCHITECTURES = {
     "tiny-qwen3moe": "qwen3_moe",
     "tiny-qwen2moe": "qwen2_moe",

@@ -15,6 +15,8 @@ from fedalign.models.loading import _tiny_configs
 
 Tensor = torch.Tensor
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def _classifier(moe: MoEModel) -> EncoderClassifier:
     assert isinstance(moe.model, EncoderClassifier)

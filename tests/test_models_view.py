@@ -16,6 +16,8 @@ from fedalign.moe import ExpertSlice, MoELayout
 
 Tensor = torch.Tensor
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # name -> (MoE layers, experts per layer, top-k, hidden size H); routers are (E, H)
 EXPECTED_LAYOUT = {
     "tiny-qwen3moe": (2, 4, 2, 64),

@@ -142,6 +142,109 @@ def client_seed(seed: int, server_round: int, client_id: int) -> int:
     return int(np.random.default_rng([seed, server_round, client_id, 11]).integers(2**31 - 1))
 
 
+@dataclass
+class ClientRound:
+    """What one client's round produced.
+
+    Parameters
+    ----------
+    result : ClientResult
+        The reply for the strategy (routing statistics always computed, for diagnostics).
+    optimizer_state : dict or None
+        AdamW state to keep for the client's next round (``train.keep-optimizer-state``).
+    bytes_sent : int
+        Server -> client bytes: global parameters plus the instructions' tensors.
+    bytes_received : int
+        Client -> server bytes: parameters, plus statistics when the strategy asked for them.
+    """
+
+    result: ClientResult
+    optimizer_state: dict[str, Any] | None
+    bytes_sent: int
+    bytes_received: int
+
+
+def run_client_round(
+    model: MoEModel,
+    data: PreparedData,
+    config: ExperimentConfig,
+    server_round: int,
+    client_id: int,
+    global_parameters: Mapping[str, Tensor],
+    instructions: TrainInstructions,
+    optimizer_state: dict[str, Any] | None = None,
+) -> ClientRound:
+    """One client's local round; the simulator and the Flower ClientApp both call this.
+
+    Writes the global (then any personalised) parameters into ``model``, trains on the
+    client's examples with the seed of ``(federated.seed, server_round, client_id)`` and
+    computes its routing statistics.
+
+    Parameters
+    ----------
+    model : MoEModel
+        Modified in place.
+    data : PreparedData
+        Every client's rows; ``client_id`` picks this client's training rows.
+    config : ExperimentConfig
+    server_round : int
+    client_id : int
+    global_parameters : mapping of str to Tensor
+        The round's global trainable parameters.
+    instructions : TrainInstructions
+        From :meth:`Strategy.configure_train`.
+    optimizer_state : dict or None, default None
+        The client's AdamW state from its previous round.
+
+    Returns
+    -------
+    ClientRound
+    """
+    model.load_trainable_state(global_parameters)
+    if instructions.start_parameters:
+        model.load_trainable_state(instructions.start_parameters)
+    train = _subset(data.train, data.client_train[client_id])
+    seed = client_seed(config.federated.seed, server_round, client_id)
+    outcome = train_local(
+        model,
+        train,
+        instructions,
+        config.train,
+        global_parameters=global_parameters,
+        load_balance_coef=config.model.load_balance_coef,
+        seed=seed,
+        optimizer_state=optimizer_state,
+        keep_optimizer_state=config.train.keep_optimizer_state,
+    )
+    # statistics are computed for every strategy (divergence diagnostics), but only
+    # count as uploaded when the strategy asked for them
+    statistics = compute_routing_statistics(
+        model,
+        train,
+        max_examples=config.strategy.stats_max_examples,
+        seed=seed,
+        hidden_noise_std=config.strategy.hidden_noise_std,
+    )
+    sent = tensor_bytes(global_parameters) + tensor_bytes(
+        [
+            instructions.global_routing,
+            instructions.expert_alpha,
+            instructions.start_parameters or {},
+        ]
+    )
+    received = tensor_bytes(outcome.parameters)
+    if instructions.collect_statistics:
+        received += tensor_bytes([s.to_tensors() for s in statistics.values()])
+    result = ClientResult(
+        client_id=client_id,
+        num_examples=len(train),
+        parameters=outcome.parameters,
+        routing_statistics=statistics,
+        metrics=outcome.metrics,
+    )
+    return ClientRound(result, outcome.optimizer_state, sent, received)
+
+
 def peak_memory_mib() -> float:
     """Peak resident memory of this process (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -319,46 +422,19 @@ class Simulation:
     def _train_client(
         self, server_round: int, client_id: int, instructions: TrainInstructions
     ) -> tuple[ClientResult, int, int]:
-        config = self.config
-        self.model.load_trainable_state(self.global_parameters)
-        if instructions.start_parameters:
-            self.model.load_trainable_state(instructions.start_parameters)
-        data = _subset(self.data.train, self.data.client_train[client_id])
-        seed = client_seed(config.federated.seed, server_round, client_id)
-        outcome = train_local(
+        done = run_client_round(
             self.model,
-            data,
+            self.data,
+            self.config,
+            server_round,
+            client_id,
+            self.global_parameters,
             instructions,
-            config.train,
-            global_parameters=self.global_parameters,
-            load_balance_coef=config.model.load_balance_coef,
-            seed=seed,
-            optimizer_state=self.optimizer_states.get(client_id),
-            keep_optimizer_state=config.train.keep_optimizer_state,
+            self.optimizer_states.get(client_id),
         )
-        if outcome.optimizer_state is not None:
-            self.optimizer_states[client_id] = outcome.optimizer_state
-        # statistics are computed for every strategy (divergence diagnostics), but only
-        # count as uploaded when the strategy asked for them
-        statistics = self._client_statistics(client_id, seed)
-        sent = tensor_bytes(self.global_parameters) + tensor_bytes(
-            [
-                instructions.global_routing,
-                instructions.expert_alpha,
-                instructions.start_parameters or {},
-            ]
-        )
-        received = tensor_bytes(outcome.parameters)
-        if instructions.collect_statistics:
-            received += tensor_bytes([s.to_tensors() for s in statistics.values()])
-        result = ClientResult(
-            client_id=client_id,
-            num_examples=len(data),
-            parameters=outcome.parameters,
-            routing_statistics=statistics,
-            metrics=outcome.metrics,
-        )
-        return result, sent, received
+        if done.optimizer_state is not None:
+            self.optimizer_states[client_id] = done.optimizer_state
+        return done.result, done.bytes_sent, done.bytes_received
 
     def _evaluate(self) -> dict[str, Any]:
         self.model.load_trainable_state(self.global_parameters)

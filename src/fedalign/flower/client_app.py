@@ -1,0 +1,241 @@
+"""The Flower ClientApp: our local trainer on one partition.
+
+A SuperNode serves one partition, named by its node config (``partition-id``,
+``num-partitions``; the simulation engine sets both, a deployed SuperNode gets them from
+``--node-config``). From the run config the ClientApp rebuilds exactly what the in-process
+simulator builds — the same data split, partition, tokenisation and model, all seeded by
+``federated.seed`` — and runs :func:`fedalign.simulation.run_client_round` on its partition,
+the very function the simulator runs for that client.
+
+Handlers:
+
+``train``
+    Global parameters and instructions in; parameters, routing statistics, example count
+    and training losses out (see :mod:`fedalign.flower.messages`). With
+    ``train.keep-optimizer-state`` the AdamW state stays on the node, in ``context.state``.
+``evaluate``
+    Accuracy and loss of the received parameters on the partition's local test split
+    (used by Flower's built-in strategies; ours evaluates on the server).
+``query``
+    The node's ``partition-id`` and ``num-partitions`` (how the server maps nodes to
+    partitions).
+
+The model and the prepared data are built once per process and configuration (in
+simulation an actor serves many rounds; a deployed SuperNode starts a process per message).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedalign.config import ExperimentConfig
+from fedalign.data import build_federated_data
+from fedalign.flower.messages import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+    config_from_run_config,
+    decode_instructions,
+    decode_state,
+    encode_reply,
+    model_fingerprint,
+    partition_from_node_config,
+)
+from fedalign.models import MoEModel, load_moe_model
+from fedalign.records import tensor_bytes
+from fedalign.simulation import PreparedData, prepare_data, run_client_round
+from fedalign.training import evaluate as evaluate_model
+
+OPTIMIZER_STATE_KEY = "fedalign.optimizer-state"
+
+app = ClientApp()
+
+
+@dataclass
+class _Built:
+    model: MoEModel
+    data: PreparedData
+    fingerprint: str = ""
+
+
+@dataclass
+class ClientRuntime:
+    """What a ClientApp works with: configuration, its partition, model and data.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+        From the run config, with ``partition.num-clients`` set to the node's
+        ``num-partitions``.
+    partition_id : int
+    model : MoEModel
+    data : PreparedData
+    """
+
+    config: ExperimentConfig
+    partition_id: int
+    model: MoEModel
+    data: PreparedData
+    _built: _Built
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`~fedalign.flower.messages.model_fingerprint` of the model (computed once)."""
+        if not self._built.fingerprint:
+            self._built.fingerprint = model_fingerprint(self.model)
+        return self._built.fingerprint
+
+
+_CACHE: dict[str, _Built] = {}
+
+
+def _cache_key(config: ExperimentConfig) -> str:
+    values = config.to_dict()
+    relevant = {
+        "model": values["model"],
+        "data": values["data"],
+        "partition": values["partition"],
+        "seed": config.federated.seed,
+    }
+    return json.dumps(relevant, sort_keys=True)
+
+
+def client_runtime(context: Context) -> ClientRuntime:
+    """The runtime of this node and run: builds model and data on first use, then reuses.
+
+    Parameters
+    ----------
+    context : Context
+        ``run_config`` gives the experiment, ``node_config`` the partition.
+
+    Raises
+    ------
+    fedalign.config.ConfigError
+        For an invalid run config, or a node config without a valid partition.
+    """
+    config, _ = config_from_run_config(context.run_config)
+    partition_id, num_partitions = partition_from_node_config(context.node_config)
+    config.partition.num_clients = num_partitions
+    config.validate()
+    if config.run.threads > 0:
+        torch.set_num_threads(config.run.threads)
+    key = _cache_key(config)
+    built = _CACHE.get(key)
+    if built is None:
+        _CACHE.clear()  # one model per process
+        seed = config.federated.seed
+        # the simulator's order: data, then the model (seeded), then tokenisation / cache
+        federated = build_federated_data(config.data, config.partition, seed)
+        model = load_moe_model(
+            config.model, num_labels=federated.splits.train.num_classes, seed=seed
+        )
+        built = _Built(model=model, data=prepare_data(config, model, federated))
+        _CACHE[key] = built
+    return ClientRuntime(config, partition_id, built.model, built.data, built)
+
+
+def _check_message(runtime: ClientRuntime, config: ConfigRecord) -> None:
+    expected = config.get(PARTITION_ID_KEY)
+    if expected is not None and int(expected) != runtime.partition_id:  # type: ignore[arg-type]
+        raise RuntimeError(
+            f"message for partition {expected} reached the node of partition "
+            f"{runtime.partition_id}"
+        )
+    fingerprint = config.get(FINGERPRINT_KEY)
+    if fingerprint and fingerprint != runtime.fingerprint:
+        raise RuntimeError(
+            f"model fingerprint {runtime.fingerprint} differs from the server's {fingerprint}: "
+            "the frozen weights differ (check that every machine has the same model files, "
+            "fedalign, torch and transformers versions, and the same model.* run config)"
+        )
+
+
+def _load_optimizer_state(context: Context) -> dict[str, Any] | None:
+    record = context.state.config_records.get(OPTIMIZER_STATE_KEY)
+    if record is None or "adamw" not in record:
+        return None
+    data = record["adamw"]
+    assert isinstance(data, bytes)
+    state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return state
+
+
+def _store_optimizer_state(context: Context, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    context.state[OPTIMIZER_STATE_KEY] = ConfigRecord({"adamw": buffer.getvalue()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this node's partition (the simulator's client round)."""
+    runtime = client_runtime(context)
+    config_record = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    _check_message(runtime, config_record)
+    server_round = int(config_record.get(SERVER_ROUND_KEY, 1))  # type: ignore[arg-type]
+    reference = runtime.model.trainable_state()
+    global_parameters = decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
+    instructions = decode_instructions(msg.content, like=reference)
+    optimizer_state = None
+    if runtime.config.train.keep_optimizer_state:
+        optimizer_state = _load_optimizer_state(context)
+    done = run_client_round(
+        runtime.model,
+        runtime.data,
+        runtime.config,
+        server_round,
+        runtime.partition_id,
+        global_parameters,
+        instructions,
+        optimizer_state,
+    )
+    kept = 0
+    if done.optimizer_state is not None:
+        _store_optimizer_state(context, done.optimizer_state)
+        kept = tensor_bytes(done.optimizer_state)
+    content = encode_reply(
+        done.result,
+        bytes_sent=done.bytes_sent,
+        bytes_received=done.bytes_received,
+        optimizer_state_bytes=kept,
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy and loss of the received parameters on the partition's local test split."""
+    runtime = client_runtime(context)
+    config_record = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    _check_message(runtime, config_record)
+    reference = runtime.model.trainable_state()
+    runtime.model.load_trainable_state(
+        decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
+    )
+    rows = runtime.data.client_test[runtime.partition_id]
+    result = evaluate_model(runtime.model, runtime.data.train.select(rows))
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: result.num_examples})
+    if result.num_examples > 0:
+        metrics["accuracy"] = result.accuracy
+        metrics["loss"] = result.loss
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """This node's partition (no model is built)."""
+    partition_id, num_partitions = partition_from_node_config(context.node_config)
+    answer = ConfigRecord({PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: num_partitions})
+    return Message(content=RecordDict({CONFIG_KEY: answer}), reply_to=msg)

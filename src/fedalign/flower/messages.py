@@ -1,0 +1,454 @@
+"""Conversion between our objects and Flower records, and the configuration both apps read.
+
+What travels, per round and selected client:
+
+Server -> client (``message_type="train"``)
+    ``"arrays"`` (ArrayRecord)
+        The global trainable parameters (:func:`encode_state`).
+    ``"config"`` (ConfigRecord)
+        ``server-round``, ``partition-id`` (the client the message is meant for) and
+        ``fedalign.model-fingerprint`` (see :func:`model_fingerprint`).
+    ``"fedalign.instructions"`` (ConfigRecord) and ``"fedalign.instruction-tensors"`` (ArrayRecord)
+        The :class:`~fedalign.strategies.base.TrainInstructions`: scalars in the first,
+        per-layer tensors (the global routing distribution ``p_g``, the expert strengths
+        ``alpha_i(e)``, personalised start parameters) in the second, keyed
+        ``"<field>/<name>"`` (:func:`encode_instructions`).
+
+Client -> server (the reply)
+    ``"arrays"`` (ArrayRecord)
+        The client's trainable parameters after local training.
+    ``"metrics"`` (MetricRecord)
+        ``num-examples`` and the training losses.
+    ``"fedalign.client"`` (ConfigRecord)
+        ``partition-id``, the bytes the round moved, the size of the optimiser state the
+        client keeps, and the routing statistics as safetensors bytes under ``statistics``
+        (:func:`encode_reply`).
+
+The reply has exactly one ArrayRecord and one MetricRecord, so Flower's built-in strategies
+(``flwr.serverapp.strategy.FedAvg`` and friends) accept it too.
+
+Flower's ArrayRecord stores NumPy arrays, which have no bfloat16: :func:`encode_state` casts
+bfloat16 tensors to float32 (exact) and :func:`decode_state` casts back to the receiver's
+dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fedalign.config import ConfigError, ExperimentConfig
+from fedalign.models import MoEModel
+from fedalign.strategies.base import (
+    ClientResult,
+    LayerRoutingStatistics,
+    RoutingStatistics,
+    TrainInstructions,
+)
+
+Tensor = torch.Tensor
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+INSTRUCTIONS_KEY = "fedalign.instructions"
+INSTRUCTION_TENSORS_KEY = "fedalign.instruction-tensors"
+CLIENT_KEY = "fedalign.client"
+FINGERPRINT_KEY = "fedalign.model-fingerprint"
+NUM_EXAMPLES_KEY = "num-examples"
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+SERVER_ROUND_KEY = "server-round"
+QUERY_KEY = "fedalign.query"
+FLOWER_SECTION = "flower"
+
+_TENSOR_FIELDS_KEY = "tensor-fields"
+_SEPARATOR = "/"
+
+
+# ----------------------------------------------------------------------------- tensors
+def _to_numpy(tensor: Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
+
+
+def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
+    """Tensors as an ArrayRecord (bfloat16 cast to float32; other dtypes kept).
+
+    Parameters
+    ----------
+    state : mapping of str to Tensor
+
+    Returns
+    -------
+    ArrayRecord
+        One :class:`flwr.app.Array` per key, in the mapping's order.
+    """
+    return ArrayRecord({name: Array(_to_numpy(value)) for name, value in state.items()})
+
+
+def decode_state(
+    record: ArrayRecord, like: Mapping[str, Tensor] | Mapping[str, torch.dtype] | None = None
+) -> dict[str, Tensor]:
+    """An ArrayRecord back to tensors.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+    like : mapping of str to Tensor or to torch.dtype, optional
+        Reference dtypes: a key found here is cast to its dtype (what restores bfloat16).
+
+    Returns
+    -------
+    dict of str to Tensor
+        Writable CPU tensors, in the record's order.
+    """
+    state: dict[str, Tensor] = {}
+    for name, array in record.items():
+        tensor = torch.from_numpy(np.array(array.numpy(), copy=True))
+        if like is not None and name in like:
+            reference = like[name]
+            dtype = reference.dtype if isinstance(reference, Tensor) else reference
+            if tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+        state[name] = tensor
+    return state
+
+
+# ------------------------------------------------------------------------ instructions
+def _tensor_dict_fields() -> list[str]:
+    """Fields of TrainInstructions that hold ``dict[str, Tensor]`` (or None)."""
+    defaults = TrainInstructions()
+    names = []
+    for item in fields(TrainInstructions):
+        value = getattr(defaults, item.name)
+        if isinstance(value, dict) or value is None:
+            names.append(item.name)
+    return names
+
+
+def encode_instructions(instructions: TrainInstructions) -> dict[str, ConfigRecord | ArrayRecord]:
+    """TrainInstructions as two records: scalars and per-layer tensors.
+
+    Every dataclass field is carried, so a field added to TrainInstructions travels
+    without changing this module: scalars (float, int, bool, str) go to the ConfigRecord,
+    ``dict[str, Tensor]`` fields to the ArrayRecord under ``"<field>/<key>"``. A tensor field
+    that is ``None`` is simply absent (``tensor-fields`` lists the present ones).
+
+    Parameters
+    ----------
+    instructions : TrainInstructions
+
+    Returns
+    -------
+    dict
+        ``{INSTRUCTIONS_KEY: ConfigRecord, INSTRUCTION_TENSORS_KEY: ArrayRecord}``.
+    """
+    scalars = ConfigRecord()
+    tensors: dict[str, Tensor] = {}
+    present: list[str] = []
+    tensor_fields = set(_tensor_dict_fields())
+    for item in fields(instructions):
+        value = getattr(instructions, item.name)
+        if item.name in tensor_fields:
+            if value is None:
+                continue
+            present.append(item.name)
+            for key, tensor in value.items():
+                tensors[f"{item.name}{_SEPARATOR}{key}"] = tensor
+        elif isinstance(value, bool | int | float | str):
+            scalars[item.name] = value
+        else:
+            raise TypeError(f"TrainInstructions.{item.name} of type {type(value)} cannot travel")
+    scalars[_TENSOR_FIELDS_KEY] = ",".join(present)
+    return {INSTRUCTIONS_KEY: scalars, INSTRUCTION_TENSORS_KEY: encode_state(tensors)}
+
+
+def decode_instructions(
+    content: RecordDict, like: Mapping[str, Tensor] | None = None
+) -> TrainInstructions:
+    """TrainInstructions from a train message (defaults when the message carries none).
+
+    Parameters
+    ----------
+    content : RecordDict
+        The message content (a message from a Flower built-in strategy has no
+        instructions: plain local training).
+    like : mapping of str to Tensor, optional
+        Reference dtypes for personalised start parameters.
+    """
+    if INSTRUCTIONS_KEY not in content:
+        return TrainInstructions()
+    scalars = content.config_records[INSTRUCTIONS_KEY]
+    record = content.array_records.get(INSTRUCTION_TENSORS_KEY, ArrayRecord())
+    present = [name for name in str(scalars.get(_TENSOR_FIELDS_KEY, "")).split(",") if name]
+    kwargs: dict[str, Any] = {}
+    tensor_fields = set(_tensor_dict_fields())
+    known = {item.name for item in fields(TrainInstructions)}
+    for key, value in scalars.items():
+        if key in known and key not in tensor_fields:
+            kwargs[key] = value
+    decoded = decode_state(record)
+    for name in present:
+        prefix = f"{name}{_SEPARATOR}"
+        values = {k[len(prefix) :]: v for k, v in decoded.items() if k.startswith(prefix)}
+        if like is not None:
+            values = {
+                k: v.to(like[k].dtype) if k in like and v.dtype != like[k].dtype else v
+                for k, v in values.items()
+            }
+        kwargs[name] = values
+    return TrainInstructions(**kwargs)
+
+
+# -------------------------------------------------------------------- routing statistics
+def encode_statistics(statistics: RoutingStatistics) -> bytes:
+    """Per-layer routing statistics as safetensors bytes (keys ``"<layer>/<field>"``)."""
+    tensors: dict[str, Tensor] = {}
+    for layer, stats in statistics.items():
+        for key, value in stats.to_tensors().items():
+            tensor = value.detach().cpu()
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.float()
+            tensors[f"{layer}{_SEPARATOR}{key}"] = tensor.contiguous().clone()
+    return bytes(save_safetensors(tensors)) if tensors else b""
+
+
+def decode_statistics(data: bytes) -> RoutingStatistics:
+    """The inverse of :func:`encode_statistics`."""
+    if not data:
+        return {}
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in load_safetensors(data).items():
+        layer, _, name = key.rpartition(_SEPARATOR)
+        grouped.setdefault(layer, {})[name] = tensor
+    return {layer: LayerRoutingStatistics.from_tensors(values) for layer, values in grouped.items()}
+
+
+# ----------------------------------------------------------------------------- replies
+@dataclass
+class ClientReply:
+    """A decoded train reply: the strategy's ClientResult and what the round cost.
+
+    Parameters
+    ----------
+    result : ClientResult
+    bytes_sent : int
+        Server -> client bytes of the round, as the client counted them.
+    bytes_received : int
+        Client -> server bytes (statistics counted only when the strategy asked).
+    optimizer_state_bytes : int
+        Bytes of optimiser state the client keeps between its rounds.
+    """
+
+    result: ClientResult
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    optimizer_state_bytes: int = 0
+
+
+def encode_reply(
+    result: ClientResult,
+    *,
+    bytes_sent: int = 0,
+    bytes_received: int = 0,
+    optimizer_state_bytes: int = 0,
+) -> RecordDict:
+    """A ClientResult as reply content (see the module docstring for the layout)."""
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: int(result.num_examples)})
+    for key, value in result.metrics.items():
+        metrics[key] = float(value)
+    client = ConfigRecord(
+        {
+            PARTITION_ID_KEY: int(result.client_id),
+            "bytes-sent": int(bytes_sent),
+            "bytes-received": int(bytes_received),
+            "optimizer-state-bytes": int(optimizer_state_bytes),
+            "statistics": encode_statistics(result.routing_statistics),
+        }
+    )
+    return RecordDict(
+        {
+            ARRAYS_KEY: encode_state(result.parameters),
+            METRICS_KEY: metrics,
+            CLIENT_KEY: client,
+        }
+    )
+
+
+def decode_reply(
+    content: RecordDict, like: Mapping[str, Tensor] | None = None, client_id: int | None = None
+) -> ClientReply:
+    """Reply content back to a :class:`ClientReply`.
+
+    Parameters
+    ----------
+    content : RecordDict
+    like : mapping of str to Tensor, optional
+        Reference dtypes for the parameters (the global parameters).
+    client_id : int, optional
+        Used when the reply names no partition (a ClientApp other than ours).
+    """
+    client = content.config_records.get(CLIENT_KEY, ConfigRecord())
+    metric_record = content.metric_records.get(METRICS_KEY)
+    if metric_record is None:
+        metric_record = next(iter(content.metric_records.values()), MetricRecord())
+    arrays = content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        arrays = next(iter(content.array_records.values()), ArrayRecord())
+    if PARTITION_ID_KEY in client:
+        client_id = int(client[PARTITION_ID_KEY])  # type: ignore[arg-type]
+    if client_id is None:
+        raise ValueError("the reply names no partition-id and none was given")
+    metrics = {
+        key: float(value)  # type: ignore[arg-type]
+        for key, value in metric_record.items()
+        if key != NUM_EXAMPLES_KEY and not isinstance(value, list)
+    }
+    statistics = client.get("statistics", b"")
+    result = ClientResult(
+        client_id=client_id,
+        num_examples=int(metric_record.get(NUM_EXAMPLES_KEY, 0)),  # type: ignore[arg-type]
+        parameters=decode_state(arrays, like),
+        routing_statistics=decode_statistics(statistics if isinstance(statistics, bytes) else b""),
+        metrics=metrics,
+    )
+    return ClientReply(
+        result=result,
+        bytes_sent=int(client.get("bytes-sent", 0)),  # type: ignore[arg-type]
+        bytes_received=int(client.get("bytes-received", 0)),  # type: ignore[arg-type]
+        optimizer_state_bytes=int(client.get("optimizer-state-bytes", 0)),  # type: ignore[arg-type]
+    )
+
+
+# ------------------------------------------------------------------------ configuration
+@dataclass
+class FlowerOptions:
+    """The ``flower.*`` keys of the run config (everything else is an ExperimentConfig key).
+
+    Parameters
+    ----------
+    discovery_timeout : float, default 600.0
+        Seconds the ServerApp waits for a SuperNode of every partition to connect.
+    round_timeout : float, default 3600.0
+        Seconds the ServerApp waits for the replies of one round.
+    """
+
+    discovery_timeout: float = 600.0
+    round_timeout: float = 3600.0
+
+
+def config_from_run_config(
+    run_config: Mapping[str, Any],
+) -> tuple[ExperimentConfig, FlowerOptions]:
+    """An ExperimentConfig (and the Flower options) from a flat Flower run config.
+
+    Parameters
+    ----------
+    run_config : mapping
+        ``context.run_config``: keys ``"section.key"`` (``[tool.flwr.app.config]`` in
+        ``pyproject.toml``, flattened by Flower, plus ``--run-config`` overrides). Lists
+        (``model.lora-targets``) are comma-separated strings.
+
+    Returns
+    -------
+    tuple of ExperimentConfig and FlowerOptions
+        The experiment configuration is not validated yet (the ServerApp first adopts the
+        federation's number of partitions).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown section or key, or a value of the wrong type.
+    """
+    config = ExperimentConfig()
+    options = FlowerOptions()
+    option_names = {item.name for item in fields(FlowerOptions)}
+    for key, value in run_config.items():
+        section, _, name = key.partition(".")
+        if section == FLOWER_SECTION:
+            field_name = name.replace("-", "_")
+            if field_name not in option_names:
+                accepted = sorted(n.replace("_", "-") for n in option_names)
+                raise ConfigError(f"unknown run config key {key!r}; accepted in [flower]: {accepted}")
+            try:
+                setattr(options, field_name, float(value))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"run config key {key!r} expects a number (got {value!r})") from error
+            continue
+        config.set(key, value)
+    return config, options
+
+
+def run_config_from_config(
+    config: ExperimentConfig, options: FlowerOptions | None = None
+) -> dict[str, bool | int | float | str]:
+    """The flat run config that :func:`config_from_run_config` turns back into ``config``."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            flat[f"{section}.{key}"] = value
+    for key, value in dataclasses.asdict(options or FlowerOptions()).items():
+        flat[f"{FLOWER_SECTION}.{key.replace('_', '-')}"] = value
+    return flat
+
+
+def partition_from_node_config(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` of a SuperNode.
+
+    Raises
+    ------
+    ConfigError
+        When either is missing or out of range, with the flag that sets them.
+    """
+    hint = (
+        "start the SuperNode with --node-config \"partition-id=<i> num-partitions=<n>\" "
+        "(the simulation engine sets both itself)"
+    )
+    if PARTITION_ID_KEY not in node_config or NUM_PARTITIONS_KEY not in node_config:
+        raise ConfigError(f"node config has no {PARTITION_ID_KEY} / {NUM_PARTITIONS_KEY}: {hint}")
+    try:
+        partition_id = int(node_config[PARTITION_ID_KEY])
+        num_partitions = int(node_config[NUM_PARTITIONS_KEY])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"node config partition-id / num-partitions must be integers: {hint}") from error
+    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config partition-id={partition_id} must be in [0, num-partitions="
+            f"{num_partitions}): {hint}"
+        )
+    return partition_id, num_partitions
+
+
+def model_fingerprint(model: MoEModel) -> str:
+    """A short hash of what must match on every machine: frozen weights and the layout.
+
+    Covers the architecture, the number of labels, the trainable parameter names and the
+    name, dtype, shape and bytes of every frozen parameter (trainable values travel each
+    round, frozen ones never do: server and clients each build them from the seed or the
+    model files).
+    """
+    digest = hashlib.sha256()
+    digest.update(f"{model.architecture}|{model.num_labels}|".encode())
+    digest.update(",".join(model.trainable_names).encode())
+    trainable = set(model.trainable_names)
+    for name, parameter in model.model.named_parameters():
+        if name in trainable:
+            continue
+        tensor = parameter.detach().cpu().contiguous()
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,451 @@
+"""Any of our strategies as a Flower strategy, holding the strategy state between rounds.
+
+:class:`FlowerStrategy` subclasses ``flwr.serverapp.strategy.Strategy``. It contains no
+algorithm: each round it calls
+
+* :func:`fedalign.simulation.sample_clients` to pick the round's clients (the simulator's
+  seeded sampling, so both pick the same partitions),
+* :meth:`fedalign.strategies.Strategy.configure_train` for their instructions, sent with the
+  global parameters to the SuperNode serving each partition, and
+* :meth:`fedalign.strategies.Strategy.aggregate` on the decoded replies, in client order,
+
+and keeps the global parameters, the strategy state and any personalised parameters in
+between. Which SuperNode serves which partition is learnt once with a ``query`` message
+(:func:`discover_partitions`) and again whenever a mapped node has gone.
+
+An optional ``on_round`` callback receives a :class:`RoundReport` after every aggregation
+(the ServerApp writes the run folder from it and evaluates the global model); the metrics
+it returns become the round's MetricRecord and the server-side evaluation result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlwrStrategy
+
+from fedalign.flower.messages import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    QUERY_KEY,
+    SERVER_ROUND_KEY,
+    ClientReply,
+    decode_reply,
+    decode_state,
+    encode_instructions,
+    encode_state,
+)
+from fedalign.simulation import sample_clients
+from fedalign.strategies.base import (
+    AggregationResult,
+    Strategy,
+    StrategyState,
+    TrainInstructions,
+)
+
+Tensor = torch.Tensor
+
+# metrics of a round line that also go to Flower's MetricRecords (when present)
+_TRAIN_METRICS = ("train_loss", "routing_loss")
+_EVALUATION_METRICS = (
+    "global_accuracy",
+    "global_loss",
+    "mean_local_accuracy",
+    "worst_local_accuracy",
+)
+
+
+class DiscoveryError(RuntimeError):
+    """The SuperNodes do not form a complete, consistent set of partitions."""
+
+
+def discover_partitions(
+    grid: Grid,
+    *,
+    num_partitions: int | None = None,
+    timeout: float = 600.0,
+    known: Mapping[int, int] | None = None,
+    poll_interval: float = 1.0,
+    query_timeout: float = 120.0,
+) -> dict[int, int]:
+    """Ask connected SuperNodes for their partition until every partition has one.
+
+    Each new node gets a ``query`` message; our ClientApp answers with the
+    ``partition-id`` and ``num-partitions`` of its node config.
+
+    Parameters
+    ----------
+    grid : Grid
+    num_partitions : int, optional
+        The expected number of partitions; learnt from the first reply when not given.
+    timeout : float, default 600.0
+        Seconds to wait for the set to be complete.
+    known : mapping of int to int, optional
+        Partition id -> node id already known (still-connected entries are kept).
+    poll_interval : float, default 1.0
+        Seconds between looks at the connected nodes.
+    query_timeout : float, default 120.0
+        Seconds to wait for the replies to one batch of queries.
+
+    Returns
+    -------
+    dict of int to int
+        Partition id -> node id, for partitions ``0 .. num-partitions - 1``.
+
+    Raises
+    ------
+    DiscoveryError
+        When two nodes claim the same partition, nodes disagree on ``num-partitions``, a
+        node's ClientApp fails to answer with its partition, or the timeout passes first.
+    """
+    deadline = time.monotonic() + timeout
+    partition_of: dict[int, int] = {}  # node id -> partition id
+    connected = set(grid.get_node_ids())
+    for partition_id, node_id in (known or {}).items():
+        if node_id in connected:
+            partition_of[node_id] = partition_id
+    asked: set[int] = set(partition_of)
+    while True:
+        connected = set(grid.get_node_ids())
+        new_nodes = sorted(connected - asked)
+        if new_nodes:
+            messages = [
+                Message(
+                    content=RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: "partition"})}),
+                    dst_node_id=node_id,
+                    message_type=MessageType.QUERY,
+                    group_id="fedalign-discovery",
+                )
+                for node_id in new_nodes
+            ]
+            answered: set[int] = set()
+            for reply in grid.send_and_receive(messages, timeout=query_timeout):
+                node_id = reply.metadata.src_node_id
+                if reply.has_error():
+                    raise DiscoveryError(
+                        f"SuperNode {node_id} did not report its partition: "
+                        f"{reply.error.reason}"
+                    )
+                answer = reply.content.config_records.get(CONFIG_KEY, ConfigRecord())
+                partition_id = int(answer[PARTITION_ID_KEY])  # type: ignore[arg-type]
+                count = int(answer[NUM_PARTITIONS_KEY])  # type: ignore[arg-type]
+                if num_partitions is not None and count != num_partitions:
+                    raise DiscoveryError(
+                        f"SuperNode {node_id} reports num-partitions={count}, expected "
+                        f"{num_partitions}: every node needs the same num-partitions"
+                    )
+                num_partitions = count
+                partition_of[node_id] = partition_id
+                answered.add(node_id)
+            # nodes that did not answer in time are asked again on the next pass
+            asked.update(answered)
+        claimed: dict[int, list[int]] = {}
+        for node_id, partition_id in partition_of.items():
+            if node_id in connected:
+                claimed.setdefault(partition_id, []).append(node_id)
+        duplicates = {p: nodes for p, nodes in claimed.items() if len(nodes) > 1}
+        if duplicates:
+            raise DiscoveryError(
+                "several SuperNodes claim the same partition-id "
+                f"(partition: nodes) {duplicates}; give each node its own partition-id"
+            )
+        if num_partitions is not None and set(claimed) == set(range(num_partitions)):
+            log(INFO, "Partitions of the SuperNodes: %s", dict(sorted(claimed.items())))
+            return {p: nodes[0] for p, nodes in sorted(claimed.items())}
+        if time.monotonic() > deadline:
+            missing = (
+                sorted(set(range(num_partitions)) - set(claimed))
+                if num_partitions is not None
+                else "all"
+            )
+            raise DiscoveryError(
+                f"no SuperNode for partition(s) {missing} after {timeout:.0f}s "
+                f"({len(connected)} node(s) connected); start one per partition with "
+                '--node-config "partition-id=<i> num-partitions=<n>"'
+            )
+        time.sleep(poll_interval)
+
+
+@dataclass
+class RoundReport:
+    """Everything one round produced, for records.
+
+    Parameters
+    ----------
+    server_round : int
+    selected : list of int
+        The clients (partition ids) the round was sent to.
+    replies : list of ClientReply
+        Successful replies, sorted by client id.
+    failed : list of int
+        Selected clients whose reply was an error or missing.
+    instructions : dict of int to TrainInstructions
+    outcome : AggregationResult
+    global_parameters : dict of str to Tensor
+        The new global parameters (``outcome.parameters``).
+    strategy_state : dict
+    personal_parameters : dict of int to dict of str to Tensor
+    started : float
+        ``time.perf_counter()`` when the round was configured.
+    train_seconds : float
+        From configuring the round to having every reply (transport included).
+    aggregation_seconds : float
+    """
+
+    server_round: int
+    selected: list[int]
+    replies: list[ClientReply]
+    failed: list[int]
+    instructions: dict[int, TrainInstructions]
+    outcome: AggregationResult
+    global_parameters: dict[str, Tensor]
+    strategy_state: StrategyState
+    personal_parameters: dict[int, dict[str, Tensor]]
+    started: float
+    train_seconds: float
+    aggregation_seconds: float
+
+
+RoundCallback = Callable[[RoundReport], Mapping[str, Any]]
+
+
+@dataclass
+class _PendingRound:
+    selected: list[int]
+    instructions: dict[int, TrainInstructions]
+    started: float
+
+
+class FlowerStrategy(FlwrStrategy):
+    """One of our strategies as a ``flwr.serverapp.strategy.Strategy``.
+
+    Parameters
+    ----------
+    strategy : fedalign.strategies.Strategy
+        The algorithm (FedAvg, FedProx, FedMoE, FedAlign-MoE and its ablations, ...).
+    global_parameters : mapping of str to Tensor
+        Initial global trainable parameters (their dtypes are restored on every decode).
+    num_clients : int
+        Partitions of the federation.
+    seed : int, default 0
+        ``federated.seed``: seeds client sampling exactly as the simulator does.
+    fraction : float, default 1.0
+        ``federated.fraction``.
+    client_nodes : mapping of int to int, optional
+        Partition id -> node id; discovered on the first round when not given.
+    fingerprint : str, default ""
+        Sent to clients, which refuse to train on a different model (see
+        :func:`fedalign.flower.messages.model_fingerprint`); empty skips the check.
+    on_round : callable, optional
+        Called with a :class:`RoundReport` after each aggregation; returns the round's
+        metrics (a line of ``metrics.jsonl``).
+    discovery_timeout : float, default 600.0
+        Seconds :func:`discover_partitions` may wait.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        global_parameters: Mapping[str, Tensor],
+        *,
+        num_clients: int,
+        seed: int = 0,
+        fraction: float = 1.0,
+        client_nodes: Mapping[int, int] | None = None,
+        fingerprint: str = "",
+        on_round: RoundCallback | None = None,
+        discovery_timeout: float = 600.0,
+    ) -> None:
+        self.strategy = strategy
+        self.global_parameters = {k: v.detach().clone() for k, v in global_parameters.items()}
+        self.strategy_state: StrategyState = strategy.initial_state()
+        self.personal_parameters: dict[int, dict[str, Tensor]] = {}
+        self.num_clients = num_clients
+        self.seed = seed
+        self.fraction = fraction
+        self.client_nodes: dict[int, int] = dict(client_nodes or {})
+        self.fingerprint = fingerprint
+        self.on_round = on_round
+        self.discovery_timeout = discovery_timeout
+        self.lines: dict[int, dict[str, Any]] = {}
+        self._pending: dict[int, _PendingRound] = {}
+
+    # ------------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        """Log what runs."""
+        log(INFO, "\t├──> fedalign strategy: %s", self.strategy.name)
+        log(INFO, "\t├──> Clients (partitions): %d, fraction %.2f", self.num_clients, self.fraction)
+        log(INFO, "\t└──> Sampling seed: %d", self.seed)
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The current global parameters as an ArrayRecord (for ``start(initial_arrays=)``)."""
+        return encode_state(self.global_parameters)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled client, to the node serving its partition.
+
+        Each message carries the global parameters, ``config`` plus ``server-round``,
+        ``partition-id`` and the model fingerprint, and the client's instructions.
+        """
+        started = time.perf_counter()
+        if len(arrays) > 0:
+            self.global_parameters = decode_state(arrays, like=self.global_parameters)
+        else:
+            arrays = encode_state(self.global_parameters)
+        selected = sample_clients(self.seed, server_round, self.num_clients, self.fraction)
+        self._ensure_nodes(grid, selected)
+        instructions = self.strategy.configure_train(server_round, selected, self.strategy_state)
+        for client_id in selected:
+            personal = self.personal_parameters.get(client_id)
+            if personal and instructions[client_id].start_parameters is None:
+                instructions[client_id].start_parameters = personal
+        self._pending[server_round] = _PendingRound(selected, instructions, started)
+        messages = []
+        for client_id in selected:
+            train_config = ConfigRecord(dict(config))
+            train_config[SERVER_ROUND_KEY] = server_round
+            train_config[PARTITION_ID_KEY] = client_id
+            if self.fingerprint:
+                train_config[FINGERPRINT_KEY] = self.fingerprint
+            content = RecordDict({"arrays": arrays, CONFIG_KEY: train_config})
+            for key, record in encode_instructions(instructions[client_id]).items():
+                content[key] = record
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=self.client_nodes[client_id],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        log(INFO, "configure_train: round %d, clients %s", server_round, selected)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the replies and call the strategy's ``aggregate``.
+
+        Replies that carry an error are left out (and listed in the round's report); with
+        none left the global model stays as it was and ``(None, None)`` is returned.
+        """
+        pending = self._pending.pop(server_round, None)
+        if pending is None:
+            raise RuntimeError(f"aggregate_train for round {server_round}, never configured")
+        node_partition = {node: cid for cid, node in self.client_nodes.items()}
+        decoded: list[ClientReply] = []
+        failed: list[int] = []
+        for reply in replies:
+            source = reply.metadata.src_node_id
+            expected = node_partition.get(source)
+            if reply.has_error():
+                log(WARNING, "client on node %s failed: %s", source, reply.error.reason)
+                if expected is not None:
+                    failed.append(expected)
+                continue
+            client_reply = decode_reply(reply.content, self.global_parameters, expected)
+            if expected is not None and client_reply.result.client_id != expected:
+                raise RuntimeError(
+                    f"node {source} serves partition {expected} but replied as "
+                    f"partition {client_reply.result.client_id}"
+                )
+            decoded.append(client_reply)
+        received = {r.result.client_id for r in decoded}
+        failed = sorted(set(failed) | (set(pending.selected) - received))
+        if failed:
+            log(WARNING, "round %d: no result from clients %s", server_round, failed)
+        if not decoded:
+            log(WARNING, "round %d: no client result, the global model is unchanged", server_round)
+            return None, None
+        decoded.sort(key=lambda r: r.result.client_id)
+        train_seconds = time.perf_counter() - pending.started
+        aggregation_started = time.perf_counter()
+        outcome = self.strategy.aggregate(
+            server_round,
+            self.global_parameters,
+            [r.result for r in decoded],
+            self.strategy_state,
+        )
+        aggregation_seconds = time.perf_counter() - aggregation_started
+        self.global_parameters = outcome.parameters
+        self.strategy_state = outcome.state
+        self.personal_parameters.update(outcome.client_parameters)
+        line: dict[str, Any] = {
+            "train_loss": _mean([r.result.metrics.get("task_loss") for r in decoded]),
+            "routing_loss": _mean([r.result.metrics.get("routing_loss") for r in decoded]),
+        }
+        if self.on_round is not None:
+            report = RoundReport(
+                server_round=server_round,
+                selected=pending.selected,
+                replies=decoded,
+                failed=failed,
+                instructions=pending.instructions,
+                outcome=outcome,
+                global_parameters=self.global_parameters,
+                strategy_state=self.strategy_state,
+                personal_parameters=self.personal_parameters,
+                started=pending.started,
+                train_seconds=train_seconds,
+                aggregation_seconds=aggregation_seconds,
+            )
+            line = dict(self.on_round(report))
+        self.lines[server_round] = line
+        metrics = MetricRecord(
+            {k: float(line[k]) for k in _TRAIN_METRICS if line.get(k) is not None}
+        )
+        metrics["num-clients"] = len(decoded)
+        return encode_state(self.global_parameters), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the ServerApp evaluates on the server every round."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    def server_evaluation(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``evaluate_fn`` for :meth:`start`: the round's server-side evaluation metrics.
+
+        The evaluation itself runs in ``on_round`` (so that it lands in the same
+        ``metrics.jsonl`` line as the round); this hands its numbers to Flower. Round 0
+        and rounds without evaluation give ``None``.
+        """
+        line = self.lines.get(server_round, {})
+        values = {k: float(line[k]) for k in _EVALUATION_METRICS if line.get(k) is not None}
+        return MetricRecord(values) if values else None  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------- helpers
+    def _ensure_nodes(self, grid: Grid, selected: Sequence[int]) -> None:
+        connected = set(grid.get_node_ids())
+        if all(self.client_nodes.get(cid) in connected for cid in selected):
+            return
+        self.client_nodes = discover_partitions(
+            grid,
+            num_partitions=self.num_clients,
+            timeout=self.discovery_timeout,
+            known=self.client_nodes,
+        )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return float(np.mean(present)) if present else None
