@@ -37,7 +37,11 @@ ARCHITECTURES = {
 _FUSED = r"model\.layers\.[01]\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj))|score\.weight"
 MOE_HEAD_PATTERNS = {
     "tiny-qwen3moe": (_FUSED, 2 * 3 + 1),
-    "tiny-qwen2moe": (_FUSED, 2 * 3 + 1),
+    # + per layer the shared expert's three projections and its gate
+    "tiny-qwen2moe": (
+        _FUSED + r"|model\.layers\.[01]\.mlp\.shared_expert(\.(gate|up|down)_proj|_gate)\.weight",
+        2 * 3 + 1 + 2 * 4,
+    ),
     "tiny-mixtral": (_FUSED, 2 * 3 + 1),
     "tiny-switch": (
         r"encoder\.encoder\.block\.[01]\.layer\.1\.mlp\."
@@ -363,11 +367,12 @@ def test_moe_plus_head_trains_exactly_routers_experts_and_head(name: str) -> Non
         assert re.fullmatch(pattern, param), param
     layout_names = moe.layout.router_param_names() | moe.layout.expert_param_names()
     head = _head_names(moe.model)
-    assert head and set(grads) == layout_names | head
+    # the always-on shared expert trains with its block but is not a routed expert
+    shared = {n for n in grads if ".shared_expert" in n}
+    assert bool(shared) == (name == "tiny-qwen2moe")
+    assert head and set(grads) == layout_names | head | shared
+    assert not shared & layout_names
     assert moe.layout == moe.full_layout  # every MoE tensor trains here
-    if name == "tiny-qwen2moe":  # the always-on shared expert is not a routed expert
-        shared = [p for n, p in moe.model.named_parameters() if ".shared_expert" in n]
-        assert shared and not any(p.requires_grad for p in shared)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-switch", "tiny-upcycled"])

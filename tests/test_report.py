@@ -90,8 +90,7 @@ def _fedalign_decision(server_round: int) -> dict[str, Any]:
         "clients": CLIENTS,
         "example_weights": {"0": 0.2, "1": 0.3, "2": 0.5},
         "layers": {
-            layer: {"global_routing": [0.4, 0.3, 0.2, 0.1], "experts": experts}
-            for layer in LAYERS
+            layer: {"global_routing": [0.4, 0.3, 0.2, 0.1], "experts": experts} for layer in LAYERS
         },
     }
 

@@ -42,12 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedalign.cli import (
     OVERRIDES,
@@ -62,7 +63,7 @@ from fedalign.records import atomic_write_text, read_jsonl
 SUITE_NAMES = ("main", "ablation")
 """Suites shipped under ``benchmarks/`` (``--suite`` also takes a path to a TOML file)."""
 
-SUITE_KEYS = ("name", "description", "strategies", "alphas", "seeds", "reference")
+SUITE_KEYS = ("name", "description", "strategies", "alphas", "seeds", "reference", "report")
 """Keys of the ``[suite]`` table besides ``target-fraction`` and ``labels``."""
 
 BAND_CHOICES = ("minmax", "std")
@@ -95,6 +96,9 @@ class Suite:
         Display names of strategy labels (missing ones show the label itself).
     description : str
         One paragraph for the results page.
+    report : list of str
+        Strategy labels whose first-seed run at every alpha gets a ``fedalign report`` page
+        under ``reports/`` (default: the last listed strategy).
     quick : bool
         Whether the ``[quick]`` overrides were applied.
     """
@@ -109,6 +113,7 @@ class Suite:
     target_fraction: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    report: list[str] = field(default_factory=list)
     quick: bool = False
 
     @property
@@ -220,6 +225,9 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
     labels = table.get("labels", {})
     if not isinstance(labels, Mapping):
         raise ConfigError("suite.labels must be a table of label = display name")
+    report = table.get("report", [strategy_label(*strategies[-1])])
+    if not isinstance(report, list):
+        raise ConfigError("suite.report must be a list of strategy labels")
     return Suite(
         name=str(table.get("name", Path(path).stem)),
         path=Path(path),
@@ -231,6 +239,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
         target_fraction=fraction,
         labels={str(k): str(v) for k, v in labels.items()},
         description=str(table.get("description", "")).strip(),
+        report=[str(r) for r in report],
         quick=quick,
     )
 
@@ -326,13 +335,28 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, **kwargs: Any) -> An
     return simulate(config, out_dir, **kwargs)
 
 
+STATE_FILES = ("checkpoint", "final_state.safetensors")
+"""What a finished run folder holds only for resuming or reloading the model (large)."""
+
+
+def prune_states(folder: Path) -> None:
+    """Delete a finished run's checkpoint and final parameters (tens of MiB each)."""
+    for name in STATE_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def execute_plan(
-    runs: Sequence[PlannedRun], log: Callable[[str], None] = print
+    runs: Sequence[PlannedRun], log: Callable[[str], None] = print, keep_states: bool = False
 ) -> dict[str, int]:
     """Run what is not finished; returns how many runs were reused, resumed and run.
 
     Data is prepared lazily, once per (alpha, seed) group, and only when one of the
-    group's runs has to compute.
+    group's runs has to compute. Unless ``keep_states``, a run's checkpoint and final
+    parameters are deleted once it has finished (the table needs neither).
     """
     counts = {"finished": 0, "resume": 0, "new": 0}
     prepared: dict[tuple[float, int], Any] = {}
@@ -362,6 +386,8 @@ def execute_plan(
         summary = run_experiment(
             run.config, run.folder, prepared=prepared[run.group], resume=status == "resume"
         )
+        if not keep_states:
+            prune_states(run.folder)
         log(
             f"{where}: final accuracy {summary.final_accuracy:.4f} "
             f"({summary.seconds:.1f}s, {summary.seconds_per_round:.1f}s/round)"
@@ -482,10 +508,12 @@ def aggregate_rows(
             reached = [r for r in reached if r is not None]
             row["rounds_to_target_mean"], row["rounds_to_target_std"] = mean_std(reached)
             row["reached"] = len(reached)
-            row["seconds_per_round_mean"] = mean_std([_number(r["seconds_per_round"]) for r in cell])[
+            row["seconds_per_round_mean"] = mean_std(
+                [_number(r["seconds_per_round"]) for r in cell]
+            )[0]
+            row["mib_up_per_round_mean"] = mean_std([_number(r["mib_up_per_round"]) for r in cell])[
                 0
             ]
-            row["mib_up_per_round_mean"] = mean_std([_number(r["mib_up_per_round"]) for r in cell])[0]
             rows.append(row)
     return rows
 
@@ -678,6 +706,7 @@ def results_markdown(
     missing: int,
     compute_seconds: float,
     band: str,
+    reports: Sequence[tuple[str, Path]] = (),
 ) -> str:
     """The ``results.md`` page: setup, table, how to read it, plots, command."""
     reference = suite.display(
@@ -712,6 +741,12 @@ def results_markdown(
         "",
         "![divergence](divergence.png)",
         "",
+    ]
+    if reports:
+        lines += ["Routing and expert pictures of single runs (`fedalign report`):", ""]
+        lines += [f"- [{title}]({path.as_posix()})" for title, path in reports]
+        lines.append("")
+    lines += [
         "Reproduce (finished runs under `runs/` are reused):",
         "",
         "```bash",
@@ -729,8 +764,9 @@ def write_results(
     out: Path,
     command: str,
     band: str = "minmax",
+    reports: bool = True,
 ) -> list[dict[str, object]]:
-    """Aggregate the finished runs and write tables and plots into ``out``.
+    """Aggregate the finished runs and write tables, plots and run reports into ``out``.
 
     Returns
     -------
@@ -742,11 +778,12 @@ def write_results(
     per_run = run_rows(finished, targets)
     rows = aggregate_rows(suite, per_run)
     table = to_markdown(display_rows(rows))
-    compute = sum(float(r["seconds"] or 0.0) for r in per_run)  # type: ignore[arg-type]
-    markdown = results_markdown(
-        suite, base, table, command, len(runs) - len(finished), compute, band
-    )
+    compute = sum(_number(r["seconds"]) or 0.0 for r in per_run)
     out.mkdir(parents=True, exist_ok=True)
+    pages = write_run_reports(suite, finished, out) if reports else []
+    markdown = results_markdown(
+        suite, base, table, command, len(runs) - len(finished), compute, band, pages
+    )
     atomic_write_text(out / "results.md", markdown)
     atomic_write_text(out / "results.csv", to_csv(rows))
     atomic_write_text(out / "runs.csv", to_csv(per_run))
@@ -787,6 +824,28 @@ def write_results(
     return rows
 
 
+def write_run_reports(
+    suite: Suite, finished: Sequence[FinishedRun], out: Path
+) -> list[tuple[str, Path]]:
+    """``fedalign report`` of the suite's ``report`` strategies, first seed, every alpha.
+
+    Pages go to ``out/reports/<alpha>-seed<S>-<strategy>/index.html`` (outside ``runs/``,
+    so that they travel with the tables). Returns (title, page path relative to ``out``).
+    """
+    from fedalign.report import build_report
+
+    pages = []
+    first_seed = suite.seeds[0]
+    for f in finished:
+        if f.run.label not in suite.report or f.run.seed != first_seed:
+            continue
+        name = f"{alpha_name(f.run.alpha)}-seed{f.run.seed}-{f.run.label.replace(':', '-')}"
+        page = build_report(f.run.folder, out=out / "reports" / name)
+        title = f"{suite.display(f.run.label)}, alpha = {f.run.alpha:g}, seed {f.run.seed}"
+        pages.append((title, page.relative_to(out)))
+    return pages
+
+
 def command_text(args: argparse.Namespace) -> str:
     """A command line that reproduces this benchmark from its parsed arguments."""
     parts = ["fedalign", "benchmark", "--suite", str(args.suite)]
@@ -800,6 +859,10 @@ def command_text(args: argparse.Namespace) -> str:
         parts += ["--strategies", args.strategies]
     if args.band != "minmax":
         parts += ["--band", args.band]
+    if args.no_report:
+        parts.append("--no-report")
+    if args.keep_states:
+        parts.append("--keep-states")
     if args.config:
         parts += ["--config", str(args.config)]
     for option in OVERRIDES:
@@ -895,8 +958,10 @@ def resolve(args: argparse.Namespace) -> tuple[Suite, ExperimentConfig, Path]:
         start = args.seed if args.seed is not None else suite.seeds[0]
         count = args.seeds if args.seeds is not None else len(suite.seeds)
         suite.seeds = _seed_list(count, start)
-    out = Path(args.out) if args.out else Path("benchmarks/results") / (
-        f"{suite.name}-quick" if suite.quick else suite.name
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("benchmarks/results") / (f"{suite.name}-quick" if suite.quick else suite.name)
     )
     return suite, base, out
 
@@ -921,8 +986,10 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     )
     counts = {"finished": 0, "resume": 0, "new": 0}
     if not args.no_run:
-        counts = execute_plan(runs, log)
-    rows = write_results(suite, base, runs, out, command, band=args.band)
+        counts = execute_plan(runs, log, keep_states=args.keep_states)
+    rows = write_results(
+        suite, base, runs, out, command, band=args.band, reports=not args.no_report
+    )
     write_command(out, command, time.perf_counter() - started, counts)
     log(to_markdown(display_rows(rows)))
     log(f"results: {out / 'results.md'}  plots: {out / 'convergence.png'}")
@@ -967,6 +1034,14 @@ def register_cli(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--no-run", action="store_true", help="only aggregate the runs that already finished"
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="no per-run report pages under reports/"
+    )
+    parser.add_argument(
+        "--keep-states",
+        action="store_true",
+        help="keep each finished run's checkpoint/ and final_state.safetensors (large)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the planned runs and their status"

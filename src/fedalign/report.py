@@ -34,13 +34,13 @@ import html
 import json
 import math
 import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from fedalign.config import ConfigError
 from fedalign.records import atomic_write_text, read_jsonl
@@ -504,7 +504,9 @@ def plot_similarity(
         )
     if image is not None:
         figure.colorbar(image, ax=list(axes), shrink=0.8, label="cosine of mean hidden states")
-    figure.suptitle(f"semantic similarity of clients for expert {expert}, {short_layer_name(layer)}")
+    figure.suptitle(
+        f"semantic similarity of clients for expert {expert}, {short_layer_name(layer)}"
+    )
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
@@ -519,16 +521,16 @@ def plot_similarity_all(
     columns = min(4, experts)
     rows = math.ceil(experts / columns)
     vmin = max(-1.0, min(0.0, float(np.nanmin(similarity))))
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False
-    )
+    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
     image = None
     for expert in range(rows * columns):
         axis = axes[expert // columns][expert % columns]
         if expert >= experts:
             axis.axis("off")
             continue
-        image = _heatmap(axis, similarity[expert], vmin=vmin, vmax=1.0, cmap="magma", annotate=False)
+        image = _heatmap(
+            axis, similarity[expert], vmin=vmin, vmax=1.0, cmap="magma", annotate=False
+        )
         axis.set_title(
             f"expert {expert} (mean {mean_offdiagonal(similarity[expert]):.2f})", fontsize=9
         )
@@ -558,7 +560,9 @@ def plot_merges(
     rows = math.ceil(num_experts / columns)
     height = max(2.6, 0.18 * len(decisions) + 1.4)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(max(2.8, 0.32 * len(clients) + 1.2) * columns, height * rows),
+        rows,
+        columns,
+        figsize=(max(2.8, 0.32 * len(clients) + 1.2) * columns, height * rows),
         squeeze=False,
     )
     all_rules: set[str] = set()
@@ -730,12 +734,12 @@ def build_report(
         short = short_layer_name(name)
         if rounds:
             first, last = rounds[0][0], rounds[-1][0]
+            before = " (initial global model, before training)" if first == 0 else ""
             sections.append(
                 Section(
                     f"Expert usage, {short}",
-                    f"Fraction of each client's tokens that have the expert among their top-k, "
-                    f"round {first}{' (initial global model, before training)' if first == 0 else ''}"
-                    f" and round {last}. Layer `{name}`.",
+                    "Fraction of each client's tokens that have the expert among their top-k, "
+                    f"round {first}{before} and round {last}. Layer `{name}`.",
                     [plot_usage(name, rounds, out / f"usage_{tag}.png")],
                 )
             )
@@ -818,10 +822,7 @@ def render_html(title: str, records: RunRecords, sections: Sequence[Section], ou
         ),
         "</table>",
         "<nav>",
-        *(
-            f'<a href="#s{i}">{escape(section.title)}</a>'
-            for i, section in enumerate(sections)
-        ),
+        *(f'<a href="#s{i}">{escape(section.title)}</a>' for i, section in enumerate(sections)),
         "</nav>",
     ]
     for i, section in enumerate(sections):
@@ -837,15 +838,15 @@ def render_html(title: str, records: RunRecords, sections: Sequence[Section], ou
     return "\n".join(parts) + "\n"
 
 
-def render_markdown(
-    title: str, records: RunRecords, sections: Sequence[Section], out: Path
-) -> str:
+def render_markdown(title: str, records: RunRecords, sections: Sequence[Section], out: Path) -> str:
     """The same page as Markdown."""
     lines = [f"# {title}", "", f"Run folder: `{records.folder}`", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary_rows(records)]
     for section in sections:
         lines += ["", f"## {section.title}", "", section.text, ""]
-        lines += [f"![{section.title}]({image.relative_to(out).as_posix()})" for image in section.images]
+        lines += [
+            f"![{section.title}]({image.relative_to(out).as_posix()})" for image in section.images
+        ]
     return "\n".join(lines) + "\n"
 
 

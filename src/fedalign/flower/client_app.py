@@ -52,6 +52,8 @@ from fedalign.flower.messages import (
     encode_reply,
     model_fingerprint,
     partition_from_node_config,
+    record_int,
+    record_str,
 )
 from fedalign.models import MoEModel, load_moe_model
 from fedalign.records import tensor_bytes
@@ -147,13 +149,12 @@ def client_runtime(context: Context) -> ClientRuntime:
 
 
 def _check_message(runtime: ClientRuntime, config: ConfigRecord) -> None:
-    expected = config.get(PARTITION_ID_KEY)
-    if expected is not None and int(expected) != runtime.partition_id:  # type: ignore[arg-type]
+    expected = record_int(config, PARTITION_ID_KEY, runtime.partition_id)
+    if expected != runtime.partition_id:
         raise RuntimeError(
-            f"message for partition {expected} reached the node of partition "
-            f"{runtime.partition_id}"
+            f"message for partition {expected} reached the node of partition {runtime.partition_id}"
         )
-    fingerprint = config.get(FINGERPRINT_KEY)
+    fingerprint = record_str(config, FINGERPRINT_KEY)
     if fingerprint and fingerprint != runtime.fingerprint:
         raise RuntimeError(
             f"model fingerprint {runtime.fingerprint} differs from the server's {fingerprint}: "
@@ -184,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
     runtime = client_runtime(context)
     config_record = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     _check_message(runtime, config_record)
-    server_round = int(config_record.get(SERVER_ROUND_KEY, 1))  # type: ignore[arg-type]
+    server_round = record_int(config_record, SERVER_ROUND_KEY, 1)
     reference = runtime.model.trainable_state()
     global_parameters = decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
     instructions = decode_instructions(msg.content, like=reference)

@@ -75,6 +75,33 @@ _TENSOR_FIELDS_KEY = "tensor-fields"
 _SEPARATOR = "/"
 
 
+# ----------------------------------------------------------------------------- records
+def record_int(record: ConfigRecord | MetricRecord, key: str, default: int | None = None) -> int:
+    """``record[key]`` as an int (``default`` when absent).
+
+    Raises
+    ------
+    KeyError
+        When the key is absent and no default is given.
+    TypeError
+        When the value is not a number.
+    """
+    if key not in record:
+        if default is None:
+            raise KeyError(f"record has no {key!r}")
+        return default
+    value = record[key]
+    if isinstance(value, bool | int | float):
+        return int(value)
+    raise TypeError(f"record value {key!r} must be a number (got {type(value).__name__})")
+
+
+def record_str(record: ConfigRecord, key: str, default: str = "") -> str:
+    """``record[key]`` as a str (``default`` when absent or not a string)."""
+    value = record.get(key, default)
+    return value if isinstance(value, str) else default
+
+
 # ----------------------------------------------------------------------------- tensors
 def _to_numpy(tensor: Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
@@ -308,27 +335,27 @@ def decode_reply(
     if arrays is None:
         arrays = next(iter(content.array_records.values()), ArrayRecord())
     if PARTITION_ID_KEY in client:
-        client_id = int(client[PARTITION_ID_KEY])  # type: ignore[arg-type]
+        client_id = record_int(client, PARTITION_ID_KEY)
     if client_id is None:
         raise ValueError("the reply names no partition-id and none was given")
     metrics = {
-        key: float(value)  # type: ignore[arg-type]
+        key: float(value)
         for key, value in metric_record.items()
-        if key != NUM_EXAMPLES_KEY and not isinstance(value, list)
+        if key != NUM_EXAMPLES_KEY and isinstance(value, int | float)
     }
     statistics = client.get("statistics", b"")
     result = ClientResult(
         client_id=client_id,
-        num_examples=int(metric_record.get(NUM_EXAMPLES_KEY, 0)),  # type: ignore[arg-type]
+        num_examples=record_int(metric_record, NUM_EXAMPLES_KEY, 0),
         parameters=decode_state(arrays, like),
         routing_statistics=decode_statistics(statistics if isinstance(statistics, bytes) else b""),
         metrics=metrics,
     )
     return ClientReply(
         result=result,
-        bytes_sent=int(client.get("bytes-sent", 0)),  # type: ignore[arg-type]
-        bytes_received=int(client.get("bytes-received", 0)),  # type: ignore[arg-type]
-        optimizer_state_bytes=int(client.get("optimizer-state-bytes", 0)),  # type: ignore[arg-type]
+        bytes_sent=record_int(client, "bytes-sent", 0),
+        bytes_received=record_int(client, "bytes-received", 0),
+        optimizer_state_bytes=record_int(client, "optimizer-state-bytes", 0),
     )
 
 
@@ -381,11 +408,15 @@ def config_from_run_config(
             field_name = name.replace("-", "_")
             if field_name not in option_names:
                 accepted = sorted(n.replace("_", "-") for n in option_names)
-                raise ConfigError(f"unknown run config key {key!r}; accepted in [flower]: {accepted}")
+                raise ConfigError(
+                    f"unknown run config key {key!r}; accepted in [flower]: {accepted}"
+                )
             try:
                 setattr(options, field_name, float(value))
             except (TypeError, ValueError) as error:
-                raise ConfigError(f"run config key {key!r} expects a number (got {value!r})") from error
+                raise ConfigError(
+                    f"run config key {key!r} expects a number (got {value!r})"
+                ) from error
             continue
         config.set(key, value)
     return config, options
@@ -415,7 +446,7 @@ def partition_from_node_config(node_config: Mapping[str, Any]) -> tuple[int, int
         When either is missing or out of range, with the flag that sets them.
     """
     hint = (
-        "start the SuperNode with --node-config \"partition-id=<i> num-partitions=<n>\" "
+        'start the SuperNode with --node-config "partition-id=<i> num-partitions=<n>" '
         "(the simulation engine sets both itself)"
     )
     if PARTITION_ID_KEY not in node_config or NUM_PARTITIONS_KEY not in node_config:
@@ -424,7 +455,9 @@ def partition_from_node_config(node_config: Mapping[str, Any]) -> tuple[int, int
         partition_id = int(node_config[PARTITION_ID_KEY])
         num_partitions = int(node_config[NUM_PARTITIONS_KEY])
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"node config partition-id / num-partitions must be integers: {hint}") from error
+        raise ConfigError(
+            f"node config partition-id / num-partitions must be integers: {hint}"
+        ) from error
     if num_partitions < 1 or not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"node config partition-id={partition_id} must be in [0, num-partitions="

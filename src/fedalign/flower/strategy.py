@@ -45,6 +45,7 @@ from fedalign.flower.messages import (
     decode_state,
     encode_instructions,
     encode_state,
+    record_int,
 )
 from fedalign.simulation import sample_clients
 from fedalign.strategies.base import (
@@ -134,12 +135,11 @@ def discover_partitions(
                 node_id = reply.metadata.src_node_id
                 if reply.has_error():
                     raise DiscoveryError(
-                        f"SuperNode {node_id} did not report its partition: "
-                        f"{reply.error.reason}"
+                        f"SuperNode {node_id} did not report its partition: {reply.error.reason}"
                     )
                 answer = reply.content.config_records.get(CONFIG_KEY, ConfigRecord())
-                partition_id = int(answer[PARTITION_ID_KEY])  # type: ignore[arg-type]
-                count = int(answer[NUM_PARTITIONS_KEY])  # type: ignore[arg-type]
+                partition_id = record_int(answer, PARTITION_ID_KEY)
+                count = record_int(answer, NUM_PARTITIONS_KEY)
                 if num_partitions is not None and count != num_partitions:
                     raise DiscoveryError(
                         f"SuperNode {node_id} reports num-partitions={count}, expected "

@@ -331,8 +331,11 @@ def select_trainable(model: nn.Module, config: ModelConfig, full_layout: MoELayo
     if config.trainable == "moe+head":
         keep = full_layout.router_param_names() | full_layout.expert_param_names()
         keep |= set(_head_names(model))
+        # everything inside an MoE block trains too (e.g. Qwen2-MoE's shared expert and its
+        # gate); what is neither router nor routed expert is aggregated like the rest
+        blocks = tuple(f"{layer.name}." for layer in full_layout.layers)
         for name, param in model.named_parameters():
-            param.requires_grad_(name in keep)
+            param.requires_grad_(name in keep or name.startswith(blocks))
         return model
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model

@@ -75,6 +75,8 @@ class UpcycledMoE(nn.Module):
             UpcycledExpert(copy.deepcopy(fc_in), copy.deepcopy(activation), copy.deepcopy(fc_out))
             for _ in range(num_experts)
         )
+        # set by EncoderClassifier for the duration of a forward pass: (B*T,) bool
+        self.token_mask: Tensor | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:
         shape = hidden.shape
@@ -84,8 +86,13 @@ class UpcycledMoE(nn.Module):
         top_weights, top_index = probs.topk(self.top_k, dim=-1)  # (N, k)
         top_weights = (top_weights / top_weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
         output = torch.zeros_like(flat)
+        selected = top_index
+        if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
+            # padding tokens skip the experts: attention never reads them and pooling
+            # ignores them, so real tokens get the same numbers for half the work
+            selected = top_index.masked_fill(~self.token_mask[:, None], -1)
         for expert_index, expert in enumerate(self.experts):
-            rows, slot = torch.where(top_index == expert_index)
+            rows, slot = torch.where(selected == expert_index)
             if rows.numel() == 0:
                 continue
             routed = expert(flat[rows]) * top_weights[rows, slot, None]  # (n_e, H)
@@ -173,8 +180,15 @@ class EncoderClassifier(nn.Module):
 
     def _run_layers(self, hidden: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         mask = self._mask(hidden, attention_mask)
-        for layer in self._layers()[start:]:
-            hidden = layer(hidden, mask)
+        moe_layers = [m for m in self.modules() if isinstance(m, UpcycledMoE)]
+        for moe in moe_layers:
+            moe.token_mask = attention_mask.reshape(-1).bool()
+        try:
+            for layer in self._layers()[start:]:
+                hidden = layer(hidden, mask)
+        finally:
+            for moe in moe_layers:
+                moe.token_mask = None
         return self._head(hidden, attention_mask)
 
     def prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -1,0 +1,270 @@
+"""``fedalign benchmark``: grid expansion, reuse of finished runs, aggregation, outputs.
+
+The simulator is replaced by a fake that writes a run folder whose final accuracy is a
+known function of (strategy, alpha, seed), so the table's numbers can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedalign import benchmark
+from fedalign.cli import build_parser, main
+from fedalign.config import ConfigError, ExperimentConfig
+from fedalign.simulation import RunSummary
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+SUITE = """
+[suite]
+name = "toy"
+description = "A toy grid."
+strategies = ["fedavg", "fedalign", "fedalign:consistency"]
+alphas = [1.0, 0.1]
+seeds = 3
+reference = "fedavg"
+target-fraction = 1.0
+
+[suite.labels]
+"fedalign:consistency" = "row 3: consistency"
+
+[model]
+name = "tiny-upcycled"
+
+[data]
+max-train-examples = 60
+
+[partition]
+num-clients = 3
+
+[federated]
+rounds = 4
+
+[quick.suite]
+seeds = 2
+
+[quick.federated]
+rounds = 2
+"""
+
+BONUS = {"fedavg": 0.0, "fedalign": 0.1, "fedalign:consistency": 0.05}
+
+
+def final_accuracy(label: str, alpha: float, seed: int) -> float:
+    return 0.5 + BONUS[label] - 0.1 * (alpha < 0.5) + 0.01 * seed
+
+
+def _label(config: ExperimentConfig) -> str:
+    return benchmark.strategy_label(config.strategy.name, config.strategy.ablation)
+
+
+class FakeSimulator:
+    """Writes what a finished run folder holds; accuracy climbs linearly to its final value."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int, bool]] = []
+        self.prepared: list[tuple[float, int]] = []
+
+    def prepare(self, config: ExperimentConfig) -> tuple[float, int]:
+        key = (config.partition.alpha, config.federated.seed)
+        self.prepared.append(key)
+        return key
+
+    def run(self, config: ExperimentConfig, out_dir: Path, **kwargs: Any) -> RunSummary:
+        label = _label(config)
+        alpha, seed = config.partition.alpha, config.federated.seed
+        assert kwargs["prepared"] == (alpha, seed)  # data shared per (alpha, seed)
+        self.calls.append((label, alpha, seed, kwargs["resume"]))
+        final = final_accuracy(label, alpha, seed)
+        rounds = config.federated.rounds
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        config.save(folder / "config.toml")
+        lines = []
+        for r in range(1, rounds + 1):
+            accuracy = final * r / rounds
+            lines.append(
+                {
+                    "round": r,
+                    "global_accuracy": accuracy,
+                    "worst_local_accuracy": accuracy - 0.2,
+                    "routing_divergence": {"L": {"mean_js": 0.1 / r}},
+                    "semantic_dispersion": {"L": {"mean_dispersion": 0.2 / r}},
+                }
+            )
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        summary = RunSummary(
+            strategy=label,
+            rounds=rounds,
+            final_accuracy=final,
+            final_loss=1.0,
+            best_accuracy=final,
+            mean_local_accuracy=final - 0.1,
+            worst_local_accuracy=final - 0.2,
+            seconds=2.0,
+            seconds_per_round=2.0 / rounds,
+            bytes_sent=0,
+            bytes_received=2**20 * rounds,
+            peak_memory_mib=1.0,
+            out_dir=str(folder),
+        )
+        (folder / "summary.json").write_text(json.dumps(summary.to_dict()))
+        return summary
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSimulator:
+    simulator = FakeSimulator()
+    monkeypatch.setattr(benchmark, "run_experiment", simulator.run)
+    monkeypatch.setattr(benchmark, "prepare_shared_data", simulator.prepare)
+    return simulator
+
+
+@pytest.fixture
+def suite_file(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.toml"
+    path.write_text(SUITE)
+    return path
+
+
+def _run(suite_file: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["benchmark", "--suite", str(suite_file), "--out", str(out), "--no-progress", *extra]
+    )
+
+
+def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert _run(suite_file, out) == 0
+    assert len(fake.calls) == 3 * 2 * 3
+    assert not any(resume for *_, resume in fake.calls)
+    # data prepared once per (alpha, seed), in grid order
+    assert fake.prepared == [(a, s) for a in (1.0, 0.1) for s in (0, 1, 2)]
+    assert (out / "runs" / "alpha0.1" / "seed2" / "fedalign-consistency" / "summary.json").exists()
+
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        finals = [final_accuracy(row["strategy"], row["alpha"], s) for s in range(3)]
+        assert row["seeds"] == 3
+        assert row["final_accuracy_mean"] == pytest.approx(statistics.mean(finals))
+        assert row["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
+        assert row["worst_local_accuracy_mean"] == pytest.approx(statistics.mean(finals) - 0.2)
+        # target: FedAvg's mean final accuracy at this alpha
+        fedavg = statistics.mean(final_accuracy("fedavg", row["alpha"], s) for s in range(3))
+        assert row["target_accuracy"] == pytest.approx(fedavg)
+    by_key = {(r["strategy"], r["alpha"]): r for r in rows}
+    # fedalign (+0.1) reaches FedAvg's mean at round 4 * target / final (ceil) on every seed
+    alpha = 0.1
+    target = by_key[("fedalign", alpha)]["target_accuracy"]
+    expected = [
+        math.ceil(4 * target / final_accuracy("fedalign", alpha, s) - 1e-9) for s in range(3)
+    ]
+    assert by_key[("fedalign", alpha)]["rounds_to_target_mean"] == pytest.approx(
+        statistics.mean(expected)
+    )
+    assert by_key[("fedalign", alpha)]["reached"] == 3
+    # FedAvg: seeds 1 and 2 end above their mean, seed 0 below it
+    assert by_key[("fedavg", alpha)]["reached"] == 2
+
+    markdown = (out / "results.md").read_text()
+    assert "row 3: consistency" in markdown and "± " in markdown
+    assert "(2/3)" in markdown
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("strategy,name,alpha,seeds,final_accuracy_mean")
+    assert len(csv_lines) == 7
+    assert len((out / "runs.csv").read_text().splitlines()) == 19
+    for name in ("convergence.png", "divergence.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    command = (out / "COMMAND.txt").read_text()
+    assert command.startswith(f"fedalign benchmark --suite {suite_file}")
+    assert "--out" in command
+
+    # started again: everything finished is reused, nothing recomputed
+    fake.calls.clear()
+    fake.prepared.clear()
+    assert _run(suite_file, out) == 0
+    assert fake.calls == [] and fake.prepared == []
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_changed_config_or_interrupted_run(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1") == 0
+    assert len(fake.calls) == 3
+    # an interrupted run: config and checkpoint there, no summary -> resumed
+    folder = out / "runs" / "alpha0.1" / "seed0" / "fedalign"
+    (folder / "summary.json").unlink()
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / "state.pt").write_bytes(b"x")
+    fake.calls.clear()
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1") == 0
+    assert fake.calls == [("fedalign", 0.1, 0, True)]
+    # a different experiment setting: nothing matches, everything runs again
+    fake.calls.clear()
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--lr", "0.5") == 0
+    assert len(fake.calls) == 3 and not any(resume for *_, resume in fake.calls)
+    saved = ExperimentConfig.from_toml(folder / "config.toml")
+    assert saved.train.lr == 0.5
+
+
+def test_quick_and_grid_narrowing(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    assert _run(suite_file, out, "--quick", "--strategy", "fedavg", "--alpha", "0.1") == 0
+    assert fake.calls == [("fedavg", 0.1, 0, False), ("fedavg", 0.1, 1, False)]
+    saved = ExperimentConfig.from_toml(
+        out / "runs" / "alpha0.1" / "seed1" / "fedavg" / "config.toml"
+    )
+    assert saved.federated.rounds == 2 and saved.model.name == "tiny-upcycled"
+    assert "(quick size)" in (out / "results.md").read_text()
+
+
+def test_dry_run_and_no_run(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "results"
+    assert _run(suite_file, out, "--dry-run") == 0
+    assert fake.calls == [] and not out.exists()
+    assert capsys.readouterr().out.count("new") == 18
+    assert _run(suite_file, out, "--no-run") == 0
+    assert fake.calls == []
+    assert "18 planned run(s) have not finished" in (out / "results.md").read_text()
+
+
+def test_bad_suite_gives_clear_error(tmp_path: Path, capsys: Any) -> None:
+    assert main(["benchmark", "--suite", "nonexistent-suite"]) == 2
+    assert "no benchmarks/nonexistent-suite.toml" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nname = "tiny-upcycled"\n')
+    with pytest.raises(ConfigError, match=r"no \[suite\] table"):
+        benchmark.load_suite(bad)
+    bad.write_text('[suite]\nstrategies = ["fedavg"]\nsurprise = 1\n')
+    with pytest.raises(ConfigError, match="unknown"):
+        benchmark.load_suite(bad)
+
+
+def test_mean_std() -> None:
+    assert benchmark.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert benchmark.mean_std([0.5]) == (0.5, 0.0)
+    assert benchmark.mean_std([None, float("nan")]) == (None, None)
+
+
+@pytest.mark.parametrize("name", ["main", "ablation"])
+def test_shipped_suites_are_valid(name: str) -> None:
+    for quick in (False, True):
+        suite = benchmark.load_suite(REPO / "benchmarks" / f"{name}.toml", quick=quick)
+        base = ExperimentConfig.from_dict(suite.base)
+        base.validate()
+        runs = benchmark.plan_runs(suite, base, Path("unused"))
+        assert len(runs) == len(suite.strategies) * len(suite.alphas) * len(suite.seeds)
+    args = build_parser().parse_args(["benchmark", "--suite", name, "--quick"])
+    assert args.handler is not None

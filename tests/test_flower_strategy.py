@@ -1,0 +1,508 @@
+"""The Flower strategy wrapper with fake Flower replies (no simulation engine, no network).
+
+* the wrapper's aggregate equals the strategy's own ``aggregate`` on the same results,
+  bitwise, for FedAvg and FedAlign-MoE (routing statistics travel through the replies);
+* the strategy state lives in the wrapper: round 2's messages carry round 1's ``p_g``;
+* node discovery, failed replies, personalised start parameters;
+* equivalence: one round from the in-process simulator and one round through the wrapper
+  and our ClientApp's handlers (fed the same seed and partition) give the same global model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedalign[flower]')")
+
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app.metadata import Metadata  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedalign.config import ExperimentConfig  # noqa: E402
+from fedalign.flower import client_app  # noqa: E402
+from fedalign.flower.messages import (  # noqa: E402
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+    decode_instructions,
+    decode_state,
+    encode_reply,
+    encode_state,
+    model_fingerprint,
+    run_config_from_config,
+)
+from fedalign.flower.strategy import (  # noqa: E402
+    DiscoveryError,
+    FlowerStrategy,
+    RoundReport,
+    discover_partitions,
+)
+from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout  # noqa: E402
+from fedalign.simulation import Simulation  # noqa: E402
+from fedalign.strategies import (  # noqa: E402
+    ClientResult,
+    FedAlignMoE,
+    FedAvg,
+    LayerRoutingStatistics,
+    Strategy,
+)
+
+LAYOUT = MoELayout(
+    layers=(
+        MoELayerLayout(
+            name="moe",
+            num_experts=2,
+            top_k=1,
+            hidden_size=3,
+            router_params=("moe.router.weight",),
+            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
+        ),
+    )
+)
+
+
+def parameters(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "moe.router.weight": torch.randn(2, 3, generator=generator).to(dtype),
+        "moe.experts.w": torch.randn(2, 3, 4, generator=generator).to(dtype),
+        "head.weight": torch.randn(5, generator=generator).to(dtype),
+    }
+
+
+def statistics(seed: int) -> dict[str, LayerRoutingStatistics]:
+    generator = torch.Generator().manual_seed(100 + seed)
+    distribution = torch.softmax(torch.randn(2, generator=generator), dim=0)
+    return {
+        "moe": LayerRoutingStatistics(
+            routing_distribution=distribution,
+            usage=distribution.clone(),
+            margin=torch.rand(2, generator=generator),
+            mean_hidden=torch.randn(2, 3, generator=generator),
+            token_count=torch.tensor([7.0, 5.0]),
+            num_tokens=12,
+        )
+    }
+
+
+def client_results(server_round: int, dtype: torch.dtype = torch.float32) -> list[ClientResult]:
+    return [
+        ClientResult(
+            client_id=cid,
+            num_examples=10 + 7 * cid,
+            parameters=parameters(10 * server_round + cid, dtype),
+            routing_statistics=statistics(10 * server_round + cid),
+            metrics={"task_loss": 1.0 + cid, "routing_loss": 0.1 * cid},
+        )
+        for cid in range(3)
+    ]
+
+
+NODES = {0: 101, 1: 202, 2: 303}  # partition id -> node id
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> Iterator[None]:
+    """Messages take their run and source from the process's task identity, which the
+    ServerApp runtime sets; here the tests play the ServerApp."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def as_delivered(message: Message, message_id: str) -> Message:
+    """``message`` as the SuperLink hands it on: with a message id and a source node."""
+    metadata = message.metadata
+    delivered = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=1,
+        dst_node_id=metadata.dst_node_id,
+        reply_to_message_id="",
+        group_id=metadata.group_id,
+        created_at=metadata.created_at,
+        ttl=metadata.ttl,
+        message_type=metadata.message_type,
+    )
+    return Message(content=message.content, metadata=delivered)
+
+
+class FakeGrid:
+    """A Grid stand-in: ``respond(message)`` plays the node a message is addressed to."""
+
+    def __init__(
+        self, nodes: dict[int, int], respond: Callable[[Message, int], RecordDict | Error | None]
+    ) -> None:
+        self.nodes = nodes  # node id -> partition id
+        self.respond = respond
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = []
+        for index, message in enumerate(messages):
+            self.sent.append(message)
+            delivered = as_delivered(message, f"m{len(self.sent)}-{index}")
+            answer = self.respond(delivered, self.nodes[message.metadata.dst_node_id])
+            if answer is not None:
+                replies.append(Message(answer, reply_to=delivered))
+        return replies
+
+
+def partition_answer(message: Message, partition_id: int, count: int = 3) -> RecordDict:
+    assert message.metadata.message_type == MessageType.QUERY
+    answer = ConfigRecord({PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: count})
+    return RecordDict({CONFIG_KEY: answer})
+
+
+def wrap(strategy: Strategy, initial: dict[str, torch.Tensor], **kwargs: Any) -> FlowerStrategy:
+    return FlowerStrategy(strategy, initial, num_clients=3, seed=0, **kwargs)
+
+
+def run_round(
+    wrapper: FlowerStrategy, grid: FakeGrid, server_round: int
+) -> tuple[list[Message], Any]:
+    """configure_train -> the fake nodes -> aggregate_train, as ``Strategy.start`` does."""
+    messages = list(
+        wrapper.configure_train(server_round, wrapper.initial_arrays(), ConfigRecord(), grid)
+    )
+    replies = grid.send_and_receive(messages)
+    return messages, wrapper.aggregate_train(server_round, replies)
+
+
+def replying_with(results: dict[int, list[ClientResult]]):
+    """Fake nodes that answer train messages with prepared results (per round)."""
+
+    def respond(message: Message, partition_id: int) -> RecordDict:
+        if message.metadata.message_type == MessageType.QUERY:
+            return partition_answer(message, partition_id)
+        server_round = int(message.content[CONFIG_KEY][SERVER_ROUND_KEY])
+        return encode_reply(results[server_round][partition_id])
+
+    return respond
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fedavg_aggregate_equals_the_strategy_on_the_same_results(dtype: torch.dtype) -> None:
+    initial = parameters(0, dtype)
+    results = {1: client_results(1, dtype)}
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with(results))
+    wrapper = wrap(FedAvg(LAYOUT), initial)
+    messages, (arrays, metrics) = run_round(wrapper, grid, 1)
+
+    expected = FedAvg(LAYOUT).aggregate(1, initial, results[1], {})
+    for name, value in expected.parameters.items():
+        assert wrapper.global_parameters[name].dtype == dtype
+        assert torch.equal(wrapper.global_parameters[name], value), name
+    decoded = decode_state(arrays, like=initial)
+    assert all(torch.equal(decoded[k], expected.parameters[k]) for k in decoded)
+    # one message per client, to the node serving its partition, with its partition id
+    train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+    assert sorted(m.metadata.dst_node_id for m in train) == sorted(NODES.values())
+    for message in train:
+        config = message.content[CONFIG_KEY]
+        assert NODES[int(config[PARTITION_ID_KEY])] == message.metadata.dst_node_id
+        assert int(config[SERVER_ROUND_KEY]) == 1
+    assert metrics["num-clients"] == 3
+    assert metrics["train_loss"] == pytest.approx(2.0)
+
+
+def test_fedalign_state_lives_in_the_wrapper_between_rounds() -> None:
+    """Two FedAlign-MoE rounds: same aggregate as the strategy driven by hand, and round 2's
+    messages carry the global routing distribution and expert strengths of round 1."""
+    initial = parameters(0)
+    results = {1: client_results(1), 2: client_results(2)}
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with(results))
+    wrapper = wrap(FedAlignMoE(LAYOUT, routing_lambda=0.3), initial)
+    reference = FedAlignMoE(LAYOUT, routing_lambda=0.3)
+
+    state = reference.initial_state()
+    global_parameters = initial
+    for server_round in (1, 2):
+        instructions = reference.configure_train(server_round, [0, 1, 2], state)
+        messages, _ = run_round(wrapper, grid, server_round)
+        for message in messages:
+            cid = int(message.content[CONFIG_KEY][PARTITION_ID_KEY])
+            sent = decode_instructions(message.content)
+            assert sent.routing_lambda == instructions[cid].routing_lambda
+            assert sent.collect_statistics is True
+            assert sent.global_routing.keys() == instructions[cid].global_routing.keys()
+            for layer, value in instructions[cid].global_routing.items():
+                assert torch.equal(sent.global_routing[layer], value)
+            for layer, value in instructions[cid].expert_alpha.items():
+                assert torch.equal(sent.expert_alpha[layer], value)
+        outcome = reference.aggregate(server_round, global_parameters, results[server_round], state)
+        state, global_parameters = outcome.state, outcome.parameters
+        for name, value in global_parameters.items():
+            assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
+        assert torch.equal(
+            wrapper.strategy_state["global_routing"]["moe"], state["global_routing"]["moe"]
+        )
+    # round 2 used p_g from round 1: lambda switched on
+    assert decode_instructions(messages[0].content).routing_lambda == 0.3
+
+
+def test_on_round_report_and_server_evaluation() -> None:
+    initial = parameters(0)
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with({1: client_results(1)}))
+    reports: list[RoundReport] = []
+
+    def on_round(report: RoundReport) -> dict[str, Any]:
+        reports.append(report)
+        return {"train_loss": 1.5, "routing_loss": 0.0, "global_accuracy": 0.75}
+
+    wrapper = wrap(FedAvg(LAYOUT), initial, on_round=on_round)
+    run_round(wrapper, grid, 1)
+    (report,) = reports
+    assert report.selected == [0, 1, 2]
+    assert [r.result.client_id for r in report.replies] == [0, 1, 2]
+    assert report.failed == []
+    assert report.replies[2].result.num_examples == 24
+    assert torch.equal(
+        report.replies[1].result.routing_statistics["moe"].mean_hidden,
+        statistics(11)["moe"].mean_hidden,
+    )
+    evaluation = wrapper.server_evaluation(1, wrapper.initial_arrays())
+    assert evaluation is not None and evaluation["global_accuracy"] == 0.75
+    assert wrapper.server_evaluation(0, wrapper.initial_arrays()) is None
+
+
+def test_failed_reply_is_left_out() -> None:
+    initial = parameters(0)
+    results = client_results(1)
+    respond_ok = replying_with({1: results})
+
+    def respond(message: Message, partition_id: int) -> RecordDict | Error | None:
+        if message.metadata.message_type == MessageType.TRAIN and partition_id == 1:
+            return Error(code=0, reason="out of memory")
+        if message.metadata.message_type == MessageType.TRAIN and partition_id == 2:
+            return None  # no reply before the timeout
+        return respond_ok(message, partition_id)
+
+    grid = FakeGrid({v: k for k, v in NODES.items()}, respond)
+    reports: list[RoundReport] = []
+    wrapper = wrap(FedAvg(LAYOUT), initial, on_round=lambda r: reports.append(r) or {})
+    run_round(wrapper, grid, 1)
+    assert reports[0].failed == [1, 2]
+    expected = FedAvg(LAYOUT).aggregate(1, initial, results[:1], {})
+    assert all(torch.equal(wrapper.global_parameters[k], v) for k, v in expected.parameters.items())
+
+
+def test_no_reply_keeps_the_global_model() -> None:
+    initial = parameters(0)
+
+    def respond(message: Message, partition_id: int) -> RecordDict | None:
+        if message.metadata.message_type == MessageType.QUERY:
+            return partition_answer(message, partition_id)
+        return None
+
+    wrapper = wrap(FedAvg(LAYOUT), initial)
+    _, (arrays, metrics) = run_round(
+        wrapper, FakeGrid({v: k for k, v in NODES.items()}, respond), 1
+    )
+    assert arrays is None and metrics is None
+    assert all(torch.equal(wrapper.global_parameters[k], v) for k, v in initial.items())
+
+
+def test_personalised_parameters_are_sent_as_start_parameters() -> None:
+    class Personalising(FedAvg):
+        def aggregate(self, server_round, global_parameters, results, state):  # type: ignore[no-untyped-def]
+            outcome = super().aggregate(server_round, global_parameters, results, state)
+            outcome.client_parameters = {
+                r.client_id: {"head.weight": torch.full((5,), float(r.client_id))} for r in results
+            }
+            return outcome
+
+    initial = parameters(0)
+    results = {1: client_results(1), 2: client_results(2)}
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with(results))
+    wrapper = wrap(Personalising(LAYOUT), initial)
+    first, _ = run_round(wrapper, grid, 1)
+    assert all(decode_instructions(m.content).start_parameters is None for m in first)
+    second, _ = run_round(wrapper, grid, 2)
+    for message in second:
+        cid = int(message.content[CONFIG_KEY][PARTITION_ID_KEY])
+        start = decode_instructions(message.content).start_parameters
+        assert start is not None
+        assert torch.equal(start["head.weight"], torch.full((5,), float(cid)))
+
+
+def test_sampling_follows_the_simulator() -> None:
+    from fedalign.simulation import sample_clients
+
+    initial = parameters(0)
+    nodes = {1000 + p: p for p in range(6)}
+    grid = FakeGrid(nodes, lambda m, p: partition_answer(m, p, count=6))
+    wrapper = FlowerStrategy(FedAvg(LAYOUT), initial, num_clients=6, seed=3, fraction=0.5)
+    messages = list(wrapper.configure_train(4, wrapper.initial_arrays(), ConfigRecord(), grid))
+    sent_to = sorted(int(m.content[CONFIG_KEY][PARTITION_ID_KEY]) for m in messages)
+    assert sent_to == sample_clients(3, 4, 6, 0.5)
+    assert all(
+        m.metadata.dst_node_id == 1000 + int(m.content[CONFIG_KEY][PARTITION_ID_KEY])
+        for m in messages
+    )
+
+
+def test_discovery_maps_partitions_and_rejects_inconsistent_nodes() -> None:
+    grid = FakeGrid({11: 1, 12: 0, 13: 2}, partition_answer)
+    assert discover_partitions(grid, timeout=1) == {0: 12, 1: 11, 2: 13}
+
+    duplicate = FakeGrid({11: 0, 12: 0, 13: 2}, partition_answer)
+    with pytest.raises(DiscoveryError, match="same partition-id"):
+        discover_partitions(duplicate, timeout=1)
+
+    disagree = FakeGrid({11: 0, 12: 1}, lambda m, p: partition_answer(m, p, count=2 + p))
+    with pytest.raises(DiscoveryError, match="num-partitions"):
+        discover_partitions(disagree, timeout=1)
+
+    missing = FakeGrid({11: 0, 12: 2}, partition_answer)
+    with pytest.raises(DiscoveryError, match=r"partition\(s\) \[1\]"):
+        discover_partitions(missing, timeout=0.05, poll_interval=0.01)
+
+    failing = FakeGrid({11: 0}, lambda m, p: Error(code=0, reason="no partition-id"))
+    with pytest.raises(DiscoveryError, match="no partition-id"):
+        discover_partitions(failing, timeout=1)
+
+
+# ----------------------------------------------------------------------- equivalence
+def tiny_config(strategy: str) -> ExperimentConfig:
+    config = ExperimentConfig()
+    config.model.name = "tiny-upcycled"
+    config.model.max_length = 24
+    config.data.max_train_examples = 240
+    config.data.max_test_examples = 80
+    config.partition.num_clients = 3
+    config.partition.alpha = 0.5
+    config.partition.min_client_size = 10
+    config.federated.rounds = 2
+    config.train.local_steps = 2
+    config.train.batch_size = 8
+    config.train.lr = 1e-3
+    config.strategy.name = strategy
+    config.strategy.stats_max_examples = 32
+    config.run.progress = False
+    return config
+
+
+def client_context(config: ExperimentConfig, partition_id: int) -> Context:
+    return Context(
+        run_id=1,
+        node_id=NODES[partition_id],
+        node_config={PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: 3},
+        state=RecordDict(),
+        run_config=run_config_from_config(config),
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedalign"])
+def test_simulator_and_flower_wrapper_give_the_same_aggregate(
+    strategy: str, tmp_path: Path
+) -> None:
+    """Same seed, same partition: the simulator's rounds and the wrapper's rounds (with our
+    ClientApp's train handler answering) give bitwise the same global parameters."""
+    config = tiny_config(strategy)
+    simulation = Simulation(config.copy(), tmp_path / "sim", log=None)
+    flower_side = Simulation(config.copy(), tmp_path / "flower", log=None)  # server side
+    contexts = {p: client_context(config, p) for p in range(3)}
+
+    def respond(message: Message, partition_id: int) -> RecordDict:
+        if message.metadata.message_type == MessageType.QUERY:
+            return client_app.query(message, contexts[partition_id]).content
+        return client_app.train(message, contexts[partition_id]).content
+
+    grid = FakeGrid({v: k for k, v in NODES.items()}, respond)
+    wrapper = FlowerStrategy(
+        flower_side.strategy,
+        flower_side.global_parameters,
+        num_clients=3,
+        seed=config.federated.seed,
+        fingerprint=model_fingerprint(flower_side.model),
+    )
+    for server_round in (1, 2):
+        simulation.run_round(server_round)
+        _, (arrays, _) = run_round(wrapper, grid, server_round)
+        assert arrays is not None
+        assert simulation.global_parameters.keys() == wrapper.global_parameters.keys()
+        for name, value in simulation.global_parameters.items():
+            assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
+    if strategy == "fedalign":
+        for layer, value in simulation.strategy_state["global_routing"].items():
+            assert torch.equal(wrapper.strategy_state["global_routing"][layer], value)
+
+
+def test_client_refuses_a_different_model(tmp_path: Path) -> None:
+    config = tiny_config("fedavg")
+    server = Simulation(config.copy(), tmp_path / "server", log=None)
+    message = Message(
+        content=RecordDict(
+            {
+                "arrays": encode_state(server.global_parameters),
+                CONFIG_KEY: ConfigRecord(
+                    {SERVER_ROUND_KEY: 1, PARTITION_ID_KEY: 0, FINGERPRINT_KEY: "0" * 16}
+                ),
+            }
+        ),
+        dst_node_id=NODES[0],
+        message_type=MessageType.TRAIN,
+    )
+    with pytest.raises(RuntimeError, match="fingerprint"):
+        client_app.train(as_delivered(message, "x"), client_context(config, 0))
+    with pytest.raises(RuntimeError, match="partition 0 reached the node of partition 1"):
+        client_app.train(as_delivered(message, "y"), client_context(config, 1))
+
+
+def test_client_keeps_optimizer_state_in_context(tmp_path: Path) -> None:
+    config = tiny_config("fedavg")
+    config.train.keep_optimizer_state = True
+    server = Simulation(config.copy(), tmp_path / "server", log=None)
+    context = client_context(config, 0)
+    for server_round in (1, 2):
+        message = Message(
+            content=RecordDict(
+                {
+                    "arrays": encode_state(server.global_parameters),
+                    CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: server_round}),
+                }
+            ),
+            dst_node_id=NODES[0],
+            message_type=MessageType.TRAIN,
+        )
+        reply = client_app.train(as_delivered(message, f"r{server_round}"), context)
+        assert int(reply.content["fedalign.client"]["optimizer-state-bytes"]) > 0
+        assert client_app.OPTIMIZER_STATE_KEY in context.state
+
+
+def test_client_evaluate_on_local_test_split(tmp_path: Path) -> None:
+    config = tiny_config("fedavg")
+    server = Simulation(config.copy(), tmp_path / "server", log=None)
+    message = Message(
+        content=RecordDict({"arrays": encode_state(server.global_parameters)}),
+        dst_node_id=NODES[2],
+        message_type=MessageType.EVALUATE,
+    )
+    reply = client_app.evaluate(as_delivered(message, "e"), client_context(config, 2))
+    metrics = reply.content["metrics"]
+    assert int(metrics["num-examples"]) == len(server.data.client_test[2])
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
+def test_query_without_node_config_names_the_flag() -> None:
+    message = Message(
+        content=RecordDict({CONFIG_KEY: ConfigRecord()}),
+        dst_node_id=1,
+        message_type=MessageType.QUERY,
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="--node-config"):
+        client_app.query(as_delivered(message, "q"), context)
