@@ -1,0 +1,204 @@
+"""``fedalign bench``: speed and memory ratios of the simulator's design choices.
+
+Each row times two ways of doing the same work in one process, back to back, and reports
+medians over repeats and their ratio (the machines are noisy: read ratios, not seconds):
+
+* a local training step through the cached frozen prefix vs recomputing the prefix;
+* the upcycled MoE with padding tokens skipping the experts vs every token routed;
+* FedAlign-MoE's server aggregation vs FedAvg's on the same client results;
+* the bytes kept per client (optimizer state on) vs one copy of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedalign.config import ExperimentConfig
+from fedalign.records import tensor_bytes
+
+
+def _median_seconds(work: Callable[[], object], repeats: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]]:
+    """Measure every row on ``config``'s model and data; returns the table rows."""
+    from fedalign.models import UpcycledMoE
+    from fedalign.simulation import Simulation
+    from fedalign.strategies import build_strategy
+    from fedalign.strategies.base import TrainInstructions
+    from fedalign.training import ModelInputs, forward_logits, train_local
+
+    config = config.copy()
+    config.run.progress = False
+    config.federated.rounds = 1
+    config.train.local_steps = 1
+    config.train.keep_optimizer_state = True
+    simulation = Simulation(config, Path("runs/bench"), log=None)
+    model, data = simulation.model, simulation.data
+    batch_indices = data.client_train[0][: config.train.batch_size]
+    rows: list[dict[str, Any]] = []
+
+    def step(inputs: ModelInputs) -> None:
+        train_local(
+            model,
+            inputs,
+            TrainInstructions(),
+            config.train,
+            global_parameters=simulation.global_parameters,
+        )
+
+    if data.prefix_cached and data.train.prefix_hidden is not None:
+        cached = data.train.select(batch_indices)
+        # the token path: the same examples as ids, the prefix recomputed inside the step
+        prefix_layers = getattr(model.model, "prefix_layers", 0)
+        input_ids = _token_ids_for(simulation, batch_indices)
+        recompute = ModelInputs(
+            attention_mask=cached.attention_mask,
+            labels=cached.labels,
+            input_ids=input_ids[:, : cached.attention_mask.shape[1]],
+        )
+        with_cache = _median_seconds(lambda: step(cached), repeats)
+        without = _median_seconds(lambda: step(recompute), repeats)
+        rows.append(
+            {
+                "what": f"training step, prefix of {prefix_layers} layers cached vs recomputed",
+                "baseline_s": without,
+                "ours_s": with_cache,
+                "speedup": without / with_cache,
+            }
+        )
+
+    moe_layers = [m for m in model.model.modules() if isinstance(m, UpcycledMoE)]
+    if moe_layers:
+        batch = data.train.select(batch_indices)
+
+        @torch.no_grad()
+        def forward(skip_padding: bool) -> None:
+            model.model.eval()
+            if skip_padding:
+                forward_logits(model, batch)
+                return
+            # routing every token: an all-ones mask of the same shape
+            full = ModelInputs(
+                attention_mask=torch.ones_like(batch.attention_mask),
+                labels=batch.labels,
+                input_ids=batch.input_ids,
+                prefix_hidden=batch.prefix_hidden,
+            )
+            forward_logits(model, full)
+
+        skip = _median_seconds(lambda: forward(True), repeats)
+        every = _median_seconds(lambda: forward(False), repeats)
+        real = float(batch.attention_mask.float().mean())
+        rows.append(
+            {
+                "what": f"forward, padding skips experts vs all tokens (real tokens {real:.0%})",
+                "baseline_s": every,
+                "ours_s": skip,
+                "speedup": every / skip,
+            }
+        )
+
+    # aggregation: run one round of client training once, then time the server alone
+    results = []
+    for client_id in range(data.num_clients):
+        instructions = TrainInstructions(collect_statistics=True)
+        result, _sent, _received = simulation._train_client(1, client_id, instructions)
+        results.append(result)
+    fedavg = build_strategy(_strategy(config, "fedavg"), model.layout)
+    fedalign = build_strategy(_strategy(config, "fedalign"), model.layout)
+    parameters = simulation.global_parameters
+    average = _median_seconds(lambda: fedavg.aggregate(1, parameters, results, {}), repeats)
+    aligned = _median_seconds(
+        lambda: fedalign.aggregate(1, parameters, results, fedalign.initial_state()), repeats
+    )
+    rows.append(
+        {
+            "what": f"server aggregation of {len(results)} clients, FedAlign-MoE vs FedAvg",
+            "baseline_s": average,
+            "ours_s": aligned,
+            "speedup": average / aligned,
+        }
+    )
+    model_bytes = tensor_bytes(dict(model.model.named_parameters()))
+    kept = simulation.client_state_bytes() / max(len(simulation.optimizer_states), 1)
+    rows.append(
+        {
+            "what": "bytes kept per client (AdamW state) / bytes of one model copy",
+            "baseline_s": None,
+            "ours_s": None,
+            "speedup": kept / model_bytes,
+        }
+    )
+    return rows
+
+
+def _token_ids_for(simulation: Any, indices: torch.Tensor) -> torch.Tensor:
+    """Token ids of pooled-train rows (tokenized again; the simulation keeps only the cache)."""
+    from fedalign.data import build_federated_data, tokenize_dataset
+
+    config = simulation.config
+    federated = build_federated_data(config.data, config.partition, config.federated.seed)
+    subset = federated.splits.train.subset(indices.numpy())
+    tokenized = tokenize_dataset(subset, simulation.model.tokenizer, config.model.max_length)
+    return tokenized.input_ids
+
+
+def _strategy(config: ExperimentConfig, name: str) -> Any:
+    strategy = config.copy().strategy
+    strategy.name = name
+    return strategy
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| what | baseline (s, median) | ours (s, median) | ratio baseline / ours |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        base = "-" if row["baseline_s"] is None else f"{row['baseline_s']:.4f}"
+        ours = "-" if row["ours_s"] is None else f"{row['ours_s']:.4f}"
+        lines.append(f"| {row['what']} | {base} | {ours} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedalign.cli import config_from_args
+
+    config = config_from_args(args)
+    rows = run_bench(config, repeats=args.repeats)
+    table = format_table(rows)
+    print(table)
+    if args.out_table:
+        Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_table).write_text(table + "\n")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    from fedalign.cli import add_experiment_options
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="speed and memory ratios of the simulator's design choices",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_experiment_options(parser)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--out-table", type=Path, help="also write the table (Markdown) here")
+    parser.set_defaults(handler=_cmd_bench)
