@@ -510,3 +510,38 @@ def test_build_strategy_unknown_name() -> None:
     for accepted in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedadam", "fedyogi"):
         assert accepted in str(error.value)
     assert "fedsgd" in str(error.value)
+
+
+def test_overlap_definitions_by_hand() -> None:
+    """The three overlap options on two clients and two experts, margins 1.
+
+    pbar_1 = (0.8, 0.2), pbar_2 = (0.2, 0.8), previous p_g = (0.5, 0.5).
+    geometric: o = sqrt(pbar * 0.5) -> per expert the factor sqrt(0.5) cancels:
+      omega(e=0) = sqrt(.8) / (sqrt(.8) + sqrt(.2)) = 2/3.
+    bhattacharyya: BC_1 = BC_2 = sqrt(.4) + sqrt(.1) -> omega = 1/2 everywhere.
+    intersection: o = min(pbar, 0.5) -> e=0: (0.5, 0.2) -> omega = (5/7, 2/7).
+    """
+    from fedalign.strategies.fedalign import consistency_weights
+
+    pbar = torch.tensor([[0.8, 0.2], [0.2, 0.8]])
+    margin = torch.ones(2, 2)
+    previous = torch.tensor([0.5, 0.5])
+    geometric = consistency_weights(pbar, margin, previous, overlap="geometric")
+    assert_close(geometric[:, 0], torch.tensor([2 / 3, 1 / 3]))
+    bhattacharyya = consistency_weights(pbar, margin, previous, overlap="bhattacharyya")
+    assert_close(bhattacharyya, torch.full((2, 2), 0.5))
+    intersection = consistency_weights(pbar, margin, previous, overlap="intersection")
+    assert_close(intersection[:, 0], torch.tensor([5 / 7, 2 / 7]))
+    # with a different previous p_g only the geometric definition stays the same
+    skewed = torch.tensor([0.9, 0.1])
+    assert_close(consistency_weights(pbar, margin, skewed, overlap="geometric"), geometric)
+    assert not torch.allclose(
+        consistency_weights(pbar, margin, skewed, overlap="intersection"), intersection
+    )
+    with pytest.raises(ValueError, match="overlap"):
+        consistency_weights(pbar, margin, previous, overlap="cosine")
+
+
+def test_unknown_overlap_names_the_field(layout: MoELayout) -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.overlap"):
+        FedAlignMoE(layout, overlap="cosine")

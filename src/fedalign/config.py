@@ -201,6 +201,10 @@ class StrategyConfig:
         Threshold ``tau_e = M(e) - beta * Sigma(e)`` of semantic aggregation.
     eps : float, default 1e-6
         Floor that keeps consistency weights defined.
+    overlap : str, default "geometric"
+        Expert overlap ``o_i(e)`` of the consistency weights: ``geometric``
+        (``sqrt(pbar_i(e) p_g(e))``, METHOD.md), ``bhattacharyya`` (the client's whole routing
+        distribution against ``p_g``) or ``intersection`` (``min(pbar_i(e), p_g(e))``).
     personalized_experts : bool, default False
         Clients start each round from their semantic region's experts.
     stats_max_examples : int, default 512
@@ -222,6 +226,7 @@ class StrategyConfig:
     routing_lambda: float = 0.1
     beta: float = 1.0
     eps: float = 1e-6
+    overlap: str = "geometric"
     personalized_experts: bool = False
     stats_max_examples: int = 512
     hidden_noise_std: float = 0.0
@@ -332,6 +337,7 @@ class ExperimentConfig:
         )
         _one_of("strategy.name", s.name, STRATEGIES)
         _one_of("strategy.ablation", s.ablation, ABLATIONS)
+        _one_of("strategy.overlap", s.overlap, ("geometric", "bhattacharyya", "intersection"))
         _one_of("partition.method", p.method, PARTITION_METHODS)
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _positive("partition.num-clients", p.num_clients)

@@ -80,6 +80,7 @@ def build_strategy(config: StrategyConfig, layout: MoELayout) -> Strategy:
             beta=config.beta,
             eps=config.eps,
             personalized_experts=config.personalized_experts,
+            overlap=config.overlap,
         )
     if name in ("fedadam", "fedyogi"):
         optimizer_class = FedAdam if name == "fedadam" else FedYogi

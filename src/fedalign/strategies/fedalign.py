@@ -84,12 +84,17 @@ THRESHOLD_STD_CHOICES = ("population", "sample")
 
 
 # ------------------------------------------------------------------ A/B: routing math
+OVERLAPS = ("geometric", "bhattacharyya", "intersection")
+"""Accepted definitions of the expert overlap ``o_i(e)`` (see :func:`consistency_weights`)."""
+
+
 def consistency_weights(
     routing_distribution: Tensor,
     margin: Tensor,
     previous_global_routing: Tensor,
     score: str = "overlap*margin",
     eps: float = 1e-6,
+    overlap: str = "geometric",
 ) -> Tensor:
     """Routing consistency weights ``omega_i(e) = s_i(e) / sum_j s_j(e)`` (step A).
 
@@ -106,6 +111,11 @@ def consistency_weights(
         or ``omega = 1 / C``.
     eps : float, default 1e-6
         Floor on ``s``, so an expert nobody scores gets uniform weights.
+    overlap : {"geometric", "bhattacharyya", "intersection"}, default "geometric"
+        The expert overlap ``o_i(e)``: ``sqrt(pbar_i(e) * p_g(e))`` (METHOD.md; ``p_g``
+        cancels in the normalisation over clients), the Bhattacharyya coefficient
+        ``sum_e' sqrt(pbar_i(e') * p_g(e'))`` of the client's whole routing distribution
+        with ``p_g`` (one value per client), or ``min(pbar_i(e), p_g(e))``.
 
     Returns
     -------
@@ -116,11 +126,20 @@ def consistency_weights(
     num_clients = routing_distribution.shape[0]
     if score == "uniform":
         return torch.full_like(routing_distribution, 1.0 / num_clients)
-    overlap = (routing_distribution * previous_global_routing.float()[None, :]).clamp(min=0).sqrt()
+    reference = previous_global_routing.float()[None, :]  # (1, E)
+    if overlap == "geometric":
+        expert_overlap = (routing_distribution * reference).clamp(min=0).sqrt()  # (C, E)
+    elif overlap == "bhattacharyya":
+        coefficient = (routing_distribution * reference).clamp(min=0).sqrt().sum(dim=1)  # (C,)
+        expert_overlap = coefficient[:, None].expand_as(routing_distribution)  # (C, E)
+    elif overlap == "intersection":
+        expert_overlap = torch.minimum(routing_distribution, reference)  # (C, E)
+    else:
+        raise ValueError(f"unknown overlap {overlap!r}; accepted: {list(OVERLAPS)}")
     if score == "overlap*margin":
-        raw_score = overlap * margin.float()
+        raw_score = expert_overlap * margin.float()
     elif score == "overlap":
-        raw_score = overlap
+        raw_score = expert_overlap
     elif score == "margin":
         raw_score = margin.float()
     else:
@@ -316,6 +335,9 @@ class FedAlignMoE(Strategy):
         Standard deviation used for ``Sigma(e)`` (divisor ``n`` or ``n - 1`` active clients).
     consensus_tolerance : float, default 1e-6
         ``c_i >= tau_e - consensus_tolerance`` counts as aligned (guards float rounding).
+    overlap : {"geometric", "bhattacharyya", "intersection"}, default "geometric"
+        Definition of the expert overlap ``o_i(e)`` in the consistency score; see
+        :func:`consistency_weights`. ``"geometric"`` is METHOD.md's.
     personalize_include_self : bool, default True
         Whether client ``i``'s own update is part of its region with ``gamma_ii = 1``
         (``cos`` of a vector with itself).
@@ -362,8 +384,12 @@ class FedAlignMoE(Strategy):
         threshold_std: str = "population",
         consensus_tolerance: float = 1e-6,
         personalize_include_self: bool = True,
+        overlap: str = "geometric",
     ) -> None:
         super().__init__(layout)
+        if overlap not in OVERLAPS:
+            raise ConfigError(f"strategy.overlap must be one of {list(OVERLAPS)} (got {overlap!r})")
+        self.overlap = overlap
         if ablation not in ABLATIONS:
             raise ConfigError(
                 f"strategy.ablation must be one of {list(ABLATIONS)} (got {ablation!r})"
@@ -509,7 +535,12 @@ class FedAlignMoE(Strategy):
                 reference = routing_distribution.mean(dim=0)
                 reference_source = "client-mean"
             omega = consistency_weights(
-                routing_distribution, margin, reference, CONSISTENCY_SCORES[self.ablation], self.eps
+                routing_distribution,
+                margin,
+                reference,
+                CONSISTENCY_SCORES[self.ablation],
+                self.eps,
+                self.overlap,
             )  # (C, E)
             # B. global routing distribution p_g^t.
             global_routing = global_routing_distribution(routing_distribution, omega)  # (E,)
