@@ -542,6 +542,7 @@ def test_overlap_definitions_by_hand() -> None:
         consistency_weights(pbar, margin, previous, overlap="cosine")
 
 
+@LAYOUTS
 def test_unknown_overlap_names_the_field(layout: MoELayout) -> None:
     with pytest.raises(ConfigError, match=r"strategy\.overlap"):
         FedAlignMoE(layout, overlap="cosine")
