@@ -19,13 +19,13 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedalign[flower]')")
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
-from flwr.app.metadata import Metadata  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app.metadata import Metadata
+from flwr.supercore.task_identity import TaskIdentity
 
-from fedalign.config import ExperimentConfig  # noqa: E402
-from fedalign.flower import client_app  # noqa: E402
-from fedalign.flower.messages import (  # noqa: E402
+from fedalign.config import ExperimentConfig
+from fedalign.flower import client_app
+from fedalign.flower.messages import (
     CONFIG_KEY,
     FINGERPRINT_KEY,
     NUM_PARTITIONS_KEY,
@@ -38,20 +38,21 @@ from fedalign.flower.messages import (  # noqa: E402
     model_fingerprint,
     run_config_from_config,
 )
-from fedalign.flower.strategy import (  # noqa: E402
+from fedalign.flower.strategy import (
     DiscoveryError,
     FlowerStrategy,
     RoundReport,
     discover_partitions,
 )
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout  # noqa: E402
-from fedalign.simulation import Simulation  # noqa: E402
-from fedalign.strategies import (  # noqa: E402
+from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.simulation import Simulation
+from fedalign.strategies import (
     ClientResult,
     FedAlignMoE,
     FedAvg,
     LayerRoutingStatistics,
     Strategy,
+    build_strategy,
 )
 
 LAYOUT = MoELayout(
@@ -354,6 +355,25 @@ def test_sampling_follows_the_simulator() -> None:
     )
 
 
+def test_a_reconnected_node_is_found_again() -> None:
+    """A SuperNode that restarts comes back under a new node id: the next round asks the
+    unknown node for its partition and sends there."""
+    initial = parameters(0)
+    results = {1: client_results(1), 2: client_results(2)}
+    nodes = {v: k for k, v in NODES.items()}
+    grid = FakeGrid(nodes, replying_with(results))
+    wrapper = wrap(FedAvg(LAYOUT), initial)
+    run_round(wrapper, grid, 1)
+    del nodes[202]
+    nodes[909] = 1  # partition 1 restarted
+    messages, (arrays, _) = run_round(wrapper, grid, 2)
+    assert arrays is not None
+    assert wrapper.client_nodes == {0: 101, 1: 909, 2: 303}
+    queried = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert queried.count(909) == 1 and queried.count(101) == 1  # 101 asked once, in round 1
+    assert 909 in {m.metadata.dst_node_id for m in messages}
+
+
 def test_discovery_maps_partitions_and_rejects_inconsistent_nodes() -> None:
     grid = FakeGrid({11: 1, 12: 0, 13: 2}, partition_answer)
     assert discover_partitions(grid, timeout=1) == {0: 12, 1: 11, 2: 13}
@@ -385,7 +405,8 @@ def tiny_config(strategy: str) -> ExperimentConfig:
     config.partition.num_clients = 3
     config.partition.alpha = 0.5
     config.partition.min_client_size = 10
-    config.federated.rounds = 2
+    config.federated.rounds = 10  # with eval-every 10: no evaluation in these tests
+    config.federated.eval_every = 10
     config.train.local_steps = 2
     config.train.batch_size = 8
     config.train.lr = 1e-3
@@ -405,15 +426,24 @@ def client_context(config: ExperimentConfig, partition_id: int) -> Context:
     )
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedalign"])
+@pytest.mark.parametrize(("strategy", "rounds"), [("fedavg", 1), ("fedalign", 2)])
 def test_simulator_and_flower_wrapper_give_the_same_aggregate(
-    strategy: str, tmp_path: Path
+    strategy: str, rounds: int, tmp_path: Path
 ) -> None:
     """Same seed, same partition: the simulator's rounds and the wrapper's rounds (with our
-    ClientApp's train handler answering) give bitwise the same global parameters."""
+    ClientApp's handlers answering, each building its own model and data from the run
+    config) give bitwise the same global parameters. FedAlign-MoE runs two rounds so that
+    round 2's instructions (p_g, alpha) travel too."""
     config = tiny_config(strategy)
     simulation = Simulation(config.copy(), tmp_path / "sim", log=None)
-    flower_side = Simulation(config.copy(), tmp_path / "flower", log=None)  # server side
+    # the wrapper starts from the simulator's initial state, with its own strategy object
+    wrapper = FlowerStrategy(
+        build_strategy(config.strategy, simulation.model.layout),
+        simulation.global_parameters,
+        num_clients=3,
+        seed=config.federated.seed,
+        fingerprint=model_fingerprint(simulation.model),
+    )
     contexts = {p: client_context(config, p) for p in range(3)}
 
     def respond(message: Message, partition_id: int) -> RecordDict:
@@ -422,14 +452,7 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
         return client_app.train(message, contexts[partition_id]).content
 
     grid = FakeGrid({v: k for k, v in NODES.items()}, respond)
-    wrapper = FlowerStrategy(
-        flower_side.strategy,
-        flower_side.global_parameters,
-        num_clients=3,
-        seed=config.federated.seed,
-        fingerprint=model_fingerprint(flower_side.model),
-    )
-    for server_round in (1, 2):
+    for server_round in range(1, rounds + 1):
         simulation.run_round(server_round)
         _, (arrays, _) = run_round(wrapper, grid, server_round)
         assert arrays is not None
@@ -437,6 +460,7 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
         for name, value in simulation.global_parameters.items():
             assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
     if strategy == "fedalign":
+        assert simulation.strategy_state["global_routing"]
         for layer, value in simulation.strategy_state["global_routing"].items():
             assert torch.equal(wrapper.strategy_state["global_routing"][layer], value)
 

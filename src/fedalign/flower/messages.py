@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -249,18 +251,31 @@ def encode_statistics(statistics: RoutingStatistics) -> bytes:
             if tensor.dtype == torch.bfloat16:
                 tensor = tensor.float()
             tensors[f"{layer}{_SEPARATOR}{key}"] = tensor.contiguous().clone()
-    return bytes(save_safetensors(tensors)) if tensors else b""
+    if not tensors:
+        return b""
+    # safetensors does not keep the order of its tensors: the layer order rides in metadata
+    return bytes(save_safetensors(tensors, metadata={"layers": json.dumps(list(statistics))}))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    metadata: dict[str, str] = header.get("__metadata__") or {}
+    return metadata
 
 
 def decode_statistics(data: bytes) -> RoutingStatistics:
-    """The inverse of :func:`encode_statistics`."""
+    """The inverse of :func:`encode_statistics` (layers in their original order)."""
     if not data:
         return {}
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in load_safetensors(data).items():
         layer, _, name = key.rpartition(_SEPARATOR)
         grouped.setdefault(layer, {})[name] = tensor
-    return {layer: LayerRoutingStatistics.from_tensors(values) for layer, values in grouped.items()}
+    order = json.loads(_safetensors_metadata(data).get("layers", "[]"))
+    layers = [name for name in order if name in grouped]
+    layers += sorted(set(grouped) - set(layers))
+    return {layer: LayerRoutingStatistics.from_tensors(grouped[layer]) for layer in layers}
 
 
 # ----------------------------------------------------------------------------- replies

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
 from fedalign.flower.messages import (
+    ARRAYS_KEY,
     CONFIG_KEY,
     FINGERPRINT_KEY,
     NUM_PARTITIONS_KEY,
@@ -161,8 +162,9 @@ def discover_partitions(
                 f"(partition: nodes) {duplicates}; give each node its own partition-id"
             )
         if num_partitions is not None and set(claimed) == set(range(num_partitions)):
-            log(INFO, "Partitions of the SuperNodes: %s", dict(sorted(claimed.items())))
-            return {p: nodes[0] for p, nodes in sorted(claimed.items())}
+            mapping = {p: nodes[0] for p, nodes in sorted(claimed.items())}
+            log(INFO, "Partitions of the SuperNodes (partition: node): %s", mapping)
+            return mapping
         if time.monotonic() > deadline:
             missing = (
                 sorted(set(range(num_partitions)) - set(claimed))
@@ -320,7 +322,7 @@ class FlowerStrategy(FlwrStrategy):
             train_config[PARTITION_ID_KEY] = client_id
             if self.fingerprint:
                 train_config[FINGERPRINT_KEY] = self.fingerprint
-            content = RecordDict({"arrays": arrays, CONFIG_KEY: train_config})
+            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config})
             for key, record in encode_instructions(instructions[client_id]).items():
                 content[key] = record
             messages.append(
