@@ -41,6 +41,7 @@ from fedalign.records import RunRecorder, plot_convergence, save_state, tensor_b
 from fedalign.routing import routing_divergence, semantic_dispersion
 from fedalign.strategies import build_strategy
 from fedalign.strategies.base import (
+    AggregationResult,
     ClientResult,
     RoutingStatistics,
     Strategy,
@@ -367,7 +368,7 @@ class Simulation:
         self.recorder.write_json("partition.json", report.to_dict())
         self.recorder.write_json("layout.json", self.model.layout.to_dict())
 
-    def _checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         self.recorder.save_checkpoint(
             {
                 "round": self.completed_rounds,
@@ -436,7 +437,8 @@ class Simulation:
             self.optimizer_states[client_id] = done.optimizer_state
         return done.result, done.bytes_sent, done.bytes_received
 
-    def _evaluate(self) -> dict[str, Any]:
+    def evaluate_global(self) -> dict[str, Any]:
+        """Global test accuracy and loss; mean and worst local test accuracy."""
         self.model.load_trainable_state(self.global_parameters)
         global_eval = evaluate(self.model, self.data.test)
         local = []
@@ -465,39 +467,68 @@ class Simulation:
             if personal and instructions[client_id].start_parameters is None:
                 instructions[client_id].start_parameters = personal
         results: list[ClientResult] = []
-        round_sent = round_received = 0
         per_client_bytes: dict[int, dict[str, int]] = {}
         for client_id in selected:
             result, sent, received = self._train_client(
                 server_round, client_id, instructions[client_id]
             )
             results.append(result)
-            round_sent += sent
-            round_received += received
             per_client_bytes[client_id] = {"sent": sent, "received": received}
         train_seconds = time.perf_counter() - started
         aggregation_started = time.perf_counter()
         outcome = self.strategy.aggregate(
             server_round, self.global_parameters, results, self.strategy_state
         )
-        aggregation_seconds = time.perf_counter() - aggregation_started
+        return self.record_round(
+            server_round,
+            selected,
+            results,
+            outcome,
+            per_client_bytes,
+            started=started,
+            train_seconds=train_seconds,
+            aggregation_seconds=time.perf_counter() - aggregation_started,
+        )
+
+    def record_round(
+        self,
+        server_round: int,
+        selected: Sequence[int],
+        results: Sequence[ClientResult],
+        outcome: AggregationResult,
+        per_client_bytes: Mapping[int, Mapping[str, int]],
+        *,
+        started: float,
+        train_seconds: float,
+        aggregation_seconds: float,
+        client_state_bytes: int | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Adopt an aggregate, evaluate, write the round's records and checkpoint.
+
+        Shared by :meth:`run_round` and the Flower ServerApp, so both write the same run
+        folder. Returns the metrics line.
+        """
+        config = self.config
         self.global_parameters = outcome.parameters
         self.strategy_state = outcome.state
         self.personal_parameters.update(outcome.client_parameters)
         statistics = [r.routing_statistics for r in results]
         line: dict[str, Any] = {
             "round": server_round,
-            "clients": selected,
+            "clients": list(selected),
             "train_loss": float(np.mean([r.metrics["task_loss"] for r in results])),
             "routing_loss": float(np.mean([r.metrics["routing_loss"] for r in results])),
         }
         last = server_round == config.federated.rounds
         if server_round % config.federated.eval_every == 0 or last:
-            line.update(self._evaluate())
+            line.update(self.evaluate_global())
         else:
             line.update({"global_accuracy": None, "global_loss": None})
         line["routing_divergence"] = routing_divergence(statistics, None)
         line["semantic_dispersion"] = semantic_dispersion(statistics)
+        round_sent = sum(v["sent"] for v in per_client_bytes.values())
+        round_received = sum(v["received"] for v in per_client_bytes.values())
         self.bytes_sent += round_sent
         self.bytes_received += round_received
         seconds = time.perf_counter() - started
@@ -509,15 +540,20 @@ class Simulation:
                 "aggregation_seconds": aggregation_seconds,
                 "bytes_sent": round_sent,
                 "bytes_received": round_received,
-                "bytes_per_client": per_client_bytes,
-                "client_state_bytes": self.client_state_bytes(),
+                "bytes_per_client": {k: dict(v) for k, v in per_client_bytes.items()},
+                "client_state_bytes": (
+                    self.client_state_bytes() if client_state_bytes is None else client_state_bytes
+                ),
+                **(extra or {}),
             }
         )
         decision = {"round": server_round, "strategy": self.strategy.name, **outcome.record}
         self.completed_rounds = server_round
         self.recorder.add_round(line, decision)
-        self.recorder.add_routing(routing_snapshot(server_round, selected, statistics))
-        self._checkpoint()
+        self.recorder.add_routing(
+            routing_snapshot(server_round, [r.client_id for r in results], statistics)
+        )
+        self.save_checkpoint()
         return line
 
     def run(self) -> RunSummary:

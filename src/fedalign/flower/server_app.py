@@ -20,14 +20,13 @@ ServerApp (the SuperLink's, or the simulation's); an empty one gives
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -36,8 +35,7 @@ from fedalign.config import ExperimentConfig
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
 from fedalign.records import tensor_bytes
-from fedalign.routing import routing_divergence, semantic_dispersion
-from fedalign.simulation import RunSummary, Simulation, routing_snapshot
+from fedalign.simulation import RunSummary, Simulation
 
 app = ServerApp()
 
@@ -59,57 +57,36 @@ class RunFolderRecords:
         """Evaluate, write the round's lines and checkpoint; returns the metrics line."""
         sim = self.simulation
         config = sim.config
-        sim.global_parameters = report.global_parameters
-        sim.strategy_state = report.strategy_state
+        # the wrapper holds the personalised parameters: adopt them as they are
         sim.personal_parameters = report.personal_parameters
-        results = [reply.result for reply in report.replies]
-        statistics = [result.routing_statistics for result in results]
-        server_round = report.server_round
-        line: dict[str, Any] = {
-            "round": server_round,
-            "clients": report.selected,
-            "train_loss": float(np.mean([r.metrics["task_loss"] for r in results])),
-            "routing_loss": float(np.mean([r.metrics["routing_loss"] for r in results])),
-        }
-        last = server_round == config.federated.rounds
-        if server_round % config.federated.eval_every == 0 or last:
-            line.update(sim._evaluate())
-        else:
-            line.update({"global_accuracy": None, "global_loss": None})
-        line["routing_divergence"] = routing_divergence(statistics, None)
-        line["semantic_dispersion"] = semantic_dispersion(statistics)
         per_client = {
             reply.result.client_id: {"sent": reply.bytes_sent, "received": reply.bytes_received}
             for reply in report.replies
         }
-        round_sent = sum(v["sent"] for v in per_client.values())
-        round_received = sum(v["received"] for v in per_client.values())
         for reply in report.replies:
             self.optimizer_state_bytes[reply.result.client_id] = reply.optimizer_state_bytes
-        sim.bytes_sent += round_sent
-        sim.bytes_received += round_received
-        seconds = time.perf_counter() - report.started
-        sim.elapsed += seconds
-        line.update(
-            {
-                "seconds": seconds,
-                "train_seconds": report.train_seconds,
-                "aggregation_seconds": report.aggregation_seconds,
-                "bytes_sent": round_sent,
-                "bytes_received": round_received,
-                "bytes_per_client": per_client,
-                "client_state_bytes": tensor_bytes(sim.personal_parameters)
-                + sum(self.optimizer_state_bytes.values()),
-                "failed_clients": report.failed,
-            }
+        outcome = dataclasses.replace(
+            report.outcome,
+            parameters=report.global_parameters,
+            state=report.strategy_state,
+            client_parameters={},
         )
-        decision = {"round": server_round, "strategy": sim.strategy.name, **report.outcome.record}
-        sim.completed_rounds = server_round
-        sim.recorder.add_round(line, decision)
-        sim.recorder.add_routing(
-            routing_snapshot(server_round, [r.client_id for r in results], statistics)
+        line = sim.record_round(
+            report.server_round,
+            report.selected,
+            [reply.result for reply in report.replies],
+            outcome,
+            per_client,
+            started=report.started,
+            train_seconds=report.train_seconds,
+            aggregation_seconds=report.aggregation_seconds,
+            client_state_bytes=tensor_bytes(report.personal_parameters)
+            + sum(self.optimizer_state_bytes.values()),
+            extra={"failed_clients": report.failed},
         )
-        sim._checkpoint()
+        server_round = report.server_round
+        seconds = line["seconds"]
+        round_received = line["bytes_received"]
         accuracy = line.get("global_accuracy")
         log(
             INFO,
