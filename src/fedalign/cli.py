@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # the load report of the upcycled encoder lists the unused pooler: not news to users
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
