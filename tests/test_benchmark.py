@@ -116,6 +116,9 @@ class FakeSimulator:
             out_dir=str(folder),
         )
         (folder / "summary.json").write_text(json.dumps(summary.to_dict()))
+        (folder / "final_state.safetensors").write_bytes(b"state")
+        (folder / "checkpoint").mkdir(exist_ok=True)
+        (folder / "checkpoint" / "state.pt").write_bytes(b"state")
         return summary
 
 
@@ -125,6 +128,12 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSimulator:
     monkeypatch.setattr(benchmark, "run_experiment", simulator.run)
     monkeypatch.setattr(benchmark, "prepare_shared_data", simulator.prepare)
     return simulator
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip drawing (checked once, in the first test) to keep the other tests fast."""
+    monkeypatch.setattr(benchmark, "plot_grid", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
@@ -183,6 +192,15 @@ def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: P
     assert len((out / "runs.csv").read_text().splitlines()) == 19
     for name in ("convergence.png", "divergence.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    # run reports of the suite's last strategy, first seed, every alpha
+    for alpha in ("alpha1", "alpha0.1"):
+        page = f"reports/{alpha}-seed0-fedalign-consistency/index.html"
+        assert (out / page).is_file() and f"({page})" in markdown
+    # finished runs keep no checkpoint or final parameters unless --keep-states
+    run_folder = out / "runs" / "alpha1" / "seed0" / "fedavg"
+    assert (run_folder / "metrics.jsonl").exists()
+    assert not (run_folder / "checkpoint").exists()
+    assert not (run_folder / "final_state.safetensors").exists()
     command = (out / "COMMAND.txt").read_text()
     assert command.startswith(f"fedalign benchmark --suite {suite_file}")
     assert "--out" in command
@@ -193,33 +211,46 @@ def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: P
     assert _run(suite_file, out) == 0
     assert fake.calls == [] and fake.prepared == []
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+    assert "runs reused 18, resumed 0, run 0" in (out / "COMMAND.txt").read_text()
+    # redrawing the tables keeps the command that made the runs
+    assert _run(suite_file, out, "--no-run", "--no-report") == 0
+    command_file = (out / "COMMAND.txt").read_text()
+    assert command_file.startswith(command.splitlines()[0]) and "redrawn" in command_file
 
 
 def test_changed_config_or_interrupted_run(
-    fake: FakeSimulator, suite_file: Path, tmp_path: Path
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
-    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1") == 0
+    quiet = ("--no-report", "--keep-states")
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", *quiet) == 0
     assert len(fake.calls) == 3
     # an interrupted run: config and checkpoint there, no summary -> resumed
     folder = out / "runs" / "alpha0.1" / "seed0" / "fedalign"
     (folder / "summary.json").unlink()
-    (folder / "checkpoint").mkdir()
-    (folder / "checkpoint" / "state.pt").write_bytes(b"x")
+    assert (folder / "checkpoint" / "state.pt").exists()
     fake.calls.clear()
-    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1") == 0
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", *quiet) == 0
     assert fake.calls == [("fedalign", 0.1, 0, True)]
+    # the [run] section (threads, progress, folder) is not part of the experiment
+    fake.calls.clear()
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--threads", "1", *quiet) == 0
+    assert fake.calls == []
     # a different experiment setting: nothing matches, everything runs again
     fake.calls.clear()
-    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--lr", "0.5") == 0
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--lr", "0.5", *quiet) == 0
     assert len(fake.calls) == 3 and not any(resume for *_, resume in fake.calls)
+    assert (folder / "final_state.safetensors").exists()  # --keep-states
     saved = ExperimentConfig.from_toml(folder / "config.toml")
     assert saved.train.lr == 0.5
 
 
-def test_quick_and_grid_narrowing(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+def test_quick_and_grid_narrowing(
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "quick"
-    assert _run(suite_file, out, "--quick", "--strategy", "fedavg", "--alpha", "0.1") == 0
+    narrow = ("--strategy", "fedavg", "--alpha", "0.1", "--no-report")
+    assert _run(suite_file, out, "--quick", *narrow) == 0
     assert fake.calls == [("fedavg", 0.1, 0, False), ("fedavg", 0.1, 1, False)]
     saved = ExperimentConfig.from_toml(
         out / "runs" / "alpha0.1" / "seed1" / "fedavg" / "config.toml"
@@ -229,7 +260,7 @@ def test_quick_and_grid_narrowing(fake: FakeSimulator, suite_file: Path, tmp_pat
 
 
 def test_dry_run_and_no_run(
-    fake: FakeSimulator, suite_file: Path, tmp_path: Path, capsys: Any
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path, capsys: Any
 ) -> None:
     out = tmp_path / "results"
     assert _run(suite_file, out, "--dry-run") == 0

@@ -15,6 +15,8 @@ from fedalign.report import (
     build_report,
     build_reports,
     default_expert,
+    masked_inactive,
+    mean_offdiagonal,
     merge_matrix,
     merge_weights,
     select_layers,
@@ -172,7 +174,7 @@ def test_folder_of_runs_gets_an_index(run_dir: Path) -> None:
     second.mkdir()
     for name in ("metrics.jsonl", "decisions.jsonl", "config.toml"):
         (second / name).write_bytes((run_dir / name).read_bytes())
-    index = build_reports(parent, log=lambda _m: None)
+    index = build_reports(parent, layer="0", log=lambda _m: None)
     assert index == parent / "report" / "index.html"
     text = index.read_text()
     assert "../run/report/index.html" in text and "../other/report/index.html" in text
@@ -203,6 +205,12 @@ def test_default_expert_and_layer_selection() -> None:
     similarity = np.ones((3, 2, 2))
     similarity[2, 0, 1] = similarity[2, 1, 0] = -0.5
     assert default_expert(similarity) == 2
+    # a client that routed no token to the expert (all zeros, diagonal too) is left out
+    matrix = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert mean_offdiagonal(matrix) == pytest.approx(0.5)
+    shown = masked_inactive(matrix)
+    assert np.isnan(shown[2]).all() and np.isnan(shown[:, 2]).all() and shown[0, 1] == 0.5
+    assert np.isnan(mean_offdiagonal(np.eye(1)))
     assert select_layers(list(LAYERS), "1") == [(1, LAYERS[1])]
     assert select_layers(list(LAYERS), "layer.4") == [(0, LAYERS[0])]
     with pytest.raises(ConfigError, match="matches 2"):

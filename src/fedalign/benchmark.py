@@ -3,10 +3,11 @@
 A *suite* is a TOML file under ``benchmarks/``: an ordinary experiment config (the
 ``[model]``, ``[data]``, ... sections of :class:`~fedalign.config.ExperimentConfig`) plus
 
-* a ``[suite]`` table: ``name``, ``description``, ``strategies`` (``"fedavg"``,
+* a ``[suite]`` table: ``name``, ``description``, ``note``, ``strategies`` (``"fedavg"``,
   ``"fedalign:consistency"``, ...), ``alphas``, ``seeds`` (a count or a list),
-  ``reference`` (the strategy whose mean final accuracy sets the target), ``target-fraction``
-  and optional ``[suite.labels]`` (display names);
+  ``reference`` (the strategy whose mean final accuracy sets the target),
+  ``target-fraction``, ``report`` (strategies that get a run report) and optional
+  ``[suite.labels]`` (display names);
 * an optional ``[quick]`` table with the same layout (``[quick.suite]``, ``[quick.data]``,
   ...) whose values replace the full-size ones under ``--quick``.
 
@@ -21,7 +22,9 @@ The results folder receives ``results.md`` / ``results.csv`` / ``results.json`` 
 strategy and alpha: mean and sample standard deviation over seeds of the final global
 accuracy, the worst-client and mean local accuracy, and the rounds to reach the target),
 ``runs.csv`` (one row per run), ``convergence.png`` and ``divergence.png`` (mean over seeds
-with a min-max band, one panel per alpha) and ``COMMAND.txt`` (the command that made them).
+with a min-max band, one panel per alpha), ``reports/`` (``fedalign report`` pages of the
+suite's ``report`` strategies, first seed) and ``COMMAND.txt`` (the command that made them).
+A finished run's checkpoint and final parameters are deleted unless ``--keep-states``.
 
 Target accuracy, per alpha: ``target-fraction`` x the reference strategy's (FedAvg's)
 mean final accuracy over seeds at that alpha. Rounds to target are averaged over the seeds
@@ -38,6 +41,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +67,16 @@ from fedalign.records import atomic_write_text, read_jsonl
 SUITE_NAMES = ("main", "ablation")
 """Suites shipped under ``benchmarks/`` (``--suite`` also takes a path to a TOML file)."""
 
-SUITE_KEYS = ("name", "description", "strategies", "alphas", "seeds", "reference", "report")
+SUITE_KEYS = (
+    "name",
+    "description",
+    "note",
+    "strategies",
+    "alphas",
+    "seeds",
+    "reference",
+    "report",
+)
 """Keys of the ``[suite]`` table besides ``target-fraction`` and ``labels``."""
 
 BAND_CHOICES = ("minmax", "std")
@@ -96,6 +109,8 @@ class Suite:
         Display names of strategy labels (missing ones show the label itself).
     description : str
         One paragraph for the results page.
+    note : str
+        A second paragraph (the quick size says what it is good for).
     report : list of str
         Strategy labels whose first-seed run at every alpha gets a ``fedalign report`` page
         under ``reports/`` (default: the last listed strategy).
@@ -113,6 +128,7 @@ class Suite:
     target_fraction: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    note: str = ""
     report: list[str] = field(default_factory=list)
     quick: bool = False
 
@@ -147,9 +163,9 @@ def find_suite_file(name_or_path: str) -> Path:
         When no such file exists.
     """
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.exists():
-        if candidate.is_file():
-            return candidate
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix == ".toml" or len(candidate.parts) > 1:
         raise ConfigError(f"--suite {name_or_path!r}: no such file")
     for directory in suite_directories():
         path = directory / f"{name_or_path}.toml"
@@ -239,6 +255,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
         target_fraction=fraction,
         labels={str(k): str(v) for k, v in labels.items()},
         description=str(table.get("description", "")).strip(),
+        note=str(table.get("note", "")).strip(),
         report=[str(r) for r in report],
         quick=quick,
     )
@@ -451,10 +468,36 @@ def target_accuracies(finished: Sequence[FinishedRun], suite: Suite) -> dict[flo
     return targets
 
 
+def median_round_seconds(finished: FinishedRun) -> float | None:
+    """Median wall seconds of a run's rounds (robust to a slow first round on a busy machine).
+
+    Falls back to the summary's mean when ``metrics.jsonl`` has no ``seconds``.
+    """
+    seconds = [
+        float(row["seconds"])
+        for row in finished.metrics
+        if isinstance(row.get("seconds"), int | float)
+    ]
+    if not seconds:
+        return _number(finished.summary.get("seconds_per_round"))
+    return statistics.median(seconds)
+
+
+def _relative(path: Path, start: Path | None) -> str:
+    if start is not None:
+        try:
+            return path.relative_to(start).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
 def run_rows(
-    finished: Sequence[FinishedRun], targets: Mapping[float, float | None]
+    finished: Sequence[FinishedRun],
+    targets: Mapping[float, float | None],
+    out: Path | None = None,
 ) -> list[dict[str, object]]:
-    """One row per finished run (``runs.csv``)."""
+    """One row per finished run (``runs.csv``; folders relative to ``out`` when inside it)."""
     rows: list[dict[str, object]] = []
     for f in finished:
         target = targets.get(f.run.alpha)
@@ -474,9 +517,9 @@ def run_rows(
                 ),
                 "rounds": f.summary.get("rounds"),
                 "seconds": f.summary.get("seconds"),
-                "seconds_per_round": f.summary.get("seconds_per_round"),
+                "seconds_per_round": median_round_seconds(f),
                 "mib_up_per_round": float(f.summary.get("bytes_received", 0)) / 2**20 / rounds,
-                "folder": str(f.run.folder),
+                "folder": _relative(f.run.folder, out),
             }
         )
     return rows
@@ -532,30 +575,30 @@ def _pm(mean: object, std: object, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _cell(row: Mapping[str, object], metric: str, spread: bool) -> str:
+    return _pm(row[f"{metric}_mean"], row[f"{metric}_std"] if spread else None)
+
+
 def display_rows(rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
     """The numeric rows formatted for Markdown (``mean ± std`` cells)."""
     out: list[dict[str, object]] = []
     for row in rows:
         seeds = row["seeds"]
+        spread = isinstance(seeds, int) and seeds > 1  # no std of a single seed
         if row["rounds_to_target_mean"] is None:
             rounds = f"- (0/{seeds})"
         else:
-            rounds = (
-                f"{_pm(row['rounds_to_target_mean'], row['rounds_to_target_std'], 1)} "
-                f"({row['reached']}/{seeds})"
-            )
+            reached = row["reached"]
+            std = row["rounds_to_target_std"] if isinstance(reached, int) and reached > 1 else None
+            rounds = f"{_pm(row['rounds_to_target_mean'], std, 1)} ({reached}/{seeds})"
         out.append(
             {
                 "strategy": row["name"],
                 "alpha": f"{row['alpha']:g}",
                 "seeds": seeds,
-                "final accuracy": _pm(row["final_accuracy_mean"], row["final_accuracy_std"]),
-                "worst-client accuracy": _pm(
-                    row["worst_local_accuracy_mean"], row["worst_local_accuracy_std"]
-                ),
-                "mean local accuracy": _pm(
-                    row["mean_local_accuracy_mean"], row["mean_local_accuracy_std"]
-                ),
+                "final accuracy": _cell(row, "final_accuracy", spread),
+                "worst-client accuracy": _cell(row, "worst_local_accuracy", spread),
+                "mean local accuracy": _cell(row, "mean_local_accuracy", spread),
                 "target": _pm(row["target_accuracy"], None),
                 "rounds to target (reached)": rounds,
                 "s/round": _pm(row["seconds_per_round_mean"], None, 1),
@@ -621,6 +664,7 @@ def plot_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     columns = len(suite.alphas)
     figure, axes = plt.subplots(
@@ -666,15 +710,23 @@ def plot_grid(
                 axis.set_title(f"Dirichlet alpha = {alpha:g}")
             axis.set_xlabel("round")
             axis.set_ylabel(ylabel)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    if handles:
-        axes[0][-1].legend(handles, names, fontsize=8, loc="best")
     band_text = "min-max over seeds" if band == "minmax" else "± 1 std over seeds"
     figure.suptitle(f"{title} (line: mean, band: {band_text})" if title else band_text)
     figure.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles:  # below the panels, so that it never hides a curve
+        figure.legend(
+            handles,
+            names,
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=max(1, min(len(handles), 2 if columns == 1 else 3)),
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -687,7 +739,7 @@ def setup_text(suite: Suite, base: ExperimentConfig) -> str:
         if d.max_train_examples
         else "all examples"
     )
-    steps = f"{t.local_steps} local steps" if t.local_steps else f"{t.local_epochs} local epoch(s)"
+    steps = f"local steps {t.local_steps}" if t.local_steps else f"local epochs {t.local_epochs}"
     return (
         f"model `{m.name}` ({m.num_experts} experts, top-{m.top_k}, {m.upcycle_layers} MoE "
         f"layers, trainable `{m.trainable}`), dataset `{d.dataset}` ({examples}), "
@@ -717,8 +769,9 @@ def results_markdown(
         f"# Benchmark `{suite.name}`{' (quick size)' if suite.quick else ''}",
         "",
     ]
-    if suite.description:
-        lines += [suite.description, ""]
+    for paragraph in (suite.description, suite.note):
+        if paragraph:
+            lines += [paragraph, ""]
     lines += [
         f"Setup: {setup_text(suite, base)}.",
         "",
@@ -729,7 +782,8 @@ def results_markdown(
         f"among clients. *target* = {suite.target_fraction:g} × {reference}'s mean final "
         "accuracy at the same alpha; *rounds to target* is the first round whose global "
         "accuracy reaches it, averaged over the seeds that reached it (how many did is in "
-        "brackets). *s/round* is wall time on the machine that ran it.",
+        "brackets). *s/round* is the median wall time of a round on the machine that ran it "
+        "(mean over seeds).",
         "",
     ]
     if missing:
@@ -775,7 +829,7 @@ def write_results(
     """
     finished = load_finished(runs)
     targets = target_accuracies(finished, suite)
-    per_run = run_rows(finished, targets)
+    per_run = run_rows(finished, targets, out)
     rows = aggregate_rows(suite, per_run)
     table = to_markdown(display_rows(rows))
     compute = sum(_number(r["seconds"]) or 0.0 for r in per_run)
@@ -895,8 +949,22 @@ def _git_commit() -> str:
     return completed.stdout.strip() or "unknown"
 
 
-def write_command(out: Path, command: str, seconds: float, counts: Mapping[str, int]) -> None:
-    """``COMMAND.txt``: the command, where and when it ran, and what it computed."""
+def write_command(
+    out: Path, command: str, seconds: float, counts: Mapping[str, int], redraw: bool = False
+) -> None:
+    """``COMMAND.txt``: the command, where and when it ran, and what it computed.
+
+    With ``redraw`` (``--no-run``) an existing file keeps the command that made the runs and
+    gets one line saying when the tables were redrawn.
+    """
+    path = out / "COMMAND.txt"
+    if redraw and path.exists():
+        note = (
+            f"# tables and plots redrawn from finished runs (--no-run): "
+            f"{datetime.now().isoformat(timespec='seconds')}\n"
+        )
+        atomic_write_text(path, path.read_text() + note)
+        return
     invoked = shlex.join(["fedalign", *sys.argv[1:]]) if "fedalign" in sys.argv[0] else ""
     lines = [
         command,
@@ -911,7 +979,7 @@ def write_command(out: Path, command: str, seconds: float, counts: Mapping[str, 
         f"{os.cpu_count()} CPUs visible",
         "",
     ]
-    atomic_write_text(out / "COMMAND.txt", "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 # -------------------------------------------------------------------------- cli
@@ -990,7 +1058,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     rows = write_results(
         suite, base, runs, out, command, band=args.band, reports=not args.no_report
     )
-    write_command(out, command, time.perf_counter() - started, counts)
+    write_command(out, command, time.perf_counter() - started, counts, redraw=args.no_run)
     log(to_markdown(display_rows(rows)))
     log(f"results: {out / 'results.md'}  plots: {out / 'convergence.png'}")
     return out
@@ -1047,4 +1115,7 @@ def register_cli(subparsers: Any) -> None:
         "--dry-run", action="store_true", help="print the planned runs and their status"
     )
     add_experiment_options(parser)
+    for action in parser._actions:
+        if "--out" in action.option_strings:
+            action.help = "results folder (default: benchmarks/results/<suite>[-quick])"
     parser.set_defaults(handler=_cmd_benchmark)

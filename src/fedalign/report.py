@@ -14,7 +14,8 @@ Agg backend) and one page, ``index.html`` (also as ``report.md``):
   - ``routing_<tag>.png``: the routing distribution over rounds, one band per expert
     (mean over clients from ``routing.jsonl``; FedAlign-MoE's aggregated ``p_g`` beside it);
   - ``similarity_<tag>.png``: client x client cosine similarity of the mean hidden state
-    routed to the chosen expert, round 0 and last round (0 where a client routed no token);
+    routed to the chosen expert, round 0 and last round (grey where a client routed no
+    token to it);
   - ``similarity_all_<tag>.png``: the same for every expert, last round;
   - ``merges_<tag>.png``: for every expert, rounds x clients: the weight with which each
     client's update of that expert entered the aggregate (0: selected but left out;
@@ -22,9 +23,9 @@ Agg backend) and one page, ``index.html`` (also as ``report.md``):
     FedMoE-style: the qualified clients, FedAvg and the rest: every selected client.
 
 The chosen expert (``--expert``) defaults, per layer, to the one whose clients agree least
-(lowest mean off-diagonal similarity in the last round). A folder that holds several run
-folders (a ``fedalign compare`` or ``fedalign benchmark`` output) gets one report per run
-and an index page linking them.
+(lowest mean similarity over pairs of clients that routed tokens to it, last round). A
+folder that holds several run folders (a ``fedalign compare`` or ``fedalign benchmark``
+output) gets one report per run and an index page linking them.
 """
 
 from __future__ import annotations
@@ -190,17 +191,38 @@ def routing_rows(records: RunRecords, layer: str) -> list[tuple[int, list[int], 
     return sorted(rows, key=lambda item: item[0])
 
 
-def mean_offdiagonal(matrix: np.ndarray) -> float:
-    """Mean of the off-diagonal entries of a square matrix (NaN for a 1 x 1 one)."""
-    size = matrix.shape[0]
-    if size < 2:
-        return math.nan
-    mask = ~np.eye(size, dtype=bool)
-    return float(matrix[mask].mean())
+def active_clients(similarity: np.ndarray) -> np.ndarray:
+    """Clients that routed tokens to the expert: their self-similarity is 1, not 0.
+
+    Parameters
+    ----------
+    similarity : ndarray, shape (C, C)
+
+    Returns
+    -------
+    ndarray of bool, shape (C,)
+    """
+    return np.diagonal(similarity) > 0.5
+
+
+def mean_offdiagonal(similarity: np.ndarray) -> float:
+    """Mean similarity over pairs of distinct active clients (NaN when there is no pair)."""
+    active = active_clients(similarity)
+    pairs = np.outer(active, active) & ~np.eye(len(active), dtype=bool)
+    return float(similarity[pairs].mean()) if pairs.any() else math.nan
+
+
+def masked_inactive(similarity: np.ndarray) -> np.ndarray:
+    """The matrix with the rows and columns of inactive clients set to NaN (drawn grey)."""
+    shown = similarity.astype(float).copy()
+    inactive = ~active_clients(similarity)
+    shown[inactive, :] = np.nan
+    shown[:, inactive] = np.nan
+    return shown
 
 
 def default_expert(similarity: np.ndarray) -> int:
-    """The expert whose clients agree least: lowest mean off-diagonal similarity.
+    """The expert whose clients agree least: lowest mean similarity of active-client pairs.
 
     Parameters
     ----------
@@ -283,6 +305,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _integer_rounds(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(figure: Any, path: Path) -> Path:
     plt = _pyplot()
     figure.tight_layout()
@@ -301,17 +329,20 @@ def _heatmap(
     cmap: str = "viridis",
     annotate: bool | None = None,
     digits: int = 2,
+    gamma: float = 1.0,
 ) -> Any:
+    from matplotlib.colors import Normalize, PowerNorm
+
     colormap = _pyplot().get_cmap(cmap).with_extremes(bad="#d9d9d9")
-    image = axis.imshow(
-        np.ma.masked_invalid(matrix), aspect="auto", vmin=vmin, vmax=vmax, cmap=colormap
-    )
+    norm = Normalize(vmin, vmax) if gamma == 1.0 else PowerNorm(gamma, vmin, vmax)
+    image = axis.imshow(np.ma.masked_invalid(matrix), aspect="auto", norm=norm, cmap=colormap)
     if annotate is None:
         annotate = matrix.size <= ANNOTATE_LIMIT
     if annotate:
-        middle = (vmin + vmax) / 2
         for (row, column), value in np.ndenumerate(matrix):
             if math.isfinite(value):
+                red, green, blue, _ = colormap(norm(value))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
                 axis.text(
                     column,
                     row,
@@ -319,7 +350,7 @@ def _heatmap(
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="white" if value < middle else "black",
+                    color="white" if dark else "black",
                 )
     return image
 
@@ -336,6 +367,7 @@ def plot_accuracy(records: RunRecords, path: Path) -> Path:
         points = [(r["round"], r[key]) for r in records.metrics if r.get(key) is not None]
         if points:
             axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+    _integer_rounds(axis)
     axis.set_xlabel("round")
     axis.set_ylabel("accuracy")
     axis.set_title(f"{records.strategy}: accuracy")
@@ -362,9 +394,10 @@ def plot_divergence(records: RunRecords, path: Path) -> Path:
             ]
             if points:
                 axis.plot(*zip(*points), marker="o", markersize=3, label=short_layer_name(layer))
-    left.set_title("routing divergence (mean JS to the mean routing)")
-    right.set_title("semantic dispersion (mean 1 - cos over client pairs)")
+    left.set_title("routing divergence (mean JS to the mean routing)", fontsize=10, pad=14)
+    right.set_title("semantic dispersion (mean 1 - cos over client pairs)", fontsize=10, pad=14)
     for axis in (left, right):
+        _integer_rounds(axis)
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
@@ -375,31 +408,54 @@ def plot_divergence(records: RunRecords, path: Path) -> Path:
 def plot_usage(
     layer: str, rounds: Sequence[tuple[int, list[int], dict[str, Any]]], path: Path
 ) -> Path:
-    """Client x expert usage, first recorded round (before training) and last round."""
+    """Client x expert usage: first recorded round (before training), last round, change.
+
+    The change panel (last minus first, for the clients of the last round) is drawn when
+    both rounds are recorded.
+    """
     plt = _pyplot()
     shown = [rounds[0], rounds[-1]] if len(rounds) > 1 else [rounds[0]]
     matrices = [np.asarray(entry["usage"], dtype=float) for _, _, entry in shown]
-    vmax = max(float(np.nanmax(m)) for m in matrices if m.size) if matrices else 1.0
+    vmax = max(float(np.nanmax(m)) for m in matrices if m.size)
+    change = None
+    if len(shown) == 2:
+        first_row = {c: i for i, c in enumerate(shown[0][1])}
+        last_clients = shown[1][1]
+        if all(c in first_row for c in last_clients):
+            before = matrices[0][[first_row[c] for c in last_clients]]
+            change = matrices[1] - before
+    panels = len(shown) + (change is not None)
     figure, axes = plt.subplots(
-        1, len(shown), figsize=(5.5 * len(shown), 0.45 * max(len(m) for m in matrices) + 2.2)
+        1,
+        panels,
+        figsize=(5.0 * panels, 0.45 * max(len(m) for m in matrices) + 2.2),
+        layout="constrained",
     )
     axes = np.atleast_1d(axes)
     image = None
     for axis, (round_number, clients, _), matrix in zip(axes, shown, matrices):
         image = _heatmap(axis, matrix, vmin=0.0, vmax=max(vmax, 1e-9))
-        when = "before training" if round_number == 0 else "after"
-        axis.set_title(f"round {round_number} ({when})")
+        when = " (before training)" if round_number == 0 else ""
+        axis.set_title(f"round {round_number}{when}")
         axis.set_xlabel("expert")
         axis.set_ylabel("client")
         axis.set_xticks(range(matrix.shape[1]))
         axis.set_yticks(range(len(clients)), [str(c) for c in clients])
     if image is not None:
-        figure.colorbar(image, ax=list(axes), shrink=0.8, label="usage u_i(e)")
+        figure.colorbar(image, ax=list(axes[: len(shown)]), shrink=0.8, label="usage u_i(e)")
+    if change is not None:
+        axis = axes[-1]
+        limit = max(float(np.nanmax(np.abs(change))), 1e-6)
+        delta = _heatmap(axis, change, vmin=-limit, vmax=limit, cmap="RdBu_r", digits=2)
+        axis.set_title(f"change, round {shown[1][0]} - round {shown[0][0]}")
+        axis.set_xlabel("expert")
+        axis.set_xticks(range(change.shape[1]))
+        axis.set_yticks(range(len(shown[1][1])), [str(c) for c in shown[1][1]])
+        figure.colorbar(delta, ax=axis, shrink=0.8, label="usage change")
     figure.suptitle(f"expert usage, {short_layer_name(layer)}")
-    plt_path = path
-    figure.savefig(plt_path, dpi=110, bbox_inches="tight")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
-    return plt_path
+    return path
 
 
 def _stacked(axis: Any, rounds: Sequence[int], shares: np.ndarray, title: str) -> None:
@@ -412,12 +468,10 @@ def _stacked(axis: Any, rounds: Sequence[int], shares: np.ndarray, title: str) -
         colors=[cmap(e % cmap.N) for e in range(experts)],
         alpha=0.9,
     )
-    from matplotlib.ticker import MaxNLocator
-
     axis.set_ylim(0, 1)
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_rounds(axis)
     axis.set_xlabel("round")
-    axis.set_ylabel("share of routing probability")
+    axis.set_ylabel("share per expert")
     axis.set_title(title, fontsize=10)
 
 
@@ -429,20 +483,21 @@ def plot_routing(
 ) -> Path | None:
     """Routing distribution over rounds, stacked by expert.
 
-    Left: the mean over the round's clients of their routing distributions
-    (``routing.jsonl``, from round 0). Right, when the strategy aggregated one
-    (FedAlign-MoE): the global routing distribution ``p_g^t`` of the decision records.
+    From ``routing.jsonl`` (from round 0), means over the round's clients of: the routing
+    distribution (softmax probabilities) and the usage (top-k assignments, normalised to
+    shares). When the strategy aggregated one (FedAlign-MoE): the global routing
+    distribution ``p_g^t`` of the decision records.
     """
     plt = _pyplot()
     panels: list[tuple[list[int], np.ndarray, str]] = []
     if rounds:
-        means = [
-            np.asarray(entry["routing_distribution"], dtype=float).mean(axis=0)
-            for _, _, entry in rounds
-        ]
-        panels.append(
-            ([r for r, _, _ in rounds], np.stack(means), "mean over clients (routing.jsonl)")
-        )
+        xs = [r for r, _, _ in rounds]
+        for key, title in (
+            ("routing_distribution", "routing probability, mean over clients"),
+            ("usage", "top-k assignments, mean over clients"),
+        ):
+            means = [np.asarray(entry[key], dtype=float).mean(axis=0) for _, _, entry in rounds]
+            panels.append((xs, np.stack(means), title))
     aggregated = [
         (int(d["round"]), d["layers"][layer]["global_routing"])
         for d in decisions
@@ -454,12 +509,12 @@ def plot_routing(
             (
                 [r for r, _ in aggregated],
                 np.asarray([g for _, g in aggregated], dtype=float),
-                "aggregated global routing p_g (decisions.jsonl)",
+                "aggregated global routing p_g (decisions)",
             )
         )
     if not panels:
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     first = min(xs[0] for xs, _, _ in panels)
     last = max(xs[-1] for xs, _, _ in panels)
     for axis, (xs, shares, title) in zip(axes[0], panels):
@@ -475,6 +530,16 @@ def _similarity(entry: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(entry["semantic_similarity"], dtype=float)  # (E, C, C)
 
 
+def similarity_floor(*matrices: np.ndarray) -> float:
+    """Lower end of a similarity colour scale: the smallest value rounded down to 0.1.
+
+    Cosines of mean hidden states are often all above 0.9; a 0..1 scale would show one
+    flat colour.
+    """
+    low = min(float(np.nanmin(m)) for m in matrices if m.size)
+    return max(-1.0, math.floor(min(low, 0.99) * 10) / 10)
+
+
 def plot_similarity(
     layer: str,
     rounds: Sequence[tuple[int, list[int], dict[str, Any]]],
@@ -485,22 +550,25 @@ def plot_similarity(
     plt = _pyplot()
     shown = [rounds[0], rounds[-1]] if len(rounds) > 1 else [rounds[0]]
     matrices = [_similarity(entry)[expert] for _, _, entry in shown]
-    low = min(float(np.nanmin(m)) for m in matrices)
-    vmin = max(-1.0, min(low, 0.0) if low < 0 else math.floor(low * 10) / 10)
+    vmin = similarity_floor(*matrices)
     figure, axes = plt.subplots(
-        1, len(shown), figsize=(5.2 * len(shown), 0.42 * max(len(m) for m in matrices) + 2.4)
+        1,
+        len(shown),
+        figsize=(5.2 * len(shown), 0.42 * max(len(m) for m in matrices) + 2.4),
+        layout="constrained",
     )
     axes = np.atleast_1d(axes)
     image = None
     for axis, (round_number, clients, _), matrix in zip(axes, shown, matrices):
-        image = _heatmap(axis, matrix, vmin=vmin, vmax=1.0, cmap="magma")
+        image = _heatmap(axis, masked_inactive(matrix), vmin=vmin, vmax=1.0, cmap="magma")
         labels = [str(c) for c in clients]
         axis.set_xticks(range(len(clients)), labels)
         axis.set_yticks(range(len(clients)), labels)
         axis.set_xlabel("client")
         axis.set_ylabel("client")
         axis.set_title(
-            f"round {round_number}: mean off-diagonal {mean_offdiagonal(matrix):.3f}", fontsize=10
+            f"round {round_number}: mean over client pairs {mean_offdiagonal(matrix):.3f}",
+            fontsize=10,
         )
     if image is not None:
         figure.colorbar(image, ax=list(axes), shrink=0.8, label="cosine of mean hidden states")
@@ -520,8 +588,10 @@ def plot_similarity_all(
     experts = similarity.shape[0]
     columns = min(4, experts)
     rows = math.ceil(experts / columns)
-    vmin = max(-1.0, min(0.0, float(np.nanmin(similarity))))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False)
+    vmin = similarity_floor(similarity)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.0 * columns, 3.0 * rows), squeeze=False, layout="constrained"
+    )
     image = None
     for expert in range(rows * columns):
         axis = axes[expert // columns][expert % columns]
@@ -529,7 +599,12 @@ def plot_similarity_all(
             axis.axis("off")
             continue
         image = _heatmap(
-            axis, similarity[expert], vmin=vmin, vmax=1.0, cmap="magma", annotate=False
+            axis,
+            masked_inactive(similarity[expert]),
+            vmin=vmin,
+            vmax=1.0,
+            cmap="magma",
+            annotate=False,
         )
         axis.set_title(
             f"expert {expert} (mean {mean_offdiagonal(similarity[expert]):.2f})", fontsize=9
@@ -564,6 +639,7 @@ def plot_merges(
         columns,
         figsize=(max(2.8, 0.32 * len(clients) + 1.2) * columns, height * rows),
         squeeze=False,
+        layout="constrained",
     )
     all_rules: set[str] = set()
     image = None
@@ -574,7 +650,7 @@ def plot_merges(
             continue
         round_numbers, matrix, rules = merge_matrix(decisions, layer, expert, clients)
         all_rules |= rules
-        image = _heatmap(axis, matrix, vmin=0.0, vmax=1.0, cmap="Blues", annotate=False)
+        image = _heatmap(axis, matrix, vmin=0.0, vmax=1.0, cmap="Blues", annotate=False, gamma=0.5)
         left_out = np.argwhere(matrix == 0.0)
         if len(left_out) and matrix.size <= 600:
             axis.scatter(left_out[:, 1], left_out[:, 0], marker="x", s=14, color="#c0392b")
@@ -594,7 +670,6 @@ def plot_merges(
         f"who was merged into each expert, {short_layer_name(layer)}\n"
         "(colour: aggregation weight; x: selected but left out; grey: not selected)",
         fontsize=10,
-        y=1.02,
     )
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -739,7 +814,8 @@ def build_report(
                 Section(
                     f"Expert usage, {short}",
                     "Fraction of each client's tokens that have the expert among their top-k, "
-                    f"round {first}{before} and round {last}. Layer `{name}`.",
+                    f"round {first}{before} and round {last}, and the change between them "
+                    f"(red: used more). Layer `{name}`.",
                     [plot_usage(name, rounds, out / f"usage_{tag}.png")],
                 )
             )
@@ -748,7 +824,9 @@ def build_report(
             sections.append(
                 Section(
                     f"Routing distribution over rounds, {short}",
-                    "Share of routing probability per expert, round by round.",
+                    "Share per expert, round by round: of the routing probability (softmax) "
+                    "and of the top-k assignments (usage), mean over the round's clients; "
+                    "for FedAlign-MoE also the aggregated global routing distribution p_g.",
                     [routing_image],
                 )
             )
@@ -766,7 +844,7 @@ def build_report(
                 Section(
                     f"Semantic similarity of clients, expert {pick}, {short}",
                     f"Cosine similarity between clients' mean hidden states routed to expert "
-                    f"{pick} ({how}); 0 where a client routed no token to it. Then every "
+                    f"{pick} ({how}); grey where a client routed no token to it. Then every "
                     "expert in the last round.",
                     [
                         plot_similarity(name, rounds, pick, out / f"similarity_{tag}.png"),
@@ -918,7 +996,9 @@ def register_cli(subparsers: Any) -> None:
             "or benchmark output) gets one report per run and an index."
         ),
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run folder, or a folder of run folders"
+    )
     parser.add_argument(
         "--expert", type=int, help="expert of the similarity figure (default: least-agreeing)"
     )
