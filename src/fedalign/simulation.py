@@ -17,6 +17,8 @@ matches an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
+import math
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +51,7 @@ from fedalign.strategies.base import (
     TrainInstructions,
 )
 from fedalign.training import (
+    ExtraLoss,
     ModelInputs,
     compute_prefix_inputs,
     compute_routing_statistics,
@@ -174,6 +177,9 @@ def run_client_round(
     global_parameters: Mapping[str, Tensor],
     instructions: TrainInstructions,
     optimizer_state: dict[str, Any] | None = None,
+    *,
+    extra_losses: Sequence[ExtraLoss] = (),
+    on_step: Callable[[], None] | None = None,
 ) -> ClientRound:
     """One client's local round; the simulator and the Flower ClientApp both call this.
 
@@ -196,6 +202,10 @@ def run_client_round(
         From :meth:`Strategy.configure_train`.
     optimizer_state : dict or None, default None
         The client's AdamW state from its previous round.
+    extra_losses : sequence of ExtraLoss, default ()
+        Further loss terms for :func:`~fedalign.training.train_local`.
+    on_step : callable or None, default None
+        Called after every local step (progress bars).
 
     Returns
     -------
@@ -216,6 +226,8 @@ def run_client_round(
         seed=seed,
         optimizer_state=optimizer_state,
         keep_optimizer_state=config.train.keep_optimizer_state,
+        on_step=on_step,
+        extra_losses=extra_losses,
     )
     # statistics are computed for every strategy (divergence diagnostics), but only
     # count as uploaded when the strategy asked for them
@@ -342,6 +354,9 @@ class Simulation:
         # what persists per client between its rounds (never a model copy)
         self.optimizer_states: dict[int, dict[str, Any]] = {}
         self.personal_parameters: dict[int, dict[str, Tensor]] = {}
+        # further client loss terms (see fedalign.training.ExtraLoss); empty by default
+        self.extra_losses: list[ExtraLoss] = []
+        self._on_step: Callable[[], None] | None = None
         self.completed_rounds = 0
         self.elapsed = 0.0
         self.bytes_sent = 0
@@ -432,6 +447,8 @@ class Simulation:
             self.global_parameters,
             instructions,
             self.optimizer_states.get(client_id),
+            extra_losses=self.extra_losses,
+            on_step=self._on_step,
         )
         if done.optimizer_state is not None:
             self.optimizer_states[client_id] = done.optimizer_state
@@ -572,7 +589,25 @@ class Simulation:
                 leave=False,
             )
         for server_round in range(self.completed_rounds + 1, total + 1):
-            line = self.run_round(server_round)
+            steps = None
+            if progress is not None:
+                from tqdm.auto import tqdm
+
+                # local training of every selected client, one tick per step
+                steps = tqdm(
+                    total=self._round_steps(server_round),
+                    desc=f"round {server_round} local steps",
+                    unit="step",
+                    leave=False,
+                    position=1,
+                )
+                self._on_step = functools.partial(steps.update, 1)
+            try:
+                line = self.run_round(server_round)
+            finally:
+                self._on_step = None
+                if steps is not None:
+                    steps.close()
             accuracy = line.get("global_accuracy")
             message = (
                 f"[{self.strategy.name}] round {server_round}/{total} "
@@ -588,6 +623,20 @@ class Simulation:
         if progress is not None:
             progress.close()
         return self.finish()
+
+    def _round_steps(self, server_round: int) -> int:
+        """Local steps the selected clients will take in ``server_round`` (progress bars)."""
+        config = self.config
+        selected = sample_clients(
+            config.federated.seed, server_round, self.data.num_clients, config.federated.fraction
+        )
+        if config.train.local_steps > 0:
+            return config.train.local_steps * len(selected)
+        batches = [
+            max(math.ceil(len(self.data.client_train[c]) / config.train.batch_size), 1)
+            for c in selected
+        ]
+        return sum(batches) * config.train.local_epochs
 
     def finish(self) -> RunSummary:
         rows = self.recorder.metrics

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,11 @@ from fedalign.routing import (
 from fedalign.strategies.base import RoutingStatistics, TrainInstructions
 
 Tensor = torch.Tensor
-ExtraLoss = Callable[[dict[str, tuple[Tensor, Tensor]]], Tensor]
+ExtraLoss = Callable[[MoEModel, dict[str, tuple[Tensor, Tensor]]], Tensor]
+"""An extra loss term: ``(model, {layer: (router_logits (N, E), hidden (N, H))}) -> scalar``.
+
+Added to the client loss every step (after the proximal and routing terms); the captured
+routing keeps its graph, so a term may depend on the router's logits."""
 
 
 @dataclass
@@ -145,6 +149,7 @@ def train_local(
     optimizer_state: dict[str, Any] | None = None,
     keep_optimizer_state: bool = False,
     on_step: Callable[[], None] | None = None,
+    extra_losses: Sequence[ExtraLoss] = (),
 ) -> LocalTrainingResult:
     """Train the model's trainable parameters on ``data`` (the model is modified in place).
 
@@ -169,6 +174,8 @@ def train_local(
         Return the AdamW state.
     on_step : callable or None, default None
         Called after every step (progress bars).
+    extra_losses : sequence of ExtraLoss, default ()
+        Further loss terms (e.g. a new regulariser), each added to the loss as it is.
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -180,7 +187,7 @@ def train_local(
         optimizer.load_state_dict(optimizer_state)
     reference = {k: v.detach().clone() for k, v in global_parameters.items()}
     use_routing = instructions.routing_lambda > 0 and bool(instructions.global_routing)
-    need_capture = use_routing or load_balance_coef > 0
+    need_capture = use_routing or load_balance_coef > 0 or bool(extra_losses)
     top_k = {layer.name: layer.top_k for layer in model.full_layout.layers}
 
     n = len(data)
@@ -224,6 +231,10 @@ def train_local(
             if instructions.proximal_mu > 0:
                 proximal = proximal_term(model, reference)
                 loss = loss + 0.5 * instructions.proximal_mu * proximal
+            extra = torch.zeros(())
+            for extra_loss in extra_losses:
+                extra = extra + extra_loss(model, captured)
+            loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -235,6 +246,7 @@ def train_local(
                 balance_loss=float(balance.detach()),
                 routing_loss=float(routing.detach()),
                 proximal_loss=float(proximal.detach()),
+                extra_loss=float(extra.detach()),
             )
             if on_step is not None:
                 on_step()
