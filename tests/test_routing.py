@@ -223,3 +223,25 @@ def test_semantic_dispersion_pairs_of_active_clients() -> None:
     assert dispersion["per_expert"][0] == pytest.approx(2 / 3)
     assert dispersion["per_expert"][1] is None
     assert dispersion["mean_dispersion"] == pytest.approx(2 / 3)
+
+
+def test_usage_divergence_sees_decisions_the_softmax_hides() -> None:
+    """Two clients with the same near-uniform softmax but opposite top-1 choices."""
+
+    def stats(usage: list[float]) -> LayerRoutingStatistics:
+        return LayerRoutingStatistics(
+            routing_distribution=torch.tensor([0.5, 0.5]),
+            usage=torch.tensor(usage),
+            margin=torch.zeros(2),
+            mean_hidden=torch.zeros(2, 1),
+            token_count=torch.tensor(usage) * 10,
+            num_tokens=10,
+        )
+
+    metrics = routing_divergence([{"moe": stats([1.0, 0.0])}, {"moe": stats([0.0, 1.0])}], None)
+    # softmax identical: no divergence; usage shares (1, 0) and (0, 1) against their mean
+    # (0.5, 0.5): JS = JS((0.5, 0.5), (1, 0)) for both
+    assert metrics["moe"]["mean_js"] == pytest.approx(0.0)
+    expected = jensen_shannon(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))
+    assert metrics["moe"]["mean_usage_js"] == pytest.approx(expected)
+    assert metrics["moe"]["max_usage_js"] == pytest.approx(expected)

@@ -381,9 +381,10 @@ def plot_divergence(records: RunRecords, path: Path) -> Path:
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for layer in records.layers:
-        for axis, metric, key in (
-            (left, "routing_divergence", "mean_js"),
-            (right, "semantic_dispersion", "mean_dispersion"),
+        for axis, metric, key, style, suffix in (
+            (left, "routing_divergence", "mean_js", "-", " softmax"),
+            (left, "routing_divergence", "mean_usage_js", "--", " top-k usage"),
+            (right, "semantic_dispersion", "mean_dispersion", "-", ""),
         ):
             points = [
                 (r["round"], r[metric][layer][key])
@@ -393,8 +394,14 @@ def plot_divergence(records: RunRecords, path: Path) -> Path:
                 and r[metric][layer].get(key) is not None
             ]
             if points:
-                axis.plot(*zip(*points), marker="o", markersize=3, label=short_layer_name(layer))
-    left.set_title("routing divergence (mean JS to the mean routing)", fontsize=10, pad=14)
+                axis.plot(
+                    *zip(*points),
+                    marker="o",
+                    markersize=3,
+                    linestyle=style,
+                    label=short_layer_name(layer) + suffix,
+                )
+    left.set_title("routing divergence (mean JS to the clients' mean)", fontsize=10, pad=14)
     right.set_title("semantic dispersion (mean 1 - cos over client pairs)", fontsize=10, pad=14)
     for axis in (left, right):
         _integer_rounds(axis)

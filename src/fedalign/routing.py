@@ -322,9 +322,12 @@ def routing_divergence(
     Returns
     -------
     dict
-        ``{layer: {"mean_js": float, "max_js": float, "num_clients": int}}``. Clients that
-        saw no token in a layer are left out of that layer; a layer nobody saw gets
-        ``mean_js = max_js = 0.0`` and ``num_clients = 0``.
+        ``{layer: {"mean_js": float, "max_js": float, "mean_usage_js": float,
+        "max_usage_js": float, "num_clients": int}}``. The ``usage`` entries compare the
+        clients' top-k usage shares (``u_i(e) / sum_e u_i(e)``) with their mean: routing
+        *decisions* can diverge while the softmax distributions stay close (a fresh router
+        with small logits). Clients that saw no token in a layer are left out of that
+        layer; a layer nobody saw gets zeros and ``num_clients = 0``.
     """
     metrics: dict[str, dict[str, Any]] = {}
     for name in _layer_names(client_stats):
@@ -334,7 +337,13 @@ def routing_divergence(
             if name in stats and stats[name].num_tokens > 0
         ]
         if not rows:
-            metrics[name] = {"mean_js": 0.0, "max_js": 0.0, "num_clients": 0}
+            metrics[name] = {
+                "mean_js": 0.0,
+                "max_js": 0.0,
+                "mean_usage_js": 0.0,
+                "max_usage_js": 0.0,
+                "num_clients": 0,
+            }
             continue
         distributions = torch.stack(rows)  # (C, E)
         if global_routing is not None and name in global_routing:
@@ -342,9 +351,20 @@ def routing_divergence(
         else:
             reference = distributions.mean(dim=0)
         divergences = _jensen_shannon_rows(distributions, reference)  # (C,)
+        usage = torch.stack(
+            [
+                stats[name].usage.float()
+                for stats in client_stats
+                if name in stats and stats[name].num_tokens > 0
+            ]
+        )  # (C, E)
+        usage_shares = _normalise_distributions(usage)
+        usage_divergences = _jensen_shannon_rows(usage_shares, usage_shares.mean(dim=0))  # (C,)
         metrics[name] = {
             "mean_js": float(divergences.mean()),
             "max_js": float(divergences.max()),
+            "mean_usage_js": float(usage_divergences.mean()),
+            "max_usage_js": float(usage_divergences.max()),
             "num_clients": len(rows),
         }
     return metrics
