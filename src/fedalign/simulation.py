@@ -686,16 +686,3 @@ def run_experiment(
 
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
-
-
-def global_state_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    """True when two parameter dictionaries are bitwise identical."""
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def rounds_to_reach(curve: Sequence[float | None], target: float) -> int | None:
-    """First round (1-based, over evaluated rounds) whose accuracy is >= ``target``."""
-    for index, value in enumerate(curve, start=1):
-        if value is not None and value >= target:
-            return index
-    return None
