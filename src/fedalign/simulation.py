@@ -128,8 +128,17 @@ def prepare_data(
     )
 
 
-def _subset(data: ModelInputs, indices: Tensor) -> ModelInputs:
-    return data.select(indices)
+def client_statistics(
+    model: MoEModel, train: ModelInputs, config: ExperimentConfig, seed: int
+) -> RoutingStatistics:
+    """Routing statistics of the model as it is on one client's training examples."""
+    return compute_routing_statistics(
+        model,
+        train,
+        max_examples=config.strategy.stats_max_examples,
+        seed=seed,
+        hidden_noise_std=config.strategy.hidden_noise_std,
+    )
 
 
 def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
@@ -214,7 +223,7 @@ def run_client_round(
     model.load_trainable_state(global_parameters)
     if instructions.start_parameters:
         model.load_trainable_state(instructions.start_parameters)
-    train = _subset(data.train, data.client_train[client_id])
+    train = data.train.select(data.client_train[client_id])
     seed = client_seed(config.federated.seed, server_round, client_id)
     outcome = train_local(
         model,
@@ -231,13 +240,7 @@ def run_client_round(
     )
     # statistics are computed for every strategy (divergence diagnostics), but only
     # count as uploaded when the strategy asked for them
-    statistics = compute_routing_statistics(
-        model,
-        train,
-        max_examples=config.strategy.stats_max_examples,
-        seed=seed,
-        hidden_noise_std=config.strategy.hidden_noise_std,
-    )
+    statistics = client_statistics(model, train, config, seed)
     sent = tensor_bytes(global_parameters) + tensor_bytes(
         [
             instructions.global_routing,
@@ -413,21 +416,20 @@ class Simulation:
         self.recorder.truncate(self.completed_rounds)
         self.log(f"resuming after round {self.completed_rounds}")
 
-    def _client_statistics(self, client_id: int, seed: int) -> RoutingStatistics:
-        return compute_routing_statistics(
-            self.model,
-            _subset(self.data.train, self.data.client_train[client_id]),
-            max_examples=self.config.strategy.stats_max_examples,
-            seed=seed,
-            hidden_noise_std=self.config.strategy.hidden_noise_std,
-        )
-
     def _record_initial_routing(self) -> None:
         """Round 0 of routing.jsonl: how the initial global model routes each client's data."""
         self.model.load_trainable_state(self.global_parameters)
         clients = list(range(self.data.num_clients))
         seed = self.config.federated.seed
-        statistics = [self._client_statistics(c, client_seed(seed, 0, c)) for c in clients]
+        statistics = [
+            client_statistics(
+                self.model,
+                self.data.train.select(self.data.client_train[c]),
+                self.config,
+                client_seed(seed, 0, c),
+            )
+            for c in clients
+        ]
         self.recorder.add_routing(routing_snapshot(0, clients, statistics))
 
     def client_state_bytes(self) -> int:
@@ -462,7 +464,7 @@ class Simulation:
         for indices in self.data.client_test:
             if len(indices) == 0:
                 continue
-            local.append(evaluate(self.model, _subset(self.data.train, indices)).accuracy)
+            local.append(evaluate(self.model, self.data.train.select(indices)).accuracy)
         return {
             "global_accuracy": global_eval.accuracy,
             "global_loss": global_eval.loss,
