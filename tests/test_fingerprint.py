@@ -135,7 +135,7 @@ def decisions_digest(folder: Path) -> str:
 def run_case(name: str, folder: Path) -> tuple[str, str]:
     from safetensors.torch import load_file
 
-    from fedalign.simulation import run_experiment
+    from fedalign.experiments.run import run_experiment
 
     run_experiment(case_config(name), folder, log=None)
     state = load_file(str(folder / "final_state.safetensors"))

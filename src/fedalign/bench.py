@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedalign.config import ExperimentConfig
-from fedalign.records import tensor_bytes
+from fedalign.protocol import tensor_bytes
 
 
 def _median_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -37,10 +37,10 @@ def _median_seconds(work: Callable[[], object], repeats: int) -> float:
 def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]]:
     """Measure every row on ``config``'s model and data; returns the table rows."""
     from fedalign.models import UpcycledMoE
-    from fedalign.simulation import Simulation
+    from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
+    from fedalign.experiments.run import Simulation
+    from fedalign.protocol import TrainInstructions
     from fedalign.strategies import build_strategy
-    from fedalign.strategies.base import TrainInstructions
-    from fedalign.training import ModelInputs, forward_logits, train_local
 
     config = config.copy()
     config.run.progress = False
@@ -56,7 +56,7 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
         train_local(
             model,
             inputs,
-            TrainInstructions(),
+            [],
             config.train,
             global_parameters=simulation.global_parameters,
         )
@@ -117,10 +117,14 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
     results = []
     for client_id in range(data.num_clients):
         instructions = TrainInstructions(collect_statistics=True)
-        result, _sent, _received = simulation._train_client(1, client_id, instructions)
-        results.append(result)
-    fedavg = build_strategy(_strategy(config, "fedavg"), model.layout)
-    fedalign = build_strategy(_strategy(config, "fedalign"), model.layout)
+        done = run_client_round(
+            model, data, config, 1, client_id, simulation.global_parameters, instructions
+        )
+        simulation.simulator.optimizer_states[client_id] = done.optimizer_state or {}
+        results.append(done.result)
+    options = config.strategy.option_values()
+    fedavg = build_strategy("fedavg", options, model.layout)
+    fedalign = build_strategy("fedalign", options, model.layout)
     parameters = simulation.global_parameters
     average = _median_seconds(lambda: fedavg.aggregate(1, parameters, results, {}), repeats)
     aligned = _median_seconds(
@@ -135,7 +139,8 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
         }
     )
     model_bytes = tensor_bytes(dict(model.model.named_parameters()))
-    kept = simulation.client_state_bytes() / max(len(simulation.optimizer_states), 1)
+    states = simulation.simulator.optimizer_states
+    kept = simulation.simulator.client_state_bytes() / max(len(states), 1)
     rows.append(
         {
             "what": "bytes kept per client (AdamW state) / bytes of one model copy",
@@ -156,12 +161,6 @@ def _token_ids_for(simulation: Any, indices: torch.Tensor) -> torch.Tensor:
     subset = federated.splits.train.subset(indices.numpy())
     tokenized = tokenize_dataset(subset, simulation.model.tokenizer, config.model.max_length)
     return tokenized.input_ids
-
-
-def _strategy(config: ExperimentConfig, name: str) -> Any:
-    strategy = config.copy().strategy
-    strategy.name = name
-    return strategy
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

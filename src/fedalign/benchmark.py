@@ -333,21 +333,17 @@ def prepare_shared_data(config: ExperimentConfig) -> Any:
     """Partition, tokenize and prefix-cache once for every run of one (alpha, seed)."""
     import torch
 
-    from fedalign.data import build_federated_data
-    from fedalign.models import load_moe_model
-    from fedalign.simulation import prepare_data
+    from fedalign.client import prepare
 
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     seed = config.federated.seed
-    federated = build_federated_data(config.data, config.partition, seed)
-    model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
-    return prepare_data(config, model, federated)
+    return prepare(config).data
 
 
 def run_experiment(config: ExperimentConfig, out_dir: Path, **kwargs: Any) -> Any:
     """The simulator's :func:`~fedalign.simulation.run_experiment` (imported when needed)."""
-    from fedalign.simulation import run_experiment as simulate
+    from fedalign.experiments.run import run_experiment as simulate
 
     return simulate(config, out_dir, **kwargs)
 

@@ -14,17 +14,26 @@ section.key=value`` reaches any key that has no option of its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedalign.config import ConfigError, ExperimentConfig
+
+from fedalign.config import (
+    ConfigError,
+    ExperimentConfig,
+    strategy_names,
+    strategy_options,
+)
+from fedalign.errors import FedAlignError
+from fedalign.experiments.run import run_experiment
 
 # option name -> (config key, type, help)
 OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "strategy": ("strategy.name", str, "fedavg, fedprox, fedmoe, fedalign, fedadam or fedyogi"),
+    "strategy": ("strategy.name", str, "a registered strategy (see the list below)"),
     "ablation": (
         "strategy.ablation",
         str,
@@ -92,9 +101,19 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 # ------------------------------------------------------------------------------- run
-def _cmd_run(args: argparse.Namespace) -> int:
-    from fedalign.simulation import run_experiment
+def strategy_help() -> str:
+    """Every registered strategy with its options and defaults (for ``--help``)."""
+    lines = ["strategies and their options (set with --set strategy.KEY=VALUE):"]
+    for name in strategy_names():
+        options = [
+            f"{item.name.replace('_', '-')}={item.default!r}"
+            for item in dataclasses.fields(strategy_options(name))
+        ]
+        lines.append(f"  {name}: {', '.join(options) if options else '(no options)'}")
+    return "\n".join(lines)
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         folder = Path(args.resume)
         config_path = folder / "config.toml"
@@ -158,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run one experiment",
         description="Run one federated experiment and write its run folder.",
+        epilog=strategy_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_experiment_options(run)
     run.add_argument("--resume", type=Path, help="continue a run folder from its checkpoint")
@@ -210,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
         return code
-    except ConfigError as error:
+    except FedAlignError as error:
         print(f"fedalign: error: {error}", file=sys.stderr)
         return 2
 

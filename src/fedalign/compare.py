@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedalign.config import ExperimentConfig
-from fedalign.data import build_federated_data
-from fedalign.models import load_moe_model
-from fedalign.records import plot_convergence, read_jsonl
-from fedalign.simulation import RunSummary, prepare_data, run_experiment
+from fedalign.client import prepare
+from fedalign.experiments.run import run_experiment
+from fedalign.records import RunSummary, plot_convergence, read_jsonl
 
 
 @dataclass
@@ -56,7 +55,6 @@ def comparison_table(
             {
                 "strategy": summary.strategy,
                 "final_accuracy": summary.final_accuracy,
-                "best_accuracy": summary.best_accuracy,
                 "mean_local_accuracy": summary.mean_local_accuracy,
                 "worst_local_accuracy": summary.worst_local_accuracy,
                 f"rounds_to_{summaries[0].strategy}_final": rounds_to_target(lines, target),
@@ -99,11 +97,7 @@ def run_comparison(
         run_config.validate()
         configs.append(run_config)
     # identical partition and seed: prepare the data once with the first run's model
-    seed = config.federated.seed
-    federated = build_federated_data(config.data, config.partition, seed)
-    model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
-    prepared = prepare_data(config, model, federated)
-    del model, federated
+    prepared = prepare(config).data
     summaries: list[RunSummary] = []
     metrics: list[list[dict[str, object]]] = []
     for run_config in configs:

@@ -1,9 +1,16 @@
-"""One typed configuration object for an experiment.
+"""One typed configuration object for an experiment, and the one source of its defaults.
 
 :class:`ExperimentConfig` groups every knob in sections (model, data, partition, train,
 federated, strategy, run). It loads from TOML with hyphenated keys (Flower's style),
 takes ``section.key=value`` overrides from the command line, validates itself before any
 work starts, and is saved into every run folder as ``config.toml``.
+
+The ``[strategy]`` section holds ``name``, the client-side statistics knobs, and the
+options of every registered strategy, flat (``strategy.proximal-mu``). This layer knows no
+strategy: each strategy declares an options dataclass, and the package's composition root
+(``fedalign/__init__.py``) registers it here with :func:`register_strategy`. A new
+strategy's options therefore reach TOML, ``--set``, the CLI help and the Flower run config
+without an edit here.
 """
 
 from __future__ import annotations
@@ -16,21 +23,93 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomllib
 
+from fedalign.errors import ConfigError, OptionError
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederatedConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "RunConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "register_strategy",
+    "run_label",
+    "strategy_names",
+    "strategy_options",
+]
+
+_STRATEGY_OPTIONS: dict[str, type] = {}
+"""Registered strategies: name -> options dataclass (see :func:`register_strategy`)."""
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedmoe", "fedalign", "fedadam", "fedyogi")
-ABLATIONS = (
-    "fedavg",  # row 1: direct parameter averaging
-    "uniform-align",  # row 2: gate distribution alignment, omega = 1/|S_t|, alpha = 1
-    "consistency",  # row 3: + consistency weights o * m
-    "overlap-only",  # row 3 variant: o only
-    "margin-only",  # row 3 variant: m only
-    "adaptive-reg",  # row 4: + adaptive expert-level regularisation alpha_i(e)
-    "full",  # row 5: + semantic-aware expert aggregation (FedAlign-MoE)
-)
+def register_strategy(name: str, options: type) -> None:
+    """Make strategy ``name`` and the fields of its options dataclass known to the config.
+
+    Option names are flat in ``[strategy]``: two strategies may share an option only with
+    the same type and default (FedAdam and FedYogi share theirs).
+
+    Raises
+    ------
+    TypeError
+        When ``options`` is not a dataclass, or an option clashes with another strategy's
+        or with a base field of :class:`StrategyConfig`.
+    """
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options of strategy {name!r} must be a dataclass (got {options!r})")
+    base = {f.name for f in fields(StrategyConfig)}
+    known = _option_fields()
+    hints = get_type_hints(options)
+    for item in fields(options):
+        if item.name in base:
+            raise TypeError(f"option {item.name!r} of {name!r} clashes with a base strategy key")
+        if item.name in known:
+            other_type, other_default = known[item.name]
+            if (other_type, other_default) != (hints[item.name], _default(item)):
+                raise TypeError(f"option {item.name!r} of {name!r} clashes with another strategy")
+    _STRATEGY_OPTIONS[name] = options
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Names of the registered strategies, in registration order."""
+    return tuple(_STRATEGY_OPTIONS)
+
+
+def strategy_options(name: str) -> type:
+    """The options dataclass of strategy ``name``."""
+    return _STRATEGY_OPTIONS[name]
+
+
+def _default(item: dataclasses.Field[Any]) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    raise TypeError(f"option {item.name!r} needs a default")
+
+
+def _option_fields() -> dict[str, tuple[Any, Any]]:
+    """Every registered option: name -> (type, default), in registration order."""
+    merged: dict[str, tuple[Any, Any]] = {}
+    for options in _STRATEGY_OPTIONS.values():
+        hints = get_type_hints(options)
+        for item in fields(options):
+            merged.setdefault(item.name, (hints[item.name], _default(item)))
+    return merged
+
+
+def run_label(strategy_name: str, ablation: str = "full") -> str:
+    """The label of a run in tables, plots and folder names.
+
+    ``fedalign-<ablation>`` for FedAlign-MoE's ablation rows, else the strategy's name.
+    """
+    if strategy_name == "fedalign" and ablation != "full":
+        return f"fedalign-{ablation}"
+    return strategy_name
+
+
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 
@@ -175,66 +254,83 @@ class FederatedConfig:
         Seeds partitioning, initialisation, sampling, shuffling: same seed, same numbers.
     eval_every : int, default 1
         Evaluate the global model every this many rounds (and always after the last).
+    min_local_test : int, default 20
+        Clients with at least this many local test examples enter the per-client
+        percentile (``local_accuracy_p10``); smaller splits say little about a client.
     """
 
     rounds: int = 25
     fraction: float = 1.0
     seed: int = 0
     eval_every: int = 1
+    min_local_test: int = 20
 
 
 @dataclass
 class StrategyConfig:
-    """The aggregation strategy and its knobs.
+    """The aggregation strategy, its options, and the client-side statistics knobs.
 
     Parameters
     ----------
     name : str, default "fedavg"
-        One of ``fedavg``, ``fedprox``, ``fedmoe``, ``fedalign``, ``fedadam``, ``fedyogi``.
-    proximal_mu : float, default 0.01
-        FedProx ``mu``.
-    ablation : str, default "full"
-        FedAlign-MoE ablation row (see ``ABLATIONS``).
-    routing_lambda : float, default 0.1
-        Weight of the routing regulariser ``lambda``.
-    beta : float, default 1.0
-        Threshold ``tau_e = M(e) - beta * Sigma(e)`` of semantic aggregation.
-    eps : float, default 1e-6
-        Floor that keeps consistency weights defined.
-    overlap : str, default "geometric"
-        Expert overlap ``o_i(e)`` of the consistency weights: ``geometric``
-        (``sqrt(pbar_i(e) p_g(e))``, METHOD.md), ``bhattacharyya`` (the client's whole routing
-        distribution against ``p_g``) or ``intersection`` (``min(pbar_i(e), p_g(e))``).
-    personalized_experts : bool, default False
-        Clients start each round from their semantic region's experts.
+        A registered strategy (:func:`strategy_names`): ``fedavg``, ``fedprox``, ``fedmoe``,
+        ``fedalign``, ``fedadam``, ``fedyogi``.
     stats_max_examples : int, default 512
         Examples used for the routing-statistics pass.
     hidden_noise_std : float, default 0.0
         Gaussian noise (relative to the norm) added to ``mu_i(e)`` before upload (privacy).
-    fedmoe_u_min : float, default 0.01
-        FedMoE-style minimum usage for a client to contribute to an expert.
-    server_lr : float, default 0.01
-        FedAdam / FedYogi server learning rate.
-    server_beta1 : float, default 0.9
-    server_beta2 : float, default 0.99
-    server_tau : float, default 1e-3
+    options : dict, default empty
+        Values of the registered strategies' options that differ from their defaults, by
+        field name (``proximal_mu``). Read any option as an attribute:
+        ``config.strategy.proximal_mu``; see each strategy's options class for its keys.
     """
 
     name: str = "fedavg"
-    proximal_mu: float = 0.01
-    ablation: str = "full"
-    routing_lambda: float = 0.1
-    beta: float = 1.0
-    eps: float = 1e-6
-    overlap: str = "geometric"
-    personalized_experts: bool = False
     stats_max_examples: int = 512
     hidden_noise_std: float = 0.0
-    fedmoe_u_min: float = 0.01
-    server_lr: float = 0.01
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names that are not dataclass fields: the strategies' options
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        merged = _option_fields()
+        if name not in merged:
+            raise AttributeError(f"no strategy option {name!r}")
+        return self.__dict__.get("options", {}).get(name, merged[name][1])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _BASE_STRATEGY_FIELDS or name not in _option_fields():
+            object.__setattr__(self, name, value)
+        else:
+            self.options[name] = value
+
+    def option_values(self) -> dict[str, Any]:
+        """Every registered option with its value (set or default), flat."""
+        return {name: getattr(self, name) for name in _option_fields()}
+
+    def selected_options(self) -> Any:
+        """The options object of the selected strategy (validated by its class).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown strategy, or an option out of range (naming ``strategy.<key>``).
+        """
+        if self.name not in _STRATEGY_OPTIONS:
+            raise ConfigError(
+                f"strategy.name must be one of {list(strategy_names())} (got {self.name!r})"
+            )
+        options = _STRATEGY_OPTIONS[self.name]
+        values = {f.name: getattr(self, f.name) for f in fields(options)}
+        try:
+            return options(**values)
+        except OptionError as error:
+            key = f"strategy.{error.option.replace('_', '-')}"
+            raise ConfigError(f"{key} {error.requirement} (got {error.value!r})") from error
+
+
+_BASE_STRATEGY_FIELDS = ("name", "stats_max_examples", "hidden_noise_std", "options")
 
 
 @dataclass
@@ -308,9 +404,9 @@ class ExperimentConfig:
                 f"unknown config section {section_key!r}; accepted: {sorted(_section_names())}"
             )
         section = getattr(self, section_name)
-        hints = get_type_hints(type(section))
+        hints = _section_hints(section)
         if field_name not in hints:
-            accepted = sorted(f.name.replace("_", "-") for f in fields(section))
+            accepted = sorted(name.replace("_", "-") for name in hints)
             raise ConfigError(
                 f"unknown config key {dotted_key!r}; accepted in [{section_key}]: {accepted}"
             )
@@ -335,9 +431,7 @@ class ExperimentConfig:
             self.federated,
             self.strategy,
         )
-        _one_of("strategy.name", s.name, STRATEGIES)
-        _one_of("strategy.ablation", s.ablation, ABLATIONS)
-        _one_of("strategy.overlap", s.overlap, ("geometric", "bhattacharyya", "intersection"))
+        s.selected_options()
         _one_of("partition.method", p.method, PARTITION_METHODS)
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _positive("partition.num-clients", p.num_clients)
@@ -367,24 +461,21 @@ class ExperimentConfig:
         if not 0.0 < f.fraction <= 1.0:
             raise ConfigError(f"federated.fraction must be in (0, 1] (got {f.fraction})")
         _positive("federated.eval-every", f.eval_every)
-        if s.proximal_mu < 0 or s.routing_lambda < 0 or s.beta < 0 or s.eps <= 0:
-            raise ConfigError(
-                "strategy.proximal-mu, strategy.routing-lambda and strategy.beta must be >= 0 "
-                "and strategy.eps > 0"
-            )
-        if not 0.0 <= s.fedmoe_u_min <= 1.0:
-            raise ConfigError(f"strategy.fedmoe-u-min must be in [0, 1] (got {s.fedmoe_u_min})")
+        if s.hidden_noise_std < 0:
+            raise ConfigError(f"strategy.hidden-noise-std must be >= 0 (got {s.hidden_noise_std})")
         _positive("strategy.stats-max-examples", s.stats_max_examples)
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
-            section.name: {
-                key.replace("_", "-"): value
-                for key, value in dataclasses.asdict(getattr(self, section.name)).items()
-            }
-            for section in fields(self)
-        }
+        """Every key of every section with its value, hyphenated (strategy options flat)."""
+        result: dict[str, dict[str, Any]] = {}
+        for section in fields(self):
+            values = dataclasses.asdict(getattr(self, section.name))
+            if isinstance(getattr(self, section.name), StrategyConfig):
+                values.pop("options")
+                values.update(self.strategy.option_values())
+            result[section.name] = {key.replace("_", "-"): value for key, value in values.items()}
+        return result
 
     def to_toml(self) -> str:
         lines: list[str] = []
@@ -400,6 +491,15 @@ class ExperimentConfig:
 
     def copy(self) -> ExperimentConfig:
         return ExperimentConfig.from_dict(self.to_dict())
+
+
+def _section_hints(section: Any) -> dict[str, Any]:
+    """Settable keys of a section and their types (strategy: base fields and options)."""
+    hints = get_type_hints(type(section))
+    if isinstance(section, StrategyConfig):
+        hints.pop("options")
+        hints.update({name: kind for name, (kind, _default) in _option_fields().items()})
+    return hints
 
 
 def _section_names() -> set[str]:

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    # Imported lazily at run time: the strategies package imports this module, so a
-    # top-level import of it here would be circular when this module is imported first.
-    from fedalign.strategies.base import LayerRoutingStatistics, RoutingStatistics
+from fedalign.protocol import LayerRoutingStatistics, RoutingStatistics
 
 Tensor = torch.Tensor
 
@@ -139,8 +136,6 @@ class RoutingStatisticsAccumulator:
         Experts that received no token get margin 0 and mean hidden state 0; with no token
         at all, every statistic is 0.
         """
-        from fedalign.strategies.base import LayerRoutingStatistics
-
         num_tokens = max(self._num_tokens, 1)
         routed_count = self._token_count.clamp(min=1.0)
         return LayerRoutingStatistics(

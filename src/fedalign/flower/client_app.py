@@ -4,8 +4,9 @@ A SuperNode serves one partition, named by its node config (``partition-id``,
 ``num-partitions``; the simulation engine sets both, a deployed SuperNode gets them from
 ``--node-config``). From the run config the ClientApp rebuilds exactly what the in-process
 simulator builds — the same data split, partition, tokenisation and model, all seeded by
-``federated.seed`` — and runs :func:`fedalign.simulation.run_client_round` on its partition,
-the very function the simulator runs for that client.
+``federated.seed`` — through :func:`fedalign.client.prepare`, caching the frozen prefix of
+its own partition's rows only, and runs :func:`fedalign.client.run_client_round` on its
+partition, the very function the simulator runs for that client.
 
 Handlers:
 
@@ -35,8 +36,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedalign.client import PreparedData, prepare, run_client_round
+from fedalign.client import evaluate as evaluate_model
 from fedalign.config import ExperimentConfig
-from fedalign.data import build_federated_data
 from fedalign.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -55,10 +57,8 @@ from fedalign.flower.messages import (
     record_int,
     record_str,
 )
-from fedalign.models import MoEModel, load_moe_model
-from fedalign.records import tensor_bytes
-from fedalign.simulation import PreparedData, prepare_data, run_client_round
-from fedalign.training import evaluate as evaluate_model
+from fedalign.models import MoEModel
+from fedalign.protocol import tensor_bytes
 
 OPTIMIZER_STATE_KEY = "fedalign.optimizer-state"
 
@@ -103,13 +103,14 @@ class ClientRuntime:
 _CACHE: dict[str, _Built] = {}
 
 
-def _cache_key(config: ExperimentConfig) -> str:
+def _cache_key(config: ExperimentConfig, partition_id: int) -> str:
     values = config.to_dict()
     relevant = {
         "model": values["model"],
         "data": values["data"],
         "partition": values["partition"],
         "seed": config.federated.seed,
+        "partition-id": partition_id,
     }
     return json.dumps(relevant, sort_keys=True)
 
@@ -133,17 +134,12 @@ def client_runtime(context: Context) -> ClientRuntime:
     config.validate()
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
-    key = _cache_key(config)
+    key = _cache_key(config, partition_id)
     built = _CACHE.get(key)
     if built is None:
         _CACHE.clear()  # one model per process
-        seed = config.federated.seed
-        # the simulator's order: data, then the model (seeded), then tokenisation / cache
-        federated = build_federated_data(config.data, config.partition, seed)
-        model = load_moe_model(
-            config.model, num_labels=federated.splits.train.num_classes, seed=seed
-        )
-        built = _Built(model=model, data=prepare_data(config, model, federated))
+        prepared = prepare(config, clients=[partition_id])
+        built = _Built(model=prepared.model, data=prepared.data)
         _CACHE[key] = built
     return ClientRuntime(config, partition_id, built.model, built.data, built)
 
@@ -225,8 +221,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     runtime.model.load_trainable_state(
         decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
     )
-    rows = runtime.data.client_test[runtime.partition_id]
-    result = evaluate_model(runtime.model, runtime.data.train.select(rows))
+    result = evaluate_model(runtime.model, runtime.data.local_test_rows(runtime.partition_id))
     metrics = MetricRecord({NUM_EXAMPLES_KEY: result.num_examples})
     if result.num_examples > 0:
         metrics["accuracy"] = result.accuracy

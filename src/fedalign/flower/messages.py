@@ -9,10 +9,12 @@ Server -> client (``message_type="train"``)
         ``server-round``, ``partition-id`` (the client the message is meant for) and
         ``fedalign.model-fingerprint`` (see :func:`model_fingerprint`).
     ``"fedalign.instructions"`` (ConfigRecord) and ``"fedalign.instruction-tensors"`` (ArrayRecord)
-        The :class:`~fedalign.strategies.base.TrainInstructions`: scalars in the first,
-        per-layer tensors (the global routing distribution ``p_g``, the expert strengths
-        ``alpha_i(e)``, personalised start parameters) in the second, keyed
-        ``"<field>/<name>"`` (:func:`encode_instructions`).
+        The :class:`~fedalign.protocol.TrainInstructions`: in the first, the loss terms
+        (name, coefficient, scalar options; JSON under ``loss-terms``) and flags; in the
+        second, each term's per-layer tensors keyed ``"term/<i>/<group>/<layer>"`` (e.g.
+        ``p_g`` and ``alpha_i(e)``) and personalised start parameters keyed
+        ``"start_parameters/<name>"`` (:func:`encode_instructions`). The codec knows no
+        algorithm: a new loss term travels without a change here.
 
 Client -> server (the reply)
     ``"arrays"`` (ArrayRecord)
@@ -50,9 +52,10 @@ from safetensors.torch import save as save_safetensors
 
 from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.models import MoEModel
-from fedalign.strategies.base import (
+from fedalign.protocol import (
     ClientResult,
     LayerRoutingStatistics,
+    LossTermSpec,
     RoutingStatistics,
     TrainInstructions,
 )
@@ -73,7 +76,6 @@ SERVER_ROUND_KEY = "server-round"
 QUERY_KEY = "fedalign.query"
 FLOWER_SECTION = "flower"
 
-_TENSOR_FIELDS_KEY = "tensor-fields"
 _SEPARATOR = "/"
 
 
@@ -156,24 +158,15 @@ def decode_state(
 
 
 # ------------------------------------------------------------------------ instructions
-def _tensor_dict_fields() -> list[str]:
-    """Fields of TrainInstructions that hold ``dict[str, Tensor]`` (or None)."""
-    defaults = TrainInstructions()
-    names = []
-    for item in fields(TrainInstructions):
-        value = getattr(defaults, item.name)
-        if isinstance(value, dict) or value is None:
-            names.append(item.name)
-    return names
+_TERMS_KEY = "loss-terms"
+_COLLECT_KEY = "collect-statistics"
+_HAS_START_KEY = "has-start-parameters"
+_START_PREFIX = "start_parameters"
+_TERM_PREFIX = "term"
 
 
 def encode_instructions(instructions: TrainInstructions) -> dict[str, ConfigRecord | ArrayRecord]:
-    """TrainInstructions as two records: scalars and per-layer tensors.
-
-    Every dataclass field is carried, so a field added to TrainInstructions travels
-    without changing this module: scalars (float, int, bool, str) go to the ConfigRecord,
-    ``dict[str, Tensor]`` fields to the ArrayRecord under ``"<field>/<key>"``. A tensor field
-    that is ``None`` is simply absent (``tensor-fields`` lists the present ones).
+    """TrainInstructions as two records: the terms' scalars and every tensor.
 
     Parameters
     ----------
@@ -184,23 +177,30 @@ def encode_instructions(instructions: TrainInstructions) -> dict[str, ConfigReco
     dict
         ``{INSTRUCTIONS_KEY: ConfigRecord, INSTRUCTION_TENSORS_KEY: ArrayRecord}``.
     """
-    scalars = ConfigRecord()
     tensors: dict[str, Tensor] = {}
-    present: list[str] = []
-    tensor_fields = set(_tensor_dict_fields())
-    for item in fields(instructions):
-        value = getattr(instructions, item.name)
-        if item.name in tensor_fields:
-            if value is None:
-                continue
-            present.append(item.name)
-            for key, tensor in value.items():
-                tensors[f"{item.name}{_SEPARATOR}{key}"] = tensor
-        elif isinstance(value, bool | int | float | str):
-            scalars[item.name] = value
-        else:
-            raise TypeError(f"TrainInstructions.{item.name} of type {type(value)} cannot travel")
-    scalars[_TENSOR_FIELDS_KEY] = ",".join(present)
+    terms = []
+    for index, spec in enumerate(instructions.loss_terms):
+        terms.append(
+            {
+                "name": spec.name,
+                "coefficient": spec.coefficient,
+                "options": dict(spec.options),
+                "tensors": sorted(spec.tensors),
+            }
+        )
+        for group, values in spec.tensors.items():
+            for layer, tensor in values.items():
+                tensors[_SEPARATOR.join((_TERM_PREFIX, str(index), group, layer))] = tensor
+    start = instructions.start_parameters
+    for name, tensor in (start or {}).items():
+        tensors[f"{_START_PREFIX}{_SEPARATOR}{name}"] = tensor
+    scalars = ConfigRecord(
+        {
+            _TERMS_KEY: json.dumps(terms),
+            _COLLECT_KEY: instructions.collect_statistics,
+            _HAS_START_KEY: start is not None,
+        }
+    )
     return {INSTRUCTIONS_KEY: scalars, INSTRUCTION_TENSORS_KEY: encode_state(tensors)}
 
 
@@ -220,25 +220,32 @@ def decode_instructions(
     if INSTRUCTIONS_KEY not in content:
         return TrainInstructions()
     scalars = content.config_records[INSTRUCTIONS_KEY]
-    record = content.array_records.get(INSTRUCTION_TENSORS_KEY, ArrayRecord())
-    present = [name for name in str(scalars.get(_TENSOR_FIELDS_KEY, "")).split(",") if name]
-    kwargs: dict[str, Any] = {}
-    tensor_fields = set(_tensor_dict_fields())
-    known = {item.name for item in fields(TrainInstructions)}
-    for key, value in scalars.items():
-        if key in known and key not in tensor_fields:
-            kwargs[key] = value
-    decoded = decode_state(record)
-    for name in present:
-        prefix = f"{name}{_SEPARATOR}"
-        values = {k[len(prefix) :]: v for k, v in decoded.items() if k.startswith(prefix)}
+    decoded = decode_state(content.array_records.get(INSTRUCTION_TENSORS_KEY, ArrayRecord()))
+    specs = []
+    for index, term in enumerate(json.loads(str(scalars.get(_TERMS_KEY, "[]")))):
+        groups: dict[str, dict[str, Tensor]] = {group: {} for group in term["tensors"]}
+        prefix = f"{_TERM_PREFIX}{_SEPARATOR}{index}{_SEPARATOR}"
+        for key, tensor in decoded.items():
+            if key.startswith(prefix):
+                group, layer = key[len(prefix) :].split(_SEPARATOR, 1)
+                groups[group][layer] = tensor
+        specs.append(
+            LossTermSpec(term["name"], float(term["coefficient"]), term["options"], groups)
+        )
+    start = None
+    if bool(scalars.get(_HAS_START_KEY, False)):
+        prefix = f"{_START_PREFIX}{_SEPARATOR}"
+        start = {k[len(prefix) :]: v for k, v in decoded.items() if k.startswith(prefix)}
         if like is not None:
-            values = {
+            start = {
                 k: v.to(like[k].dtype) if k in like and v.dtype != like[k].dtype else v
-                for k, v in values.items()
+                for k, v in start.items()
             }
-        kwargs[name] = values
-    return TrainInstructions(**kwargs)
+    return TrainInstructions(
+        loss_terms=specs,
+        collect_statistics=bool(scalars.get(_COLLECT_KEY, False)),
+        start_parameters=start,
+    )
 
 
 # -------------------------------------------------------------------- routing statistics

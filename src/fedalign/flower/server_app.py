@@ -2,16 +2,15 @@
 
 ``main`` reads the run config (``[tool.flwr.app.config]`` plus ``--run-config``
 overrides) into an :class:`~fedalign.config.ExperimentConfig`, asks the SuperNodes for their
-partitions, and adopts their ``num-partitions`` as ``partition.num-clients``. It then
-builds, once, what the in-process simulator builds on the server side — the
-:class:`~fedalign.simulation.Simulation` object (model, data, strategy, run folder and its
-setup files), which here never trains: clients train on the SuperNodes. The
-:class:`~fedalign.flower.strategy.FlowerStrategy` runs the rounds, and after every
-aggregation :class:`RunFolderRecords` evaluates the global model on the server (global test
-set and every partition's local test split), and appends to ``metrics.jsonl``,
-``decisions.jsonl`` and ``routing.jsonl`` and checkpoints, as the simulator does. At the end
-``summary.json``, ``final_state.safetensors`` and ``convergence.png`` are written by the
-simulator's own ``finish``.
+partitions, and adopts their ``num-partitions`` as ``partition.num-clients``. The server
+prepares only what it evaluates on (:func:`fedalign.client.prepare` with
+``include_train=False``: the global test set and each partition's local test split, no
+client's training data). The :class:`~fedalign.flower.strategy.FlowerStrategy` runs the
+rounds on a :class:`~fedalign.federation.ServerState` (the simulator's), and after every
+aggregation :class:`RunFolderRecords` evaluates the global model when due and writes the
+round through :class:`~fedalign.records.RunFolder`, as the simulator does. Differences from
+a simulator run folder: ``routing.jsonl`` has no round 0 (the server never sees client
+training data), and metrics lines carry ``failed_clients``.
 
 A relative ``run.out`` resolves against the working directory of the process that runs the
 ServerApp (the SuperLink's, or the simulation's); an empty one gives
@@ -20,7 +19,6 @@ ServerApp (the SuperLink's, or the simulation's); an empty one gives
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from logging import INFO, WARNING
@@ -31,11 +29,14 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedalign.config import ExperimentConfig
+from fedalign.client import Prepared, prepare
+from fedalign.config import ExperimentConfig, run_label
+from fedalign.federation import RoundOutcome, evaluate_global, evaluation_due
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
-from fedalign.records import tensor_bytes
-from fedalign.simulation import RunSummary, Simulation
+from fedalign.federation import strategy_from_config
+from fedalign.protocol import tensor_bytes
+from fedalign.records import RunFolder, RunSummary
 
 app = ServerApp()
 
@@ -45,65 +46,67 @@ class RunFolderRecords:
 
     Parameters
     ----------
-    simulation : Simulation
-        Holds the server-side model, data, recorder and counters (it never trains here).
+    config : ExperimentConfig
+    prepared : Prepared
+        The server's model and test data (no client training rows).
+    folder : RunFolder
     """
 
-    def __init__(self, simulation: Simulation) -> None:
-        self.simulation = simulation
+    def __init__(self, config: ExperimentConfig, prepared: Prepared, folder: RunFolder) -> None:
+        self.config = config
+        self.prepared = prepared
+        self.folder = folder
         self.optimizer_state_bytes: dict[int, int] = {}
 
     def __call__(self, report: RoundReport) -> dict[str, Any]:
-        """Evaluate, write the round's lines and checkpoint; returns the metrics line."""
-        sim = self.simulation
-        config = sim.config
-        # the wrapper holds the personalised parameters: adopt them as they are
-        sim.personal_parameters = report.personal_parameters
-        per_client = {
-            reply.result.client_id: {"sent": reply.bytes_sent, "received": reply.bytes_received}
-            for reply in report.replies
-        }
+        """Evaluate when due, write the round's lines and checkpoint; returns the metrics line."""
+        config = self.config
+        server = report.server
         for reply in report.replies:
             self.optimizer_state_bytes[reply.result.client_id] = reply.optimizer_state_bytes
-        outcome = dataclasses.replace(
-            report.outcome,
-            parameters=report.global_parameters,
-            state=report.strategy_state,
-            client_parameters={},
-        )
-        line = sim.record_round(
-            report.server_round,
-            report.selected,
-            [reply.result for reply in report.replies],
-            outcome,
-            per_client,
+        evaluation = None
+        if evaluation_due(config, report.server_round):
+            evaluation = evaluate_global(
+                self.prepared.model,
+                self.prepared.data,
+                server.global_parameters,
+                config.federated.min_local_test,
+            )
+        outcome = RoundOutcome(
+            server_round=report.server_round,
+            selected=list(report.selected),
+            results=[reply.result for reply in report.replies],
+            aggregation=report.outcome,
+            bytes_per_client={
+                reply.result.client_id: {
+                    "sent": reply.bytes_sent,
+                    "received": reply.bytes_received,
+                }
+                for reply in report.replies
+            },
             started=report.started,
             train_seconds=report.train_seconds,
             aggregation_seconds=report.aggregation_seconds,
-            client_state_bytes=tensor_bytes(report.personal_parameters)
+            client_state_bytes=tensor_bytes(server.personal_parameters)
             + sum(self.optimizer_state_bytes.values()),
+            evaluation=evaluation,
             extra={"failed_clients": report.failed},
         )
-        server_round = report.server_round
-        seconds = line["seconds"]
-        round_received = line["bytes_received"]
+        line = self.folder.record_round(outcome, server.strategy.name)
+        self.folder.save_checkpoint({**server.state_dict(), "optimizer_states": {}})
         accuracy = line.get("global_accuracy")
         log(
             INFO,
             "[%s] round %d/%d train_loss=%.4f %s(%.1fs, %.1f MiB up)",
-            sim.strategy.name,
-            server_round,
+            self.folder.label,
+            report.server_round,
             config.federated.rounds,
             line["train_loss"],
             f"acc={accuracy:.4f} " if accuracy is not None else "",
-            seconds,
-            round_received / 2**20,
+            line["seconds"],
+            line["bytes_received"] / 2**20,
         )
         return line
-
-    def finish(self) -> RunSummary:
-        """``summary.json``, ``final_state.safetensors`` and ``convergence.png``."""
-        return self.simulation.finish()
 
 
 def default_out_dir(config: ExperimentConfig) -> Path:
@@ -140,16 +143,19 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
     config.validate()
     out_dir = default_out_dir(config)
     log(INFO, "Run folder: %s", out_dir)
-    simulation = Simulation(config, out_dir, log=lambda message: log(INFO, message))
-    records = RunFolderRecords(simulation)
+    prepared = prepare(config, include_train=False)
+    folder = RunFolder(out_dir, run_label(config.strategy.name, config.strategy.ablation))
+    folder.start_fresh()
+    folder.write_setup(config, prepared.data.report, prepared.model.layout)
+    records = RunFolderRecords(config, prepared, folder)
     strategy = FlowerStrategy(
-        simulation.strategy,
-        simulation.global_parameters,
+        strategy_from_config(config, prepared.model.layout),
+        prepared.model.trainable_state(),
         num_clients=num_partitions,
         seed=config.federated.seed,
         fraction=config.federated.fraction,
         client_nodes=client_nodes,
-        fingerprint=model_fingerprint(simulation.model),
+        fingerprint=model_fingerprint(prepared.model),
         on_round=records,
         discovery_timeout=options.discovery_timeout,
     )
@@ -160,7 +166,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         timeout=options.round_timeout,
         evaluate_fn=strategy.server_evaluation,
     )
-    summary = records.finish()
+    summary = folder.finish(strategy.global_parameters)
     log(
         INFO,
         "[%s] done: final accuracy %.4f after %d rounds; records in %s",

@@ -3,14 +3,15 @@
 :class:`FlowerStrategy` subclasses ``flwr.serverapp.strategy.Strategy``. It contains no
 algorithm: each round it calls
 
-* :func:`fedalign.simulation.sample_clients` to pick the round's clients (the simulator's
+* :func:`fedalign.federation.sample_clients` to pick the round's clients (the simulator's
   seeded sampling, so both pick the same partitions),
-* :meth:`fedalign.strategies.Strategy.configure_train` for their instructions, sent with the
-  global parameters to the SuperNode serving each partition, and
-* :meth:`fedalign.strategies.Strategy.aggregate` on the decoded replies, in client order,
+* :meth:`fedalign.federation.ServerState.instructions` for their instructions, sent with
+  the global parameters to the SuperNode serving each partition, and
+* :meth:`fedalign.federation.ServerState.aggregate` / ``adopt`` on the decoded replies, in
+  client order,
 
-and keeps the global parameters, the strategy state and any personalised parameters in
-between. Which SuperNode serves which partition is learnt once with a ``query`` message
+so the global parameters, the strategy state and any personalised parameters live in the
+same :class:`~fedalign.federation.ServerState` the simulator uses. Which SuperNode serves which partition is learnt once with a ``query`` message
 (:func:`discover_partitions`) and again whenever a mapped node has gone.
 
 An optional ``on_round`` callback receives a :class:`RoundReport` after every aggregation
@@ -48,13 +49,9 @@ from fedalign.flower.messages import (
     encode_state,
     record_int,
 )
-from fedalign.simulation import sample_clients
-from fedalign.strategies.base import (
-    AggregationResult,
-    Strategy,
-    StrategyState,
-    TrainInstructions,
-)
+from fedalign.federation import ServerState, sample_clients
+from fedalign.protocol import TrainInstructions
+from fedalign.strategies import AggregationResult, Strategy
 
 Tensor = torch.Tensor
 
@@ -194,10 +191,9 @@ class RoundReport:
         Selected clients whose reply was an error or missing.
     instructions : dict of int to TrainInstructions
     outcome : AggregationResult
-    global_parameters : dict of str to Tensor
-        The new global parameters (``outcome.parameters``).
-    strategy_state : dict
-    personal_parameters : dict of int to dict of str to Tensor
+        Already adopted by ``server``.
+    server : ServerState
+        The server state after the round.
     started : float
         ``time.perf_counter()`` when the round was configured.
     train_seconds : float
@@ -211,9 +207,7 @@ class RoundReport:
     failed: list[int]
     instructions: dict[int, TrainInstructions]
     outcome: AggregationResult
-    global_parameters: dict[str, Tensor]
-    strategy_state: StrategyState
-    personal_parameters: dict[int, dict[str, Tensor]]
+    server: ServerState
     started: float
     train_seconds: float
     aggregation_seconds: float
@@ -270,9 +264,9 @@ class FlowerStrategy(FlwrStrategy):
         discovery_timeout: float = 600.0,
     ) -> None:
         self.strategy = strategy
-        self.global_parameters = {k: v.detach().clone() for k, v in global_parameters.items()}
-        self.strategy_state: StrategyState = strategy.initial_state()
-        self.personal_parameters: dict[int, dict[str, Tensor]] = {}
+        self.server = ServerState(
+            strategy, {k: v.detach().clone() for k, v in global_parameters.items()}
+        )
         self.num_clients = num_clients
         self.seed = seed
         self.fraction = fraction
@@ -282,6 +276,10 @@ class FlowerStrategy(FlwrStrategy):
         self.discovery_timeout = discovery_timeout
         self.lines: dict[int, dict[str, Any]] = {}
         self._pending: dict[int, _PendingRound] = {}
+
+    @property
+    def global_parameters(self) -> dict[str, Tensor]:
+        return self.server.global_parameters
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -304,16 +302,12 @@ class FlowerStrategy(FlwrStrategy):
         """
         started = time.perf_counter()
         if len(arrays) > 0:
-            self.global_parameters = decode_state(arrays, like=self.global_parameters)
+            self.server.global_parameters = decode_state(arrays, like=self.global_parameters)
         else:
             arrays = encode_state(self.global_parameters)
         selected = sample_clients(self.seed, server_round, self.num_clients, self.fraction)
         self._ensure_nodes(grid, selected)
-        instructions = self.strategy.configure_train(server_round, selected, self.strategy_state)
-        for client_id in selected:
-            personal = self.personal_parameters.get(client_id)
-            if personal and instructions[client_id].start_parameters is None:
-                instructions[client_id].start_parameters = personal
+        instructions = self.server.instructions(server_round, selected)
         self._pending[server_round] = _PendingRound(selected, instructions, started)
         messages = []
         for client_id in selected:
@@ -375,16 +369,9 @@ class FlowerStrategy(FlwrStrategy):
         decoded.sort(key=lambda r: r.result.client_id)
         train_seconds = time.perf_counter() - pending.started
         aggregation_started = time.perf_counter()
-        outcome = self.strategy.aggregate(
-            server_round,
-            self.global_parameters,
-            [r.result for r in decoded],
-            self.strategy_state,
-        )
+        outcome = self.server.aggregate(server_round, [r.result for r in decoded])
         aggregation_seconds = time.perf_counter() - aggregation_started
-        self.global_parameters = outcome.parameters
-        self.strategy_state = outcome.state
-        self.personal_parameters.update(outcome.client_parameters)
+        self.server.adopt(server_round, outcome)
         line: dict[str, Any] = {
             "train_loss": _mean([r.result.metrics.get("task_loss") for r in decoded]),
             "routing_loss": _mean([r.result.metrics.get("routing_loss") for r in decoded]),
@@ -397,9 +384,7 @@ class FlowerStrategy(FlwrStrategy):
                 failed=failed,
                 instructions=pending.instructions,
                 outcome=outcome,
-                global_parameters=self.global_parameters,
-                strategy_state=self.strategy_state,
-                personal_parameters=self.personal_parameters,
+                server=self.server,
                 started=pending.started,
                 train_seconds=train_seconds,
                 aggregation_seconds=aggregation_seconds,

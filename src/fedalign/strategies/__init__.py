@@ -1,94 +1,38 @@
 """Aggregation strategies: FedAlign-MoE and the baselines, behind one interface.
 
-:func:`build_strategy` turns a :class:`~fedalign.config.StrategyConfig` into a strategy.
+Strategies are pure functions of the global state and the client results; they know
+nothing about configuration files, command lines or transports. :data:`REGISTRY` lists
+them; :func:`build_strategy` makes one from a name and option values.
 """
 
 from __future__ import annotations
 
-from fedalign.config import STRATEGIES, ConfigError, StrategyConfig
-from fedalign.moe.layout import MoELayout
-from fedalign.strategies.base import (
-    AggregationResult,
-    ClientResult,
-    LayerRoutingStatistics,
-    RoutingStatistics,
-    Strategy,
-    StrategyState,
-    TrainInstructions,
-)
-from fedalign.strategies.fedalign import FedAlignMoE
-from fedalign.strategies.fedavg import FedAvg
-from fedalign.strategies.fedmoe import FedMoE
-from fedalign.strategies.fedopt import FedAdam, FedOpt, FedYogi
-from fedalign.strategies.fedprox import FedProx
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
+from fedalign.strategies.fedalign import ABLATIONS, FedAlignMoE, FedAlignOptions
+from fedalign.strategies.fedavg import FedAvg, FedAvgOptions
+from fedalign.strategies.fedmoe import FedMoE, FedMoEOptions
+from fedalign.strategies.fedopt import FedAdam, FedOpt, FedOptOptions, FedYogi
+from fedalign.strategies.fedprox import FedProx, FedProxOptions
+from fedalign.strategies.registry import REGISTRY, StrategyEntry, build_strategy
 
 __all__ = [
+    "ABLATIONS",
+    "REGISTRY",
     "AggregationResult",
-    "ClientResult",
     "FedAdam",
     "FedAlignMoE",
+    "FedAlignOptions",
     "FedAvg",
+    "FedAvgOptions",
     "FedMoE",
+    "FedMoEOptions",
     "FedOpt",
+    "FedOptOptions",
     "FedProx",
+    "FedProxOptions",
     "FedYogi",
-    "LayerRoutingStatistics",
-    "RoutingStatistics",
     "Strategy",
+    "StrategyEntry",
     "StrategyState",
-    "TrainInstructions",
     "build_strategy",
 ]
-
-
-def build_strategy(config: StrategyConfig, layout: MoELayout) -> Strategy:
-    """The strategy named by ``config.name``, with the knobs that apply to it.
-
-    Parameters
-    ----------
-    config : StrategyConfig
-        ``name`` picks the class: ``fedavg``, ``fedprox`` (``proximal_mu``), ``fedmoe``
-        (``fedmoe_u_min``), ``fedalign`` (``ablation``, ``routing_lambda``, ``beta``, ``eps``,
-        ``personalized_experts``), ``fedadam`` / ``fedyogi`` (``server_lr``,
-        ``server_beta1``, ``server_beta2``, ``server_tau``). Client-side knobs
-        (``stats_max_examples``, ``hidden_noise_std``) are not the strategy's.
-    layout : MoELayout
-        Where routers and experts live among the trainable parameters.
-
-    Returns
-    -------
-    Strategy
-
-    Raises
-    ------
-    ConfigError
-        For an unknown ``config.name`` (the message names ``strategy.name`` and the
-        accepted values) or an invalid knob.
-    """
-    name = config.name
-    if name == "fedavg":
-        return FedAvg(layout)
-    if name == "fedprox":
-        return FedProx(layout, proximal_mu=config.proximal_mu)
-    if name == "fedmoe":
-        return FedMoE(layout, u_min=config.fedmoe_u_min)
-    if name == "fedalign":
-        return FedAlignMoE(
-            layout,
-            ablation=config.ablation,
-            routing_lambda=config.routing_lambda,
-            beta=config.beta,
-            eps=config.eps,
-            personalized_experts=config.personalized_experts,
-            overlap=config.overlap,
-        )
-    if name in ("fedadam", "fedyogi"):
-        optimizer_class = FedAdam if name == "fedadam" else FedYogi
-        return optimizer_class(
-            layout,
-            server_lr=config.server_lr,
-            beta1=config.server_beta1,
-            beta2=config.server_beta2,
-            tau=config.server_tau,
-        )
-    raise ConfigError(f"strategy.name must be one of {list(STRATEGIES)} (got {name!r})")

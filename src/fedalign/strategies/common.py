@@ -14,7 +14,7 @@ import torch
 
 from fedalign.moe.layout import MoELayerLayout, MoELayout
 from fedalign.routing import routing_divergence, semantic_dispersion
-from fedalign.strategies.base import ClientResult, LayerRoutingStatistics
+from fedalign.protocol import ClientResult, LayerRoutingStatistics
 
 Tensor = torch.Tensor
 

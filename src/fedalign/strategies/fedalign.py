@@ -28,16 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedalign.config import ABLATIONS, ConfigError
+from fedalign.errors import OptionError, check_choice, check_option
 from fedalign.moe.layout import MoELayerLayout, MoELayout
-from fedalign.strategies.base import (
-    AggregationResult,
+from fedalign.protocol import (
     ClientResult,
     LayerRoutingStatistics,
-    Strategy,
-    StrategyState,
+    LossTermSpec,
     TrainInstructions,
 )
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
     base_record,
     cast_like_reference,
@@ -58,6 +57,17 @@ from fedalign.strategies.common import (
 )
 
 Tensor = torch.Tensor
+
+ABLATIONS = (
+    "fedavg",  # row 1: direct parameter averaging
+    "uniform-align",  # row 2: gate distribution alignment, omega = 1/|S_t|, alpha = 1
+    "consistency",  # row 3: + consistency weights o * m
+    "overlap-only",  # row 3 variant: o only
+    "margin-only",  # row 3 variant: m only
+    "adaptive-reg",  # row 4: + adaptive expert-level regularisation alpha_i(e)
+    "full",  # row 5: + semantic-aware expert aggregation (FedAlign-MoE)
+)
+"""The paper's ablation rows as values of the ``ablation`` option."""
 
 ABLATION_LEVEL: dict[str, int] = {
     "fedavg": 0,
@@ -82,10 +92,52 @@ CONSISTENCY_SCORES: dict[str, str] = {
 
 THRESHOLD_STD_CHOICES = ("population", "sample")
 
+ROUTING_TERM = "routing-alignment"
+"""The client loss term FedAlign-MoE asks for (:class:`fedalign.client.losses.RoutingAlignmentTerm`)."""
+
 
 # ------------------------------------------------------------------ A/B: routing math
 OVERLAPS = ("geometric", "bhattacharyya", "intersection")
 """Accepted definitions of the expert overlap ``o_i(e)`` (see :func:`consistency_weights`)."""
+
+
+@dataclass
+class FedAlignOptions:
+    """Options of :class:`FedAlignMoE` (config keys ``strategy.<name>``).
+
+    Parameters
+    ----------
+    ablation : str, default "full"
+        Ablation row, one of :data:`ABLATIONS`.
+    routing_lambda : float, default 0.1
+        Weight ``lambda`` of the routing regulariser (>= 0).
+    beta : float, default 1.0
+        Threshold ``tau_e = M(e) - beta * Sigma(e)`` of semantic aggregation (>= 0).
+    eps : float, default 1e-6
+        Floor that keeps consistency weights defined (> 0).
+    overlap : str, default "geometric"
+        Expert overlap ``o_i(e)``, one of :data:`OVERLAPS`.
+    personalized_experts : bool, default False
+        Clients start each round from their semantic region's experts (needs ``"full"``).
+    """
+
+    ablation: str = "full"
+    routing_lambda: float = 0.1
+    beta: float = 1.0
+    eps: float = 1e-6
+    overlap: str = "geometric"
+    personalized_experts: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("ablation", self.ablation, ABLATIONS)
+        check_option("routing_lambda", self.routing_lambda, minimum=0.0)
+        check_option("beta", self.beta, minimum=0.0)
+        check_option("eps", self.eps, minimum=0.0, strict_minimum=True)
+        check_choice("overlap", self.overlap, OVERLAPS)
+        if self.personalized_experts and self.ablation != "full":
+            raise OptionError(
+                "personalized_experts", self.personalized_experts, "needs ablation = 'full'"
+            )
 
 
 def consistency_weights(
@@ -318,7 +370,7 @@ class FedAlignMoE(Strategy):
     layout : MoELayout
         Where routers and experts live among the trainable parameters.
     ablation : str, default "full"
-        Ablation row (see :data:`fedalign.config.ABLATIONS`): ``"fedavg"`` (plain FedAvg, no
+        Ablation row (see :data:`ABLATIONS`): ``"fedavg"`` (plain FedAvg, no
         regulariser, no statistics), ``"uniform-align"`` (``omega = 1/|S_t|``, ``alpha = 1``),
         ``"consistency"`` (``s = o * m``), ``"overlap-only"`` (``s = o``), ``"margin-only"``
         (``s = m``), ``"adaptive-reg"`` (+ adaptive ``alpha_i(e)``), ``"full"`` (+ semantic
@@ -387,27 +439,9 @@ class FedAlignMoE(Strategy):
         overlap: str = "geometric",
     ) -> None:
         super().__init__(layout)
-        if overlap not in OVERLAPS:
-            raise ConfigError(f"strategy.overlap must be one of {list(OVERLAPS)} (got {overlap!r})")
+        FedAlignOptions(ablation, routing_lambda, beta, eps, overlap, personalized_experts)
+        check_choice("threshold_std", threshold_std, THRESHOLD_STD_CHOICES)
         self.overlap = overlap
-        if ablation not in ABLATIONS:
-            raise ConfigError(
-                f"strategy.ablation must be one of {list(ABLATIONS)} (got {ablation!r})"
-            )
-        if routing_lambda < 0 or beta < 0 or eps <= 0:
-            raise ConfigError(
-                "strategy.routing-lambda and strategy.beta must be >= 0 and strategy.eps > 0 "
-                f"(got {routing_lambda}, {beta}, {eps})"
-            )
-        if threshold_std not in THRESHOLD_STD_CHOICES:
-            raise ConfigError(
-                f"threshold_std must be one of {list(THRESHOLD_STD_CHOICES)} "
-                f"(got {threshold_std!r})"
-            )
-        if personalized_experts and ablation != "full":
-            raise ConfigError(
-                f"strategy.personalized-experts needs strategy.ablation = 'full' (got {ablation!r})"
-            )
         self.ablation = ablation
         self.routing_lambda = float(routing_lambda)
         self.beta = float(beta)
@@ -450,26 +484,33 @@ class FedAlignMoE(Strategy):
         """Routing-regulariser instructions (and personalised experts) for each client.
 
         Ablation ``"fedavg"``: plain local training, no statistics. Otherwise
-        ``routing_lambda`` (0 while the state has no ``p_g`` yet), ``global_routing`` per
-        layer, ``expert_alpha`` per layer, ``collect_statistics=True`` and, with
-        ``personalized_experts``, the client's stored personalised expert tensors.
+        ``collect_statistics=True``; once the state holds ``p_g`` (from round 2) and
+        ``routing_lambda > 0``, the ``"routing-alignment"`` loss term with coefficient
+        ``lambda``, tensors ``target`` (``p_g`` per layer) and ``alpha`` (``alpha_i(e)`` per
+        layer); with ``personalized_experts``, the client's stored personalised experts.
         """
         if self.ablation == "fedavg":
             return {cid: TrainInstructions() for cid in client_ids}
         global_routing: Mapping[str, Tensor] = state.get("global_routing", {})
-        routing_lambda = self.routing_lambda if global_routing else 0.0
         personalised: Mapping[int, Mapping[str, Tensor]] = state.get("personalized_experts", {})
         instructions = {}
         for cid in client_ids:
             start = None
             if self.personalized_experts and cid in personalised:
                 start = {name: tensor.clone() for name, tensor in personalised[cid].items()}
+            terms = []
+            if self.routing_lambda > 0 and global_routing:
+                target = {name: p.clone() for name, p in global_routing.items()}
+                alpha = self.expert_alpha(cid, state)
+                terms.append(
+                    LossTermSpec(
+                        ROUTING_TERM,
+                        coefficient=self.routing_lambda,
+                        tensors={"target": target, "alpha": alpha},
+                    )
+                )
             instructions[cid] = TrainInstructions(
-                routing_lambda=routing_lambda,
-                global_routing={name: p.clone() for name, p in global_routing.items()},
-                expert_alpha=self.expert_alpha(cid, state),
-                collect_statistics=True,
-                start_parameters=start,
+                loss_terms=terms, collect_statistics=True, start_parameters=start
             )
         return instructions
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.protocol import ClientResult
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
     base_record,
     check_results,
@@ -16,6 +18,11 @@ from fedalign.strategies.common import (
 )
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class FedAvgOptions:
+    """FedAvg has no options."""
 
 
 class FedAvg(Strategy):

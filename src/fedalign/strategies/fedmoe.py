@@ -9,12 +9,15 @@ tensor are FedAvg'd by ``n_i``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedalign.errors import check_option
 from fedalign.moe.layout import MoELayout
-from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.protocol import ClientResult
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
     base_record,
     cast_like_reference,
@@ -32,6 +35,22 @@ from fedalign.strategies.common import (
 )
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class FedMoEOptions:
+    """Options of :class:`FedMoE` (config keys ``strategy.<name>``).
+
+    Parameters
+    ----------
+    fedmoe_u_min : float, default 0.01
+        Minimum usage ``u_i(e)`` for client ``i`` to contribute to expert ``e``, in [0, 1].
+    """
+
+    fedmoe_u_min: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_option("fedmoe_u_min", self.fedmoe_u_min, minimum=0.0, maximum=1.0)
 
 
 class FedMoE(Strategy):
@@ -56,9 +75,7 @@ class FedMoE(Strategy):
 
     def __init__(self, layout: MoELayout, u_min: float = 0.01) -> None:
         super().__init__(layout)
-        if not 0.0 <= u_min <= 1.0:
-            raise ValueError(f"u_min must be in [0, 1] (got {u_min})")
-        self.u_min = float(u_min)
+        self.u_min = float(FedMoEOptions(u_min).fedmoe_u_min)
 
     def aggregate(
         self,

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from fedalign.errors import OptionError, check_option
 from fedalign.moe.layout import MoELayout
-from fedalign.strategies.base import AggregationResult, ClientResult, Strategy, StrategyState
+from fedalign.protocol import ClientResult
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
     base_record,
     cast_like,
@@ -33,6 +36,36 @@ from fedalign.strategies.common import (
 )
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class FedOptOptions:
+    """Options of :class:`FedAdam` and :class:`FedYogi` (config keys ``strategy.<name>``).
+
+    Parameters
+    ----------
+    server_lr : float, default 0.01
+        Server learning rate ``eta`` (> 0).
+    server_beta1 : float, default 0.9
+        First-moment decay, in [0, 1).
+    server_beta2 : float, default 0.99
+        Second-moment decay, in [0, 1).
+    server_tau : float, default 1e-3
+        Adaptivity constant (> 0).
+    """
+
+    server_lr: float = 0.01
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_option("server_lr", self.server_lr, minimum=0.0, strict_minimum=True)
+        for name in ("server_beta1", "server_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise OptionError(name, value, "must be in [0, 1)")
+        check_option("server_tau", self.server_tau, minimum=0.0, strict_minimum=True)
 
 
 class FedOpt(Strategy):
@@ -71,11 +104,7 @@ class FedOpt(Strategy):
         initial_v: float | None = None,
     ) -> None:
         super().__init__(layout)
-        if server_lr <= 0 or not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0 or tau <= 0:
-            raise ValueError(
-                "FedAdam/FedYogi need server_lr > 0, beta1 and beta2 in [0, 1) and tau > 0 "
-                f"(got server_lr={server_lr}, beta1={beta1}, beta2={beta2}, tau={tau})"
-            )
+        FedOptOptions(server_lr, beta1, beta2, tau)
         self.server_lr = float(server_lr)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from fedalign.errors import check_option
 from fedalign.moe.layout import MoELayout
-from fedalign.strategies.base import StrategyState, TrainInstructions
+from fedalign.protocol import LossTermSpec, TrainInstructions
+from fedalign.strategies.base import StrategyState
 from fedalign.strategies.fedavg import FedAvg
+
+
+@dataclass
+class FedProxOptions:
+    """Options of :class:`FedProx` (config keys ``strategy.<name>``).
+
+    Parameters
+    ----------
+    proximal_mu : float, default 0.01
+        Proximal coefficient ``mu`` (>= 0).
+    """
+
+    proximal_mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_option("proximal_mu", self.proximal_mu, minimum=0.0)
 
 
 class FedProx(FedAvg):
@@ -26,17 +45,18 @@ class FedProx(FedAvg):
 
     def __init__(self, layout: MoELayout, proximal_mu: float = 0.01) -> None:
         super().__init__(layout)
-        if proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0 (got {proximal_mu})")
-        self.proximal_mu = float(proximal_mu)
+        self.proximal_mu = float(FedProxOptions(proximal_mu).proximal_mu)
 
     def configure_train(
         self, server_round: int, client_ids: Sequence[int], state: StrategyState
     ) -> dict[int, TrainInstructions]:
-        """Every client gets ``proximal_mu``."""
+        """Every client gets the proximal term with coefficient ``mu / 2``."""
+        terms = []
+        if self.proximal_mu > 0:
+            terms = [LossTermSpec("proximal", coefficient=0.5 * self.proximal_mu)]
         return {
             cid: TrainInstructions(
-                proximal_mu=self.proximal_mu, collect_statistics=self.needs_routing_statistics
+                loss_terms=list(terms), collect_statistics=self.needs_routing_statistics
             )
             for cid in client_ids
         }

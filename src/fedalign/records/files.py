@@ -1,4 +1,4 @@
-"""Run folders: configuration, per-round metrics, decisions, checkpoints, final state, plots.
+"""Files of a run folder: atomic writes, JSON lines, safetensors, the checkpoint.
 
 Layout of a run folder::
 
@@ -157,48 +157,3 @@ class RunRecorder:
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.folder / name, text)
-
-
-def plot_convergence(
-    series: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str = ""
-) -> None:
-    """Global test accuracy and loss per round, one line per run (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, rows in series.items():
-        evaluated = [r for r in rows if r.get("global_accuracy") is not None]
-        rounds = [r["round"] for r in evaluated]
-        accuracy_axis.plot(
-            rounds, [r["global_accuracy"] for r in evaluated], marker="o", label=label
-        )
-        loss_axis.plot(rounds, [r["global_loss"] for r in evaluated], marker="o", label=label)
-    accuracy_axis.set_xlabel("round")
-    accuracy_axis.set_ylabel("global test accuracy")
-    loss_axis.set_xlabel("round")
-    loss_axis.set_ylabel("global test loss")
-    accuracy_axis.grid(alpha=0.3)
-    loss_axis.grid(alpha=0.3)
-    accuracy_axis.legend()
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes of every tensor inside nested dicts / lists / dataclass-like objects."""
-    if isinstance(tensors, Tensor):
-        return int(tensors.numel() * tensors.element_size())
-    if isinstance(tensors, Mapping):
-        return sum(tensor_bytes(v) for v in tensors.values())
-    if isinstance(tensors, list | tuple):
-        return sum(tensor_bytes(v) for v in tensors)
-    if hasattr(tensors, "__dataclass_fields__"):
-        return sum(tensor_bytes(getattr(tensors, f)) for f in tensors.__dataclass_fields__)
-    return 0

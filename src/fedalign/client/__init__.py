@@ -1,0 +1,56 @@
+"""The client side: inputs, loss terms, local training, routing statistics, one round.
+
+Imports only from the layers below (config, protocol, moe, models, data, routing math);
+the server side (strategies, federation) is never imported here.
+"""
+
+from fedalign.client.evaluation import Evaluation, evaluate
+from fedalign.client.inputs import ModelInputs, compute_prefix_inputs, forward_logits
+from fedalign.client.losses import (
+    LOSS_TERMS,
+    CallableTerm,
+    LoadBalancingTerm,
+    LossTerm,
+    ProximalTerm,
+    RoutingAlignmentTerm,
+    StepContext,
+    build_loss_terms,
+)
+from fedalign.client.prepare import Prepared, PreparedData, prepare, prepare_data
+from fedalign.client.round import (
+    ClientRound,
+    client_loss_terms,
+    client_seed,
+    client_statistics,
+    run_client_round,
+)
+from fedalign.client.statistics import compute_routing_statistics
+from fedalign.client.trainer import LocalTrainingResult, total_local_steps, train_local
+
+__all__ = [
+    "LOSS_TERMS",
+    "CallableTerm",
+    "ClientRound",
+    "Evaluation",
+    "LoadBalancingTerm",
+    "LocalTrainingResult",
+    "LossTerm",
+    "ModelInputs",
+    "Prepared",
+    "PreparedData",
+    "ProximalTerm",
+    "RoutingAlignmentTerm",
+    "StepContext",
+    "build_loss_terms",
+    "client_loss_terms",
+    "client_seed",
+    "client_statistics",
+    "compute_prefix_inputs",
+    "compute_routing_statistics",
+    "evaluate",
+    "forward_logits",
+    "prepare",
+    "prepare_data",
+    "run_client_round",
+    "total_local_steps",
+]

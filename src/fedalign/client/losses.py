@@ -1,0 +1,213 @@
+"""Client loss terms: what an algorithm adds to the task loss, one class each.
+
+The server selects terms by name in its :class:`~fedalign.protocol.TrainInstructions`
+(:class:`~fedalign.protocol.LossTermSpec`); the client builds them from the registry
+:data:`LOSS_TERMS` and the trainer adds ``coefficient * term.value(step)`` for each, in
+order. A new algorithm's client term is one class here plus one registry entry: the
+trainer, the message codec and the instructions type do not change.
+
+Built in:
+
+* :class:`ProximalTerm` (``"proximal"``): FedProx's ``||w - w_global||^2`` over the
+  trainable parameters (the server sends ``coefficient = mu / 2``);
+* :class:`RoutingAlignmentTerm` (``"routing-alignment"``): FedAlign-MoE's ``L_reg`` per
+  MoE layer toward the global routing distribution ``p_g``, weighted by ``alpha_i(e)``;
+* :class:`LoadBalancingTerm` (``"load-balancing"``): the Switch-Transformer auxiliary
+  loss; the client adds it from its own configuration (``model.load-balance-coef``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedalign.errors import FedAlignError
+from fedalign.models import MoEModel
+from fedalign.protocol import LossTermSpec
+from fedalign.routing import load_balancing_loss, routing_regularizer
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """What a loss term may look at in one local step.
+
+    Parameters
+    ----------
+    model : MoEModel
+        The model being trained (its parameters carry gradients).
+    routing : dict of str to (Tensor, Tensor)
+        Per MoE layer, the captured router logits ``(N, E)`` (with their graph) and the
+        hidden states ``(N, H)`` entering the layer, padding removed.
+    reference : mapping of str to Tensor
+        The round's global trainable parameters (detached copies).
+    top_k : mapping of str to int
+        Experts selected per token, per MoE layer.
+    """
+
+    model: MoEModel
+    routing: dict[str, tuple[Tensor, Tensor]]
+    reference: Mapping[str, Tensor]
+    top_k: Mapping[str, int]
+
+
+class LossTerm(ABC):
+    """One additive term of the client loss: ``coefficient * value(step)``.
+
+    Parameters
+    ----------
+    coefficient : float
+        Multiplies :meth:`value` in the loss.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (what :class:`~fedalign.protocol.LossTermSpec` carries).
+    metric : str
+        Key of the mean (uncoefficiented) value in the training metrics.
+    """
+
+    name: ClassVar[str] = "term"
+    metric: ClassVar[str] = "extra_loss"
+
+    def __init__(self, coefficient: float = 1.0) -> None:
+        self.coefficient = float(coefficient)
+
+    @abstractmethod
+    def value(self, step: StepContext) -> Tensor:
+        """The term's value (a scalar with a graph) in this step."""
+
+
+class ProximalTerm(LossTerm):
+    """FedProx's ``sum ||w - w_global||^2`` over the trainable parameters."""
+
+    name = "proximal"
+    metric = "proximal_loss"
+
+    @classmethod
+    def from_spec(cls, spec: LossTermSpec) -> ProximalTerm:
+        return cls(spec.coefficient)
+
+    def value(self, step: StepContext) -> Tensor:
+        params = dict(step.model.model.named_parameters())
+        total = torch.zeros(())
+        for name in step.model.trainable_names:
+            total = total + (params[name] - step.reference[name]).pow(2).sum()
+        return total
+
+
+class RoutingAlignmentTerm(LossTerm):
+    """FedAlign-MoE's routing regulariser summed over the MoE layers with a target.
+
+    Parameters
+    ----------
+    coefficient : float
+        ``lambda``.
+    target : dict of str to Tensor
+        Per layer, the global routing distribution ``p_g``, shape ``(E,)``.
+    alpha : dict of str to Tensor
+        Per layer, ``alpha_i(e)``, shape ``(E,)``; ones where a layer has none.
+    """
+
+    name = "routing-alignment"
+    metric = "routing_loss"
+
+    def __init__(
+        self, coefficient: float, target: Mapping[str, Tensor], alpha: Mapping[str, Tensor]
+    ) -> None:
+        super().__init__(coefficient)
+        self.target = dict(target)
+        self.alpha = dict(alpha)
+
+    @classmethod
+    def from_spec(cls, spec: LossTermSpec) -> RoutingAlignmentTerm:
+        return cls(spec.coefficient, spec.tensors.get("target", {}), spec.tensors.get("alpha", {}))
+
+    def value(self, step: StepContext) -> Tensor:
+        total = torch.zeros(())
+        for layer_name, (router_logits, _hidden) in step.routing.items():
+            if layer_name not in self.target:
+                continue
+            num_experts = router_logits.shape[-1]
+            alpha = self.alpha.get(layer_name, torch.ones(num_experts))
+            total = total + routing_regularizer(
+                router_logits, self.target[layer_name], alpha, step.top_k[layer_name]
+            )
+        return total
+
+
+class LoadBalancingTerm(LossTerm):
+    """Switch-Transformer load-balancing loss summed over the MoE layers."""
+
+    name = "load-balancing"
+    metric = "balance_loss"
+
+    @classmethod
+    def from_spec(cls, spec: LossTermSpec) -> LoadBalancingTerm:
+        return cls(spec.coefficient)
+
+    def value(self, step: StepContext) -> Tensor:
+        total = torch.zeros(())
+        for layer_name, (router_logits, _hidden) in step.routing.items():
+            total = total + load_balancing_loss(router_logits, step.top_k[layer_name])
+        return total
+
+
+class CallableTerm(LossTerm):
+    """A plain function as a term: ``fn(model, routing) -> scalar`` (coefficient 1).
+
+    Handy for experiments: ``Simulation.extra_terms.append(CallableTerm(fn))``.
+    """
+
+    name = "callable"
+    metric = "extra_loss"
+
+    def __init__(
+        self,
+        function: Callable[[MoEModel, dict[str, tuple[Tensor, Tensor]]], Tensor],
+        coefficient: float = 1.0,
+    ) -> None:
+        super().__init__(coefficient)
+        self.function = function
+
+    def value(self, step: StepContext) -> Tensor:
+        return self.function(step.model, step.routing)
+
+
+LOSS_TERMS: dict[str, Callable[[LossTermSpec], LossTerm]] = {
+    ProximalTerm.name: ProximalTerm.from_spec,
+    RoutingAlignmentTerm.name: RoutingAlignmentTerm.from_spec,
+    LoadBalancingTerm.name: LoadBalancingTerm.from_spec,
+}
+"""Loss terms a server may ask for, by name."""
+
+METRICS = ("balance_loss", "routing_loss", "proximal_loss", "extra_loss")
+"""Metric keys every local training reports (0 for terms that were not used)."""
+
+
+class UnknownLossTermError(FedAlignError):
+    """The server asked for a loss term this client does not know."""
+
+
+def build_loss_terms(specs: Sequence[LossTermSpec]) -> list[LossTerm]:
+    """The terms the instructions ask for, in their order.
+
+    Raises
+    ------
+    UnknownLossTermError
+        Naming the unknown term and the known ones (e.g. a client older than the server).
+    """
+    terms = []
+    for spec in specs:
+        factory = LOSS_TERMS.get(spec.name)
+        if factory is None:
+            raise UnknownLossTermError(
+                f"loss term {spec.name!r} is unknown to this client; known: {sorted(LOSS_TERMS)}"
+            )
+        terms.append(factory(spec))
+    return terms

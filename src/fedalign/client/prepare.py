@@ -1,0 +1,190 @@
+"""Data, model and caches for a run: the one ``prepare`` every entry point uses.
+
+The simulator, ``fedalign compare``, the benchmark and the Flower apps all call
+:func:`prepare`: it builds the partition (seeded), loads the model (seeded, after the
+partition, so the order of random draws is the same everywhere), tokenizes, and, where the
+model allows it, runs the frozen prefix once per example. A Flower ClientApp asks only for
+its own partition's rows; the Flower ServerApp only for the test rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedalign.client.inputs import ModelInputs, compute_prefix_inputs
+from fedalign.config import ExperimentConfig
+from fedalign.data import (
+    FederatedData,
+    PartitionReport,
+    TextDataset,
+    build_federated_data,
+    tokenize_dataset,
+)
+from fedalign.models import MoEModel, load_moe_model
+
+Tensor = torch.Tensor
+
+PREFIX_BATCH = 64
+"""Examples per batch when the frozen prefix is cached."""
+
+
+@dataclass
+class PreparedData:
+    """Tokenized (and, where possible, prefix-cached) examples of the prepared clients.
+
+    ``train`` holds the pooled rows of the prepared clients; ``client_train[c]`` and
+    ``client_test[c]`` are index tensors into it. ``test`` is the global test set.
+
+    Parameters
+    ----------
+    train, test : ModelInputs
+    client_train, client_test : dict of int to Tensor
+        Only the prepared clients have entries.
+    num_clients : int
+        Clients in the partition (prepared or not).
+    label_names : list of str
+    report : PartitionReport
+    prefix_cached : bool
+    seconds : float
+    """
+
+    train: ModelInputs
+    test: ModelInputs
+    client_train: dict[int, Tensor]
+    client_test: dict[int, Tensor]
+    num_clients: int
+    label_names: list[str]
+    report: PartitionReport
+    prefix_cached: bool
+    seconds: float
+
+    def client_rows(self, client_id: int) -> ModelInputs:
+        """One client's training examples."""
+        return self.train.select(self.client_train[client_id])
+
+    def local_test_rows(self, client_id: int) -> ModelInputs:
+        """One client's local test examples."""
+        return self.train.select(self.client_test[client_id])
+
+
+@dataclass
+class Prepared:
+    """A loaded model and the data prepared for it."""
+
+    model: MoEModel
+    data: PreparedData
+
+
+def _as_index(values: Sequence[int]) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.long)
+
+
+def _pool_rows(
+    federated: FederatedData, clients: Sequence[int], include_train: bool
+) -> tuple[Tensor | None, dict[int, Tensor], dict[int, Tensor]]:
+    """Pool rows to keep (None = all) and each client's indices into the kept rows."""
+    everyone = len(clients) == len(federated.clients) and include_train
+    if everyone:
+        train = {c: _as_index(federated.clients[c].train_indices) for c in clients}
+        test = {c: _as_index(federated.clients[c].test_indices) for c in clients}
+        return None, train, test
+    wanted: list[int] = []
+    for c in clients:
+        if include_train:
+            wanted.extend(federated.clients[c].train_indices)
+        wanted.extend(federated.clients[c].test_indices)
+    kept = torch.as_tensor(sorted(set(wanted)), dtype=torch.long)
+    position = {int(row): i for i, row in enumerate(kept.tolist())}
+
+    def remap(rows: Sequence[int]) -> Tensor:
+        return _as_index([position[int(r)] for r in rows])
+
+    train = {
+        c: remap(federated.clients[c].train_indices) if include_train else _as_index([])
+        for c in clients
+    }
+    test = {c: remap(federated.clients[c].test_indices) for c in clients}
+    return kept, train, test
+
+
+def _inputs(dataset: TextDataset, model: MoEModel, max_length: int) -> ModelInputs:
+    tokenized = tokenize_dataset(dataset, model.tokenizer, max_length)
+    return ModelInputs(
+        attention_mask=tokenized.attention_mask,
+        labels=tokenized.labels,
+        input_ids=tokenized.input_ids,
+    )
+
+
+def _cache(model: MoEModel, inputs: ModelInputs) -> ModelInputs:
+    assert inputs.input_ids is not None
+    return compute_prefix_inputs(
+        model, inputs.input_ids, inputs.attention_mask, inputs.labels, PREFIX_BATCH
+    )
+
+
+def prepare_data(
+    config: ExperimentConfig,
+    model: MoEModel,
+    federated: FederatedData,
+    *,
+    clients: Sequence[int] | None = None,
+    include_train: bool = True,
+) -> PreparedData:
+    """Tokenize the rows of ``clients`` and the global test set; cache the frozen prefix.
+
+    Parameters
+    ----------
+    clients : sequence of int or None, default None
+        Clients whose rows are prepared (None = all).
+    include_train : bool, default True
+        Prepare the clients' training rows (False: only their local test rows).
+    """
+    started = time.perf_counter()
+    chosen = list(range(len(federated.clients))) if clients is None else list(clients)
+    kept, client_train, client_test = _pool_rows(federated, chosen, include_train)
+    train = _inputs(federated.splits.train, model, config.model.max_length)
+    if kept is not None:
+        train = train.rows(kept)
+    test = _inputs(federated.splits.test, model, config.model.max_length)
+    cached = model.supports_prefix_cache and config.model.cache_prefix
+    if cached:
+        train, test = _cache(model, train), _cache(model, test)
+    return PreparedData(
+        train=train,
+        test=test,
+        client_train=client_train,
+        client_test=client_test,
+        num_clients=len(federated.clients),
+        label_names=list(federated.splits.train.label_names),
+        report=federated.report(),
+        prefix_cached=cached,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def prepare(
+    config: ExperimentConfig,
+    *,
+    clients: Sequence[int] | None = None,
+    include_train: bool = True,
+) -> Prepared:
+    """Partition, model and prepared data for ``config`` (seeded by ``federated.seed``).
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+    clients : sequence of int or None, default None
+        Clients whose rows are prepared (None = all; a Flower ClientApp passes its own).
+    include_train : bool, default True
+        False prepares only local test rows and the global test set (a server evaluating).
+    """
+    seed = config.federated.seed
+    federated = build_federated_data(config.data, config.partition, seed)
+    model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
+    data = prepare_data(config, model, federated, clients=clients, include_train=include_train)
+    return Prepared(model=model, data=data)

@@ -1,0 +1,84 @@
+"""The server's state between rounds, shared by the simulator and the Flower ServerApp.
+
+:class:`ServerState` holds the global trainable parameters, the strategy's carried state
+and the personalised starting parameters some strategies hand to clients. Both transports
+ask it for a round's instructions and give it the round's aggregate, so the rules (a
+client's personalised start overrides the global one; an aggregate is adopted whole) are
+written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedalign.config import ExperimentConfig
+from fedalign.moe.layout import MoELayout
+from fedalign.protocol import ClientResult, TrainInstructions
+from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
+
+Tensor = torch.Tensor
+
+
+def strategy_from_config(config: ExperimentConfig, layout: MoELayout) -> Strategy:
+    """The configured strategy (options validated by ``config.validate`` beforehand)."""
+    return build_strategy(config.strategy.name, config.strategy.option_values(), layout)
+
+
+class ServerState:
+    """Global parameters, strategy state and personalised parameters of a federation.
+
+    Parameters
+    ----------
+    strategy : Strategy
+    global_parameters : mapping of str to Tensor
+        The initial global trainable parameters.
+    """
+
+    def __init__(self, strategy: Strategy, global_parameters: Mapping[str, Tensor]) -> None:
+        self.strategy = strategy
+        self.global_parameters: dict[str, Tensor] = dict(global_parameters)
+        self.strategy_state: StrategyState = strategy.initial_state()
+        self.personal_parameters: dict[int, dict[str, Tensor]] = {}
+        self.completed_rounds = 0
+
+    def instructions(
+        self, server_round: int, selected: Sequence[int]
+    ) -> dict[int, TrainInstructions]:
+        """The strategy's instructions, with each client's personalised start filled in."""
+        instructions = self.strategy.configure_train(server_round, selected, self.strategy_state)
+        for client_id in selected:
+            personal = self.personal_parameters.get(client_id)
+            if personal and instructions[client_id].start_parameters is None:
+                instructions[client_id].start_parameters = personal
+        return instructions
+
+    def aggregate(self, server_round: int, results: Sequence[ClientResult]) -> AggregationResult:
+        """The strategy's aggregate of ``results`` (not adopted yet)."""
+        return self.strategy.aggregate(
+            server_round, self.global_parameters, results, self.strategy_state
+        )
+
+    def adopt(self, server_round: int, outcome: AggregationResult) -> None:
+        """Make ``outcome`` the global state after ``server_round``."""
+        self.global_parameters = outcome.parameters
+        self.strategy_state = outcome.state
+        self.personal_parameters.update(outcome.client_parameters)
+        self.completed_rounds = server_round
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly."""
+        return {
+            "round": self.completed_rounds,
+            "global_parameters": self.global_parameters,
+            "strategy_state": self.strategy_state,
+            "personal_parameters": self.personal_parameters,
+        }
+
+    def load_state_dict(self, payload: Mapping[str, Any]) -> None:
+        self.completed_rounds = int(payload["round"])
+        self.global_parameters = payload["global_parameters"]
+        self.strategy_state = payload["strategy_state"]
+        self.personal_parameters = payload["personal_parameters"]

@@ -1,0 +1,232 @@
+"""A run folder: what every run, by any transport, leaves behind.
+
+Layout::
+
+    config.toml              the resolved configuration
+    partition.md/.csv/.json  client x class counts
+    layout.json              where routers and experts live
+    metrics.jsonl            one line per round: accuracies, losses, seconds, bytes, divergences
+    decisions.jsonl          one line per round: the strategy's decision record
+    routing.jsonl            per round: clients x experts usage and routing, semantic similarity
+    summary.json             final numbers
+    final_state.safetensors  global trainable parameters after the last round
+    checkpoint/state.pt      the last finished round (written atomically), for resuming
+    convergence.png          accuracy and loss per round
+
+:class:`RunFolder` turns :class:`~fedalign.federation.RoundOutcome` objects into these
+lines; the simulator and the Flower ServerApp both write through it.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedalign.config import ExperimentConfig
+from fedalign.data import PartitionReport
+from fedalign.federation import RoundOutcome
+from fedalign.moe.layout import MoELayout
+from fedalign.protocol import RoutingStatistics
+from fedalign.records.files import RunRecorder, save_state
+from fedalign.records.plots import plot_convergence
+from fedalign.routing import routing_divergence, semantic_dispersion
+
+Tensor = torch.Tensor
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def routing_snapshot(
+    server_round: int, client_ids: Sequence[int], statistics: Sequence[RoutingStatistics]
+) -> dict[str, Any]:
+    """Per layer: clients x experts usage and routing distribution, and per expert the
+    clients x clients cosine similarity of their mean routed hidden states."""
+    layers: dict[str, Any] = {}
+    names = sorted({name for stats in statistics for name in stats})
+    for name in names:
+        present = [s[name] for s in statistics if name in s]
+        hidden = torch.stack([s.mean_hidden for s in present])  # (C, E, H)
+        unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        similarity = torch.einsum("ceh,deh->ecd", unit, unit)  # (E, C, C)
+        layers[name] = {
+            "usage": torch.stack([s.usage for s in present]),
+            "routing_distribution": torch.stack([s.routing_distribution for s in present]),
+            "semantic_similarity": similarity,
+        }
+    return {"round": server_round, "clients": list(client_ids), "layers": layers}
+
+
+@dataclass
+class RunSummary:
+    """The headline numbers of a finished run (``summary.json``).
+
+    ``final_accuracy`` is the last evaluated round's; no round is chosen on the test set.
+    """
+
+    strategy: str
+    rounds: int
+    final_accuracy: float
+    final_loss: float
+    mean_local_accuracy: float
+    worst_local_accuracy: float
+    local_accuracy_p10: float
+    seconds: float
+    seconds_per_round: float
+    bytes_sent: int
+    bytes_received: int
+    peak_memory_mib: float
+    accuracy_curve: list[float] = field(default_factory=list)
+    out_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class RunFolder:
+    """Writes one run's folder and keeps its running totals.
+
+    Parameters
+    ----------
+    folder : Path
+    label : str
+        The run's label (``fedalign-<ablation>`` style, :func:`fedalign.config.run_label`).
+    """
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.recorder = RunRecorder(Path(folder))
+        self.folder = self.recorder.folder
+        self.label = label
+        self.elapsed = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.completed_rounds = 0
+
+    # ------------------------------------------------------------------ setup
+    def write_setup(
+        self, config: ExperimentConfig, report: PartitionReport, layout: MoELayout
+    ) -> None:
+        config.save(self.folder / "config.toml")
+        self.recorder.write_text("partition.md", report.to_markdown() + "\n")
+        self.recorder.write_text("partition.csv", report.to_csv())
+        self.recorder.write_json("partition.json", report.to_dict())
+        self.recorder.write_json("layout.json", layout.to_dict())
+
+    def start_fresh(self) -> None:
+        """Forget every round (a new run in this folder)."""
+        self.recorder.truncate(0)
+
+    def resume(self) -> dict[str, Any] | None:
+        """The checkpoint's payload, with the records cut back to its round (None: none)."""
+        payload = self.recorder.load_checkpoint()
+        if payload is None:
+            self.recorder.truncate(0)
+            return None
+        self.completed_rounds = int(payload["round"])
+        self.elapsed = float(payload["elapsed"])
+        self.bytes_sent = int(payload["bytes_sent"])
+        self.bytes_received = int(payload["bytes_received"])
+        self.recorder.truncate(self.completed_rounds)
+        return payload
+
+    def add_routing(self, snapshot: Mapping[str, Any]) -> None:
+        self.recorder.add_routing(snapshot)
+
+    # ----------------------------------------------------------------- rounds
+    def record_round(self, outcome: RoundOutcome, strategy_name: str) -> dict[str, Any]:
+        """Append the round's metrics, decision and routing lines; returns the metrics line."""
+        results = outcome.results
+        statistics = [r.routing_statistics for r in results]
+        line: dict[str, Any] = {
+            "round": outcome.server_round,
+            "clients": list(outcome.selected),
+            "train_loss": float(np.mean([r.metrics["task_loss"] for r in results])),
+            "routing_loss": float(np.mean([r.metrics["routing_loss"] for r in results])),
+        }
+        if outcome.evaluation is not None:
+            line.update(outcome.evaluation)
+        else:
+            line.update({"global_accuracy": None, "global_loss": None})
+        line["routing_divergence"] = routing_divergence(statistics, None)
+        line["semantic_dispersion"] = semantic_dispersion(statistics)
+        per_client = outcome.bytes_per_client
+        round_sent = sum(v["sent"] for v in per_client.values())
+        round_received = sum(v["received"] for v in per_client.values())
+        self.bytes_sent += round_sent
+        self.bytes_received += round_received
+        seconds = time.perf_counter() - outcome.started
+        self.elapsed += seconds
+        line.update(
+            {
+                "seconds": seconds,
+                "train_seconds": outcome.train_seconds,
+                "aggregation_seconds": outcome.aggregation_seconds,
+                "bytes_sent": round_sent,
+                "bytes_received": round_received,
+                "bytes_per_client": {k: dict(v) for k, v in per_client.items()},
+                "client_state_bytes": outcome.client_state_bytes,
+                **outcome.extra,
+            }
+        )
+        decision = {
+            "round": outcome.server_round,
+            "strategy": strategy_name,
+            **outcome.aggregation.record,
+        }
+        self.completed_rounds = outcome.server_round
+        self.recorder.add_round(line, decision)
+        self.recorder.add_routing(
+            routing_snapshot(outcome.server_round, [r.client_id for r in results], statistics)
+        )
+        return line
+
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Atomically save ``state`` (the federation's) with the folder's running totals."""
+        self.recorder.save_checkpoint(
+            {
+                **state,
+                "elapsed": self.elapsed,
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+            }
+        )
+
+    # ----------------------------------------------------------------- finish
+    def finish(self, global_parameters: Mapping[str, Tensor]) -> RunSummary:
+        """``summary.json``, ``final_state.safetensors`` and ``convergence.png``."""
+        rows = self.recorder.metrics
+        evaluated = [r for r in rows if r.get("global_accuracy") is not None]
+        final = evaluated[-1] if evaluated else {}
+        summary = RunSummary(
+            strategy=self.label,
+            rounds=self.completed_rounds,
+            final_accuracy=_number(final.get("global_accuracy")),
+            final_loss=_number(final.get("global_loss")),
+            mean_local_accuracy=_number(final.get("mean_local_accuracy")),
+            worst_local_accuracy=_number(final.get("worst_local_accuracy")),
+            local_accuracy_p10=_number(final.get("local_accuracy_p10")),
+            seconds=self.elapsed,
+            seconds_per_round=self.elapsed / max(self.completed_rounds, 1),
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            peak_memory_mib=peak_memory_mib(),
+            accuracy_curve=[r["global_accuracy"] for r in evaluated],
+            out_dir=str(self.folder),
+        )
+        save_state(self.folder / "final_state.safetensors", global_parameters)
+        self.recorder.write_json("summary.json", summary.to_dict())
+        plot_convergence({summary.strategy: rows}, self.folder / "convergence.png", summary.strategy)
+        return summary
