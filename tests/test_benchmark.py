@@ -17,7 +17,7 @@ import pytest
 from fedalign import benchmark
 from fedalign.cli import build_parser, main
 from fedalign.config import ConfigError, ExperimentConfig
-from fedalign.simulation import RunSummary
+from fedalign.records import RunSummary
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fedalign.protocol import LayerRoutingStatistics
 from fedalign.routing import (
     RoutingStatisticsAccumulator,
     jensen_shannon,
@@ -17,7 +18,6 @@ from fedalign.routing import (
     routing_regularizer,
     semantic_dispersion,
 )
-from fedalign.strategies.base import LayerRoutingStatistics
 
 
 def logits_for(probabilities: list[list[float]]) -> torch.Tensor:

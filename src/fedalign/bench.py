@@ -36,9 +36,9 @@ def _median_seconds(work: Callable[[], object], repeats: int) -> float:
 
 def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]]:
     """Measure every row on ``config``'s model and data; returns the table rows."""
-    from fedalign.models import UpcycledMoE
     from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
     from fedalign.experiments.run import Simulation
+    from fedalign.models import UpcycledMoE
     from fedalign.protocol import TrainInstructions
     from fedalign.strategies import build_strategy
 

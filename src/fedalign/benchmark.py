@@ -337,7 +337,6 @@ def prepare_shared_data(config: ExperimentConfig) -> Any:
 
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
-    seed = config.federated.seed
     return prepare(config).data
 
 

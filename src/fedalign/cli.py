@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from fedalign.config import (
     ConfigError,
     ExperimentConfig,

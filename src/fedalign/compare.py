@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedalign.config import ExperimentConfig
 from fedalign.client import prepare
+from fedalign.config import ExperimentConfig
 from fedalign.experiments.run import run_experiment
 from fedalign.records import RunSummary, plot_convergence, read_jsonl
 

@@ -272,7 +272,7 @@ class StrategyConfig:
 
     Parameters
     ----------
-    name : str, default "fedavg"
+    name : str, default "fedalign"
         A registered strategy (:func:`strategy_names`): ``fedavg``, ``fedprox``, ``fedmoe``,
         ``fedalign``, ``fedadam``, ``fedyogi``.
     stats_max_examples : int, default 512
@@ -285,7 +285,7 @@ class StrategyConfig:
         ``config.strategy.proximal_mu``; see each strategy's options class for its keys.
     """
 
-    name: str = "fedavg"
+    name: str = "fedalign"
     stats_max_examples: int = 512
     hidden_noise_std: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
@@ -309,25 +309,33 @@ class StrategyConfig:
         """Every registered option with its value (set or default), flat."""
         return {name: getattr(self, name) for name in _option_fields()}
 
-    def selected_options(self) -> Any:
-        """The options object of the selected strategy (validated by its class).
+    def selected_options(self, name: str | None = None) -> Any:
+        """The options object of strategy ``name`` (default: the selected one), validated.
 
         Raises
         ------
         ConfigError
             For an unknown strategy, or an option out of range (naming ``strategy.<key>``).
         """
-        if self.name not in _STRATEGY_OPTIONS:
+        name = self.name if name is None else name
+        if name not in _STRATEGY_OPTIONS:
             raise ConfigError(
-                f"strategy.name must be one of {list(strategy_names())} (got {self.name!r})"
+                f"strategy.name must be one of {list(strategy_names())} (got {name!r})"
             )
-        options = _STRATEGY_OPTIONS[self.name]
+        options = _STRATEGY_OPTIONS[name]
         values = {f.name: getattr(self, f.name) for f in fields(options)}
         try:
             return options(**values)
         except OptionError as error:
             key = f"strategy.{error.option.replace('_', '-')}"
             raise ConfigError(f"{key} {error.requirement} (got {error.value!r})") from error
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for an unknown name or any registered option out of
+        range (every strategy's, so a comparison that switches strategies fails early)."""
+        self.selected_options()
+        for name in strategy_names():
+            self.selected_options(name)
 
 
 _BASE_STRATEGY_FIELDS = ("name", "stats_max_examples", "hidden_noise_std", "options")
@@ -431,7 +439,7 @@ class ExperimentConfig:
             self.federated,
             self.strategy,
         )
-        s.selected_options()
+        s.validate()
         _one_of("partition.method", p.method, PARTITION_METHODS)
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _positive("partition.num-clients", p.num_clients)
@@ -482,7 +490,7 @@ class ExperimentConfig:
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
             for key, value in values.items():
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -551,7 +559,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One TOML value (bool, number, string or list of them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -560,5 +569,5 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")

@@ -41,8 +41,14 @@ class OptionError(FedAlignError):
         super().__init__(f"option {option!r} {requirement} (got {value!r})")
 
 
-def check_option(option: str, value: float, *, minimum: float | None = None,
-                 maximum: float | None = None, strict_minimum: bool = False) -> None:
+def check_option(
+    option: str,
+    value: float,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_minimum: bool = False,
+) -> None:
     """Raise :class:`OptionError` unless ``minimum <= value <= maximum``.
 
     Parameters

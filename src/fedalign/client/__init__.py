@@ -53,4 +53,5 @@ __all__ = [
     "prepare_data",
     "run_client_round",
     "total_local_steps",
+    "train_local",
 ]

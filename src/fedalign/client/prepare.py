@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedalign.client.inputs import ModelInputs, compute_prefix_inputs
@@ -79,8 +80,10 @@ class Prepared:
     data: PreparedData
 
 
-def _as_index(values: Sequence[int]) -> Tensor:
-    return torch.as_tensor(values, dtype=torch.long)
+def _as_index(values: np.ndarray | Sequence[int]) -> Tensor:
+    return torch.as_tensor(
+        list(values) if not hasattr(values, "__len__") else values, dtype=torch.long
+    )
 
 
 def _pool_rows(
@@ -100,7 +103,7 @@ def _pool_rows(
     kept = torch.as_tensor(sorted(set(wanted)), dtype=torch.long)
     position = {int(row): i for i, row in enumerate(kept.tolist())}
 
-    def remap(rows: Sequence[int]) -> Tensor:
+    def remap(rows: np.ndarray) -> Tensor:
         return _as_index([position[int(r)] for r in rows])
 
     train = {

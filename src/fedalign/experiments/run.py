@@ -105,7 +105,9 @@ class Simulation:
         clients = list(range(self.data.num_clients))
         seed = self.config.federated.seed
         statistics = [
-            client_statistics(self.model, self.data.client_rows(c), self.config, client_seed(seed, 0, c))
+            client_statistics(
+                self.model, self.data.client_rows(c), self.config, client_seed(seed, 0, c)
+            )
             for c in clients
         ]
         self.folder.add_routing(routing_snapshot(0, clients, statistics))
@@ -133,7 +135,13 @@ class Simulation:
         total = self.config.federated.rounds
         show = self.config.run.progress
         rounds_bar = (
-            tqdm(total=total, initial=self.completed_rounds, desc=self.label, unit="round", leave=False)
+            tqdm(
+                total=total,
+                initial=self.completed_rounds,
+                desc=self.label,
+                unit="round",
+                leave=False,
+            )
             if show
             else None
         )

@@ -57,7 +57,9 @@ class Simulator:
 
     def selected(self, server_round: int) -> list[int]:
         federated = self.config.federated
-        return sample_clients(federated.seed, server_round, self.data.num_clients, federated.fraction)
+        return sample_clients(
+            federated.seed, server_round, self.data.num_clients, federated.fraction
+        )
 
     def round_steps(self, server_round: int) -> int:
         """Local steps the selected clients will take in ``server_round`` (progress bars)."""

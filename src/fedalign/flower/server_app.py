@@ -31,10 +31,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedalign.client import Prepared, prepare
 from fedalign.config import ExperimentConfig, run_label
-from fedalign.federation import RoundOutcome, evaluate_global, evaluation_due
+from fedalign.federation import RoundOutcome, evaluate_global, evaluation_due, strategy_from_config
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
-from fedalign.federation import strategy_from_config
 from fedalign.protocol import tensor_bytes
 from fedalign.records import RunFolder, RunSummary
 

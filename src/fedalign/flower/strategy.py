@@ -11,8 +11,9 @@ algorithm: each round it calls
   client order,
 
 so the global parameters, the strategy state and any personalised parameters live in the
-same :class:`~fedalign.federation.ServerState` the simulator uses. Which SuperNode serves which partition is learnt once with a ``query`` message
-(:func:`discover_partitions`) and again whenever a mapped node has gone.
+same :class:`~fedalign.federation.ServerState` the simulator uses. Which SuperNode serves
+which partition is learnt once with a ``query`` message (:func:`discover_partitions`) and
+again whenever a mapped node has gone.
 
 An optional ``on_round`` callback receives a :class:`RoundReport` after every aggregation
 (the ServerApp writes the run folder from it and evaluates the global model); the metrics
@@ -34,6 +35,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
+from fedalign.federation import ServerState, sample_clients
 from fedalign.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -49,7 +51,6 @@ from fedalign.flower.messages import (
     encode_state,
     record_int,
 )
-from fedalign.federation import ServerState, sample_clients
 from fedalign.protocol import TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy
 

@@ -228,5 +228,7 @@ class RunFolder:
         )
         save_state(self.folder / "final_state.safetensors", global_parameters)
         self.recorder.write_json("summary.json", summary.to_dict())
-        plot_convergence({summary.strategy: rows}, self.folder / "convergence.png", summary.strategy)
+        plot_convergence(
+            {summary.strategy: rows}, self.folder / "convergence.png", summary.strategy
+        )
         return summary

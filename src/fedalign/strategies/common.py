@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from fedalign.moe.layout import MoELayerLayout, MoELayout
-from fedalign.routing import routing_divergence, semantic_dispersion
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
+from fedalign.routing import routing_divergence, semantic_dispersion
 
 Tensor = torch.Tensor
 

@@ -93,7 +93,7 @@ CONSISTENCY_SCORES: dict[str, str] = {
 THRESHOLD_STD_CHOICES = ("population", "sample")
 
 ROUTING_TERM = "routing-alignment"
-"""The client loss term FedAlign-MoE asks for (:class:`fedalign.client.losses.RoutingAlignmentTerm`)."""
+"""The client loss term FedAlign-MoE asks for (``RoutingAlignmentTerm`` on the client)."""
 
 
 # ------------------------------------------------------------------ A/B: routing math

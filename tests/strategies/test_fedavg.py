@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
-from fedalign.strategies import ClientResult, FedAvg, LayerRoutingStatistics
+from fedalign.protocol import ClientResult, LayerRoutingStatistics
+from fedalign.strategies import FedAvg
 
 # One fused MoE layer: 2 experts, router (2, 2) + bias, experts (2, 2, 2), plus a head.
 LAYOUT = MoELayout(

@@ -24,6 +24,8 @@ from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedalign.config import ExperimentConfig
+from fedalign.experiments.run import Simulation
+from fedalign.federation import strategy_from_config
 from fedalign.flower import client_app
 from fedalign.flower.messages import (
     CONFIG_KEY,
@@ -45,15 +47,9 @@ from fedalign.flower.strategy import (
     discover_partitions,
 )
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
-from fedalign.simulation import Simulation
-from fedalign.strategies import (
-    ClientResult,
-    FedAlignMoE,
-    FedAvg,
-    LayerRoutingStatistics,
-    Strategy,
-    build_strategy,
-)
+from fedalign.protocol import ClientResult, LayerRoutingStatistics
+from fedalign.strategies import FedAlignMoE, FedAvg, Strategy
+from tests.helpers import expert_alpha, global_routing, routing_lambda
 
 LAYOUT = MoELayout(
     layers=(
@@ -236,22 +232,22 @@ def test_fedalign_state_lives_in_the_wrapper_between_rounds() -> None:
         for message in messages:
             cid = int(message.content[CONFIG_KEY][PARTITION_ID_KEY])
             sent = decode_instructions(message.content)
-            assert sent.routing_lambda == instructions[cid].routing_lambda
+            assert routing_lambda(sent) == routing_lambda(instructions[cid])
             assert sent.collect_statistics is True
-            assert sent.global_routing.keys() == instructions[cid].global_routing.keys()
-            for layer, value in instructions[cid].global_routing.items():
-                assert torch.equal(sent.global_routing[layer], value)
-            for layer, value in instructions[cid].expert_alpha.items():
-                assert torch.equal(sent.expert_alpha[layer], value)
+            assert global_routing(sent).keys() == global_routing(instructions[cid]).keys()
+            for layer, value in global_routing(instructions[cid]).items():
+                assert torch.equal(global_routing(sent)[layer], value)
+            for layer, value in expert_alpha(instructions[cid]).items():
+                assert torch.equal(expert_alpha(sent)[layer], value)
         outcome = reference.aggregate(server_round, global_parameters, results[server_round], state)
         state, global_parameters = outcome.state, outcome.parameters
         for name, value in global_parameters.items():
             assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
         assert torch.equal(
-            wrapper.strategy_state["global_routing"]["moe"], state["global_routing"]["moe"]
+            wrapper.server.strategy_state["global_routing"]["moe"], state["global_routing"]["moe"]
         )
     # round 2 used p_g from round 1: lambda switched on
-    assert decode_instructions(messages[0].content).routing_lambda == 0.3
+    assert routing_lambda(decode_instructions(messages[0].content)) == 0.3
 
 
 def test_on_round_report_and_server_evaluation() -> None:
@@ -340,7 +336,7 @@ def test_personalised_parameters_are_sent_as_start_parameters() -> None:
 
 
 def test_sampling_follows_the_simulator() -> None:
-    from fedalign.simulation import sample_clients
+    from fedalign.federation import sample_clients
 
     initial = parameters(0)
     nodes = {1000 + p: p for p in range(6)}
@@ -438,7 +434,7 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
     simulation = Simulation(config.copy(), tmp_path / "sim", log=None)
     # the wrapper starts from the simulator's initial state, with its own strategy object
     wrapper = FlowerStrategy(
-        build_strategy(config.strategy, simulation.model.layout),
+        strategy_from_config(config, simulation.model.layout),
         simulation.global_parameters,
         num_clients=3,
         seed=config.federated.seed,
@@ -460,9 +456,9 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
         for name, value in simulation.global_parameters.items():
             assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
     if strategy == "fedalign":
-        assert simulation.strategy_state["global_routing"]
-        for layer, value in simulation.strategy_state["global_routing"].items():
-            assert torch.equal(wrapper.strategy_state["global_routing"][layer], value)
+        assert simulation.simulator.server.strategy_state["global_routing"]
+        for layer, value in simulation.simulator.server.strategy_state["global_routing"].items():
+            assert torch.equal(wrapper.server.strategy_state["global_routing"][layer], value)
 
 
 def test_client_refuses_a_different_model(tmp_path: Path) -> None:

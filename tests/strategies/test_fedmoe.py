@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
-from fedalign.strategies import ClientResult, FedMoE, LayerRoutingStatistics
+from fedalign.protocol import ClientResult, LayerRoutingStatistics
+from fedalign.strategies import FedMoE
 
 FUSED = MoELayout(
     layers=(

@@ -24,7 +24,7 @@ from fedalign.data import (
     load_wordnet_supersense,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ASSET_DIR = REPO / "src" / "fedalign" / "data" / "assets"
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
 

@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from fedalign.moe.layout import MoELayout
-from fedalign.strategies import ClientResult, FedAdam, FedYogi
+from fedalign.protocol import ClientResult
+from fedalign.strategies import FedAdam, FedYogi
 
 LAYOUT = MoELayout(layers=())
 LR, BETA1, BETA2, TAU = 0.1, 0.9, 0.99, 0.01

@@ -8,30 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedalign.config import ExperimentConfig
-from fedalign.records import read_jsonl, tensor_bytes
-from fedalign.simulation import Simulation, client_seed, run_experiment, sample_clients
-
-
-def tiny_config(**overrides: object) -> ExperimentConfig:
-    """A tiny-upcycled run on 240 WordNet glosses, 3 clients, 2 rounds of 3 local steps."""
-    config = ExperimentConfig()
-    config.model.name = "tiny-upcycled"
-    config.model.max_length = 24
-    config.data.max_train_examples = 240
-    config.data.max_test_examples = 80
-    config.partition.num_clients = 3
-    config.partition.alpha = 0.5
-    config.partition.min_client_size = 10
-    config.federated.rounds = 2
-    config.train.local_steps = 3
-    config.train.batch_size = 8
-    config.train.lr = 1e-3
-    config.strategy.stats_max_examples = 32
-    config.run.progress = False
-    for key, value in overrides.items():
-        config.set(key.replace("__", "."), value)
-    return config
+from fedalign.client import CallableTerm, client_seed
+from fedalign.experiments.run import Simulation, run_experiment
+from fedalign.federation import sample_clients
+from fedalign.protocol import tensor_bytes
+from fedalign.records import read_jsonl
+from tests.helpers import tiny_config
 
 
 def final_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +68,7 @@ def test_memory_grows_only_by_kept_client_state(tmp_path: Path) -> None:
     """No optimizer state kept: nothing per client. Kept: exactly AdamW's two moments."""
     plain = Simulation(tiny_config(federated__rounds=1), tmp_path / "plain", log=None)
     plain.run()
-    assert plain.client_state_bytes() == 0
+    assert plain.simulator.client_state_bytes() == 0
     kept = Simulation(
         tiny_config(federated__rounds=1, train__keep_optimizer_state=True),
         tmp_path / "kept",
@@ -94,19 +76,21 @@ def test_memory_grows_only_by_kept_client_state(tmp_path: Path) -> None:
     )
     kept.run()
     trainable_bytes = tensor_bytes(kept.global_parameters)
-    per_client = [tensor_bytes(s) for s in kept.optimizer_states.values()]
+    per_client = [tensor_bytes(s) for s in kept.simulator.optimizer_states.values()]
     assert len(per_client) == 3
     for size in per_client:
         # exp_avg and exp_avg_sq (one copy of the trainable parameters each) + step scalars
         assert 2 * trainable_bytes <= size <= 2 * trainable_bytes + 8 * 1024
-    assert kept.client_state_bytes() == sum(per_client)
+    assert kept.simulator.client_state_bytes() == sum(per_client)
     # the model itself is held once: its parameters are not multiplied by the clients
     model_bytes = tensor_bytes(dict(kept.model.model.named_parameters()))
-    assert kept.client_state_bytes() < 3 * model_bytes
+    assert kept.simulator.client_state_bytes() < 3 * model_bytes
 
 
 def test_bytes_counted_per_client_and_round(tmp_path: Path) -> None:
-    sim = Simulation(tiny_config(federated__rounds=1), tmp_path / "run", log=None)
+    sim = Simulation(
+        tiny_config(federated__rounds=1, strategy__name="fedavg"), tmp_path / "run", log=None
+    )
     sim.run()
     line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     trainable_bytes = tensor_bytes(sim.global_parameters)
@@ -198,7 +182,7 @@ def test_extra_loss_hook_reaches_the_client_loss(tmp_path: Path) -> None:
     plain = Simulation(tiny_config(federated__rounds=1), tmp_path / "plain", log=None)
     plain.run()
     hooked = Simulation(tiny_config(federated__rounds=1), tmp_path / "hooked", log=None)
-    hooked.extra_losses.append(router_entropy_bonus)
+    hooked.simulator.extra_terms.append(CallableTerm(router_entropy_bonus))
     hooked.run()
     # called once per local step of every client, with both MoE layers captured
     assert len(calls) == 3 * 3 and set(calls) == {2}

@@ -30,7 +30,7 @@ psutil = pytest.importorskip("psutil")
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN_CONFIG = {
     "model.name": "'tiny-upcycled'",
     "model.max-length": "24",

@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fedalign.errors import OptionError
 from fedalign.moe.layout import MoELayout
-from fedalign.strategies import ClientResult, FedAvg, FedProx
+from fedalign.protocol import ClientResult
+from fedalign.strategies import FedAvg, FedProx
+from tests.helpers import proximal_mu
 
 LAYOUT = MoELayout(layers=())
 
@@ -16,9 +19,16 @@ def test_fedprox_instructions_carry_mu() -> None:
     instructions = FedProx(LAYOUT, proximal_mu=0.05).configure_train(1, [3, 7], {})
     assert set(instructions) == {3, 7}
     for instruction in instructions.values():
-        assert instruction.proximal_mu == 0.05
-        assert instruction.routing_lambda == 0.0
+        # one term, the proximal one, with coefficient mu / 2
+        assert [term.name for term in instruction.loss_terms] == ["proximal"]
+        assert instruction.loss_terms[0].coefficient == 0.025
+        assert proximal_mu(instruction) == 0.05
         assert not instruction.collect_statistics
+
+
+def test_fedprox_mu_zero_sends_no_term() -> None:
+    instructions = FedProx(LAYOUT, proximal_mu=0.0).configure_train(1, [0], {})
+    assert instructions[0].loss_terms == []
 
 
 def test_fedprox_aggregates_like_fedavg() -> None:
@@ -37,5 +47,5 @@ def test_fedprox_aggregates_like_fedavg() -> None:
 
 
 def test_fedprox_rejects_negative_mu() -> None:
-    with pytest.raises(ValueError, match="proximal_mu"):
+    with pytest.raises(OptionError, match="'proximal_mu' must be >= 0"):
         FedProx(LAYOUT, proximal_mu=-1.0)

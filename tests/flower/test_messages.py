@@ -35,9 +35,9 @@ from fedalign.flower.messages import (
     partition_from_node_config,
     run_config_from_config,
 )
-from fedalign.strategies import ClientResult, LayerRoutingStatistics, TrainInstructions
+from fedalign.protocol import ClientResult, LayerRoutingStatistics, LossTermSpec, TrainInstructions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def layer_statistics(seed: int, experts: int = 4, hidden: int = 6) -> LayerRoutingStatistics:
@@ -94,11 +94,17 @@ def test_decoded_tensors_are_writable_copies() -> None:
 
 # ------------------------------------------------------------------------ instructions
 def test_instructions_round_trip() -> None:
+    routing = LossTermSpec(
+        "routing-alignment",
+        coefficient=0.1,
+        options={"form": "batch-kl", "strict": True, "k": 2},
+        tensors={
+            "target": {"layer.0.mlp": torch.tensor([0.5, 0.25, 0.25])},
+            "alpha": {"layer.0.mlp": torch.tensor([1.0, 0.5, 2.0])},
+        },
+    )
     instructions = TrainInstructions(
-        proximal_mu=0.25,
-        routing_lambda=0.1,
-        global_routing={"layer.0.mlp": torch.tensor([0.5, 0.25, 0.25])},
-        expert_alpha={"layer.0.mlp": torch.tensor([1.0, 0.5, 2.0])},
+        loss_terms=[LossTermSpec("proximal", coefficient=0.125), routing],
         collect_statistics=True,
         start_parameters={"layer.0.mlp.experts.w": torch.randn(3, 2).to(torch.bfloat16)},
     )
@@ -108,11 +114,15 @@ def test_instructions_round_trip() -> None:
     content = RecordDict(dict(records))
     like = {"layer.0.mlp.experts.w": torch.zeros(3, 2, dtype=torch.bfloat16)}
     decoded = decode_instructions(content, like=like)
-    assert decoded.proximal_mu == 0.25
-    assert decoded.routing_lambda == 0.1
+    assert [t.name for t in decoded.loss_terms] == ["proximal", "routing-alignment"]
+    assert decoded.loss_terms[0].coefficient == 0.125
+    assert decoded.loss_terms[0].tensors == {}
+    decoded_routing = decoded.loss_terms[1]
+    assert decoded_routing.coefficient == 0.1
+    assert decoded_routing.options == {"form": "batch-kl", "strict": True, "k": 2}
+    assert_same(decoded_routing.tensors["target"], routing.tensors["target"])
+    assert_same(decoded_routing.tensors["alpha"], routing.tensors["alpha"])
     assert decoded.collect_statistics is True
-    assert_same(decoded.global_routing, instructions.global_routing)
-    assert_same(decoded.expert_alpha, instructions.expert_alpha)
     assert decoded.start_parameters is not None
     assert_same(decoded.start_parameters, instructions.start_parameters or {})
 
@@ -187,8 +197,12 @@ def test_pyproject_run_config_lists_every_key_and_is_valid() -> None:
     flat = pyproject_run_config()
     config, options = config_from_run_config(flat)
     config.validate()
-    assert set(flat) == set(run_config_from_config(ExperimentConfig(), FlowerOptions()))
-    assert config.strategy.name == "fedalign"
+    # one source of defaults: pyproject's values are the dataclasses', key by key
+    defaults = run_config_from_config(ExperimentConfig(), FlowerOptions())
+    assert list(flat) == list(defaults)
+    for key, value in defaults.items():
+        assert flat[key] == value, key
+    assert config.to_dict() == ExperimentConfig().to_dict()
     assert config.model.lora_targets == ["query", "value"]
     assert options == FlowerOptions()
     data = tomllib.loads((REPO / "pyproject.toml").read_text())

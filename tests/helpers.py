@@ -1,0 +1,58 @@
+"""Small helpers shared by test modules (fixtures live in ``conftest.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedalign.config import ExperimentConfig
+from fedalign.protocol import TrainInstructions
+
+ROUTING_TERM = "routing-alignment"
+
+
+def routing_lambda(instructions: TrainInstructions) -> float:
+    """``lambda`` of the routing-alignment term (0 when the instructions carry none)."""
+    term = instructions.term(ROUTING_TERM)
+    return 0.0 if term is None else term.coefficient
+
+
+def global_routing(instructions: TrainInstructions) -> dict[str, torch.Tensor]:
+    """Per layer ``p_g`` of the routing-alignment term (empty when none)."""
+    term = instructions.term(ROUTING_TERM)
+    return {} if term is None else term.tensors["target"]
+
+
+def expert_alpha(instructions: TrainInstructions) -> dict[str, torch.Tensor]:
+    """Per layer ``alpha_i(e)`` of the routing-alignment term (empty when none)."""
+    term = instructions.term(ROUTING_TERM)
+    return {} if term is None else term.tensors["alpha"]
+
+
+def proximal_mu(instructions: TrainInstructions) -> float:
+    """FedProx ``mu`` (the proximal term's coefficient is ``mu / 2``)."""
+    term = instructions.term("proximal")
+    return 0.0 if term is None else 2.0 * term.coefficient
+
+
+def tiny_config(**overrides: object) -> ExperimentConfig:
+    """A tiny-upcycled run on 240 WordNet glosses, 3 clients, 2 rounds of 3 local steps.
+
+    ``overrides`` use ``section__key=value`` (``strategy__name="fedalign"``).
+    """
+    config = ExperimentConfig()
+    config.model.name = "tiny-upcycled"
+    config.model.max_length = 24
+    config.data.max_train_examples = 240
+    config.data.max_test_examples = 80
+    config.partition.num_clients = 3
+    config.partition.alpha = 0.5
+    config.partition.min_client_size = 10
+    config.federated.rounds = 2
+    config.train.local_steps = 3
+    config.train.batch_size = 8
+    config.train.lr = 1e-3
+    config.strategy.stats_max_examples = 32
+    config.run.progress = False
+    for key, value in overrides.items():
+        config.set(key.replace("__", "."), value)
+    return config
