@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedalign.client import CallableTerm, client_seed
+from fedalign.config import ExperimentConfig
 from fedalign.experiments.run import Simulation, run_experiment
 from fedalign.federation import sample_clients
 from fedalign.protocol import tensor_bytes
