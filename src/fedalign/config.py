@@ -462,3 +462,13 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def run_label(strategy_name: str, ablation: str = "full") -> str:
+    """The one label of a run: ``fedalign-<ablation>`` for a non-full ablation, else the name.
+
+    Used for run folders, table rows and plot legends alike.
+    """
+    if ablation and ablation != "full":
+        return f"fedalign-{ablation}"
+    return strategy_name
