@@ -8,10 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from fedalign.cli import main
-from fedalign.config import ConfigError
-from fedalign.report import (
+from fedalign.experiments.report import (
     build_report,
     build_reports,
     default_expert,
@@ -21,6 +18,9 @@ from fedalign.report import (
     merge_weights,
     select_layers,
 )
+
+from fedalign.cli import main
+from fedalign.config import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("encoder.encoder.layer.4.intermediate", "encoder.encoder.layer.5.intermediate")

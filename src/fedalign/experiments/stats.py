@@ -108,10 +108,9 @@ def rounds_to_target(
     ]
     first: int | None = None
     for round_number, accuracy in sorted(evaluated):
-        if accuracy >= target - 1e-12:
-            first = round_number if first is None else first
-        else:
-            first = None
+        below = accuracy < target - 1e-12
+        if below or first is None:
+            first = None if below else round_number
     return first
 
 

@@ -39,7 +39,7 @@ def number(value: object) -> float | None:
 
 
 def client_value(key: str, *sources: Mapping[str, object]) -> float | None:
-    """The first numeric ``key`` among ``sources`` (e.g. the summary, then the last metrics line)."""
+    """The first numeric ``key`` among ``sources`` (e.g. the summary, then the last line)."""
     for source in sources:
         value = number(source.get(key))
         if value is not None:
@@ -79,9 +79,7 @@ def signed(value: float, digits: int = 4) -> str:
     return f"{value:+.{digits}f}"
 
 
-def paired_cell(
-    mean: float | None, low: float | None, high: float | None, digits: int = 4
-) -> str:
+def paired_cell(mean: float | None, low: float | None, high: float | None, digits: int = 4) -> str:
     """``+0.0123 [-0.0040, +0.0286]``: mean paired difference and its 95% interval."""
     if mean is None:
         return "-"

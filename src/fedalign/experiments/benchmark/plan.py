@@ -209,7 +209,10 @@ def _grid_flags(options: BenchmarkOptions) -> list[str]:
     if options.alphas is not None:
         parts += ["--alphas", ",".join(f"{a:g}" for a in options.alphas)]
     if options.strategies is not None:
-        items = [name if ablation == "full" else f"{name}:{ablation}" for name, ablation in options.strategies]
+        items = [
+            name if ablation == "full" else f"{name}:{ablation}"
+            for name, ablation in options.strategies
+        ]
         parts += ["--strategies", ",".join(items)]
     return parts
 

@@ -211,9 +211,9 @@ def aggregate_rows(
                 **_paired(cell, baseline),
                 "target_accuracy": cell[0]["target_accuracy"] if cell else None,
                 **_rounds(cell),
-                "seconds_per_round_mean": mean_std(
-                    [number(r["seconds_per_round"]) for r in cell]
-                )[0],
+                "seconds_per_round_mean": mean_std([number(r["seconds_per_round"]) for r in cell])[
+                    0
+                ],
                 "mib_up_per_round_mean": mean_std([number(r["mib_up_per_round"]) for r in cell])[0],
             }
             rows.append(row)
@@ -233,7 +233,10 @@ def _rounds_of(row: Mapping[str, object]) -> CensoredRounds:
     reached = row["reached"] if isinstance(row["reached"], int) else 0
     horizon = row["censored_at"] if isinstance(row["censored_at"], int) else None
     return CensoredRounds(
-        reached, seeds, number(row["rounds_to_target_mean"]), number(row["rounds_to_target_std"]),
+        reached,
+        seeds,
+        number(row["rounds_to_target_mean"]),
+        number(row["rounds_to_target_std"]),
         horizon,
     )
 
@@ -265,8 +268,11 @@ def display_rows(
                     number(row["minus_reference_low"]),
                     number(row["minus_reference_high"]),
                 ),
-                f"wins vs {reference}": "-" if is_reference else wins_cell(
-                    int(row["wins"]), int(row["pairs"])  # type: ignore[call-overload]
+                f"wins vs {reference}": "-"
+                if is_reference
+                else wins_cell(
+                    int(row["wins"]),
+                    int(row["pairs"]),  # type: ignore[call-overload]
                 ),
                 CLIENT_HEADERS[key]: cell(key),
                 "mean local accuracy": cell("mean_local_accuracy"),
