@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -362,5 +363,5 @@ def test_library_call_with_typed_options(
     assert "--alphas 0.1 --strategies fedavg,fedalign:consistency" in command
     assert "--set train.lr=0.5 --set model.max-length=24" in command
     # the command line reproduces the same options
-    assert main(command.split()[1:] + ["--no-run", "--no-progress"]) == 0
+    assert main([*shlex.split(command)[1:], "--no-run", "--no-progress"]) == 0
     assert len(fake.calls) == 4

@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from fedalign.cli import main
+from fedalign.config import ConfigError
 from fedalign.experiments.report import (
     build_report,
     build_reports,
@@ -18,9 +21,6 @@ from fedalign.experiments.report import (
     merge_weights,
     select_layers,
 )
-
-from fedalign.cli import main
-from fedalign.config import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("encoder.encoder.layer.4.intermediate", "encoder.encoder.layer.5.intermediate")
