@@ -21,7 +21,7 @@ from fedalign.experiments.stats import rounds_to_target
 from fedalign.experiments.tables import client_key, client_value, to_csv, to_json, to_markdown
 from fedalign.models import load_moe_model
 from fedalign.records import plot_convergence, read_jsonl
-from fedalign.simulation import RunSummary, prepare_data, run_experiment
+from fedalign.simulation import PreparedData, RunSummary, prepare_data, run_experiment
 
 
 @dataclass
@@ -70,7 +70,7 @@ def comparison_table(
     return rows
 
 
-def _prepare(config: ExperimentConfig) -> object:
+def _prepare(config: ExperimentConfig) -> PreparedData:
     """Partition, tokenize and prefix-cache once, with the first run's model."""
     seed = config.federated.seed
     federated = build_federated_data(config.data, config.partition, seed)

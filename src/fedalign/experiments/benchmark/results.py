@@ -229,56 +229,63 @@ def table_client_key(rows: Sequence[Mapping[str, object]]) -> str:
 
 
 def _rounds_of(row: Mapping[str, object]) -> CensoredRounds:
-    seeds = row["seeds"] if isinstance(row["seeds"], int) else 0
-    reached = row["reached"] if isinstance(row["reached"], int) else 0
     horizon = row["censored_at"] if isinstance(row["censored_at"], int) else None
     return CensoredRounds(
-        reached,
-        seeds,
+        _count(row["reached"]),
+        _count(row["seeds"]),
         number(row["rounds_to_target_mean"]),
         number(row["rounds_to_target_std"]),
         horizon,
     )
 
 
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _paired_cells(row: Mapping[str, object]) -> tuple[str, str]:
+    """The paired-difference and wins cells (``(reference)`` on the reference's own row)."""
+    if row["strategy"] == row["reference"]:
+        return "(reference)", "-"
+    difference = paired_cell(
+        number(row["minus_reference_mean"]),
+        number(row["minus_reference_low"]),
+        number(row["minus_reference_high"]),
+    )
+    return difference, wins_cell(_count(row["wins"]), _count(row["pairs"]))
+
+
+def display_row(row: Mapping[str, object], key: str, reference: str) -> dict[str, object]:
+    """One numeric row formatted for Markdown (``mean ± std`` cells; no std of one seed)."""
+    spread = _count(row["seeds"]) > 1
+
+    def cell(metric: str) -> str:
+        return pm(row[f"{metric}_mean"], row[f"{metric}_std"] if spread else None)
+
+    difference, wins = _paired_cells(row)
+    alpha = number(row["alpha"])
+    return {
+        "strategy": row["name"],
+        "alpha": f"{alpha:g}" if alpha is not None else "-",
+        "seeds": row["seeds"],
+        "final accuracy": cell("final_accuracy"),
+        f"paired Δ vs {reference} [95% CI]": difference,
+        f"wins vs {reference}": wins,
+        CLIENT_HEADERS[key]: cell(key),
+        "mean local accuracy": cell("mean_local_accuracy"),
+        "target": pm(row["target_accuracy"]),
+        "rounds to target": censored_cell(_rounds_of(row)),
+        "s/round": pm(row["seconds_per_round_mean"], None, 1),
+    }
+
+
 def display_rows(
     rows: Sequence[Mapping[str, object]], reference: str = "reference"
 ) -> list[dict[str, object]]:
-    """The numeric rows formatted for Markdown; ``reference`` names the paired columns."""
+    """The numeric rows formatted for Markdown; ``reference`` names the paired columns.
+
+    The per-client column is the 10th percentile when every row has it, else the worst
+    client, labelled as such.
+    """
     key = table_client_key(rows)
-    out: list[dict[str, object]] = []
-    for row in rows:
-        seeds = row["seeds"]
-        spread = isinstance(seeds, int) and seeds > 1  # no std of a single seed
-        is_reference = row["strategy"] == row["reference"]
-
-        def cell(metric: str, row: Mapping[str, object] = row, spread: bool = spread) -> str:
-            return pm(row[f"{metric}_mean"], row[f"{metric}_std"] if spread else None)
-
-        out.append(
-            {
-                "strategy": row["name"],
-                "alpha": f"{row['alpha']:g}",
-                "seeds": seeds,
-                "final accuracy": cell("final_accuracy"),
-                f"paired Δ vs {reference} [95% CI]": "(reference)"
-                if is_reference
-                else paired_cell(
-                    number(row["minus_reference_mean"]),
-                    number(row["minus_reference_low"]),
-                    number(row["minus_reference_high"]),
-                ),
-                f"wins vs {reference}": "-"
-                if is_reference
-                else wins_cell(
-                    int(row["wins"]),
-                    int(row["pairs"]),  # type: ignore[call-overload]
-                ),
-                CLIENT_HEADERS[key]: cell(key),
-                "mean local accuracy": cell("mean_local_accuracy"),
-                "target": pm(row["target_accuracy"]),
-                "rounds to target": censored_cell(_rounds_of(row)),
-                "s/round": pm(row["seconds_per_round_mean"], None, 1),
-            }
-        )
-    return out
+    return [display_row(row, key, reference) for row in rows]
