@@ -29,7 +29,6 @@ from fedalign.experiments.benchmark import (
 from fedalign.simulation import RunSummary
 
 REPO = Path(__file__).resolve().parents[2]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 SUITE = """
 [suite]
@@ -160,7 +159,9 @@ def _run(suite_file: Path, out: Path, *extra: str) -> int:
     )
 
 
-def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+def test_grid_table_and_reuse(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path, assert_png: Any
+) -> None:
     out = tmp_path / "results"
     assert _run(suite_file, out) == 0
     assert len(fake.calls) == 3 * 2 * 3
@@ -213,7 +214,7 @@ def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: P
     assert len(csv_lines) == 7
     assert len((out / "runs.csv").read_text().splitlines()) == 19
     for name in ("convergence.png", "divergence.png"):
-        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert_png(out / name)
     # run reports of the suite's last strategy, first seed, every alpha
     for alpha in ("alpha1", "alpha0.1"):
         page = f"reports/{alpha}-seed0-fedalign-consistency/index.html"
