@@ -89,14 +89,12 @@ def test_grid_narrowing_and_planned_folders(suite_file: Path, tmp_path: Path) ->
     suite, base, out = resolve(options)
     runs = plan_runs(suite, base, out)
     assert [(r.alpha, r.seed, r.label) for r in runs] == [
-        (1.0, 3, "fedalign-margin-only"),
-        (1.0, 4, "fedalign-margin-only"),
-        (0.1, 3, "fedalign-margin-only"),
-        (0.1, 4, "fedalign-margin-only"),
+        (1.0, 3, "fedavg"),
+        (1.0, 4, "fedavg"),
+        (0.1, 3, "fedavg"),
+        (0.1, 4, "fedavg"),
     ]
-    assert (
-        runs[-1].folder == tmp_path / "o" / "runs" / "alpha0.1" / "seed4" / "fedalign-margin-only"
-    )
+    assert runs[-1].folder == tmp_path / "o" / "runs" / "alpha0.1" / "seed4" / "fedavg"
     assert runs[-1].config.partition.alpha == 0.1 and runs[-1].config.federated.seed == 4
     # the reference is not in the narrowed grid: the first listed strategy stands in
     assert suite.reference_label == "fedavg"
