@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedalign.config import ExperimentConfig, run_label
 from fedalign.data import build_federated_data
 from fedalign.experiments.stats import rounds_to_target
@@ -70,8 +72,13 @@ def comparison_table(
     return rows
 
 
-def _prepare(config: ExperimentConfig) -> PreparedData:
-    """Partition, tokenize and prefix-cache once, with the first run's model."""
+def prepare_shared_data(config: ExperimentConfig) -> PreparedData:
+    """Partition, tokenize and prefix-cache once for every run on one partition and seed.
+
+    The model is built only for its frozen prefix; every run builds its own from the seed.
+    """
+    if config.run.threads > 0:
+        torch.set_num_threads(config.run.threads)
     seed = config.federated.seed
     federated = build_federated_data(config.data, config.partition, seed)
     model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
@@ -94,7 +101,7 @@ def run_comparison(
         run_config.strategy.ablation = ablation
         run_config.validate()
         configs.append(run_config)
-    prepared = _prepare(config)
+    prepared = prepare_shared_data(config)
     summaries: list[RunSummary] = []
     metrics: list[list[dict[str, object]]] = []
     labels = [run_label(c.strategy.name, c.strategy.ablation) for c in configs]

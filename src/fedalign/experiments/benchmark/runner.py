@@ -25,33 +25,18 @@ from fedalign.experiments.benchmark.plan import (
     run_status,
 )
 from fedalign.experiments.benchmark.results import display_rows
+from fedalign.experiments.compare import prepare_shared_data
 from fedalign.experiments.tables import to_markdown
 from fedalign.records import atomic_write_text
+from fedalign.simulation import RunSummary
+from fedalign.simulation import run_experiment as simulate
 
 STATE_FILES = ("checkpoint", "final_state.safetensors")
 """What a finished run folder holds only for resuming or reloading the model (large)."""
 
 
-def prepare_shared_data(config: ExperimentConfig) -> Any:
-    """Partition, tokenize and prefix-cache once for every run of one (alpha, seed)."""
-    import torch
-
-    from fedalign.data import build_federated_data
-    from fedalign.models import load_moe_model
-    from fedalign.simulation import prepare_data
-
-    if config.run.threads > 0:
-        torch.set_num_threads(config.run.threads)
-    seed = config.federated.seed
-    federated = build_federated_data(config.data, config.partition, seed)
-    model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
-    return prepare_data(config, model, federated)
-
-
-def run_experiment(config: ExperimentConfig, out_dir: Path, **kwargs: Any) -> Any:
-    """The simulator's :func:`~fedalign.simulation.run_experiment` (imported when needed)."""
-    from fedalign.simulation import run_experiment as simulate
-
+def run_experiment(config: ExperimentConfig, out_dir: Path, **kwargs: Any) -> RunSummary:
+    """The simulator's :func:`~fedalign.simulation.run_experiment` (replaced in tests)."""
     return simulate(config, out_dir, **kwargs)
 
 
