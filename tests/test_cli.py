@@ -1,4 +1,4 @@
-"""The command line: run, compare, resume and clear errors."""
+"""The command line: run, resume, subcommands and clear errors (compare: tests/experiments)."""
 
 from __future__ import annotations
 
@@ -53,17 +53,6 @@ def test_run_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # resume with more rounds continues the same folder
     assert main(["run", "--resume", str(out), "--rounds", "3"]) == 0
     assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-
-
-def test_compare_writes_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "cmp"
-    code = main(["compare", *TINY, "--strategies", "fedavg,fedalign", "--out", str(out)])
-    assert code == 0
-    table = (out / "results.md").read_text()
-    assert "fedavg" in table and "fedalign" in table and "rounds_to_fedavg_final" in table
-    assert (out / "convergence.png").exists() and (out / "results.csv").exists()
-    assert (out / "fedavg" / "summary.json").exists()
-    assert "final_accuracy" in capsys.readouterr().out
 
 
 def test_bad_input_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,12 @@ Subcommands:
 * ``fedalign run``: one experiment from a TOML config plus command-line overrides;
 * ``fedalign compare``: several strategies on the identical partition and seed, with a
   results table and a convergence plot;
-* further subcommands (``benchmark``, ``report``, ``bench``) are registered by their modules.
+* ``fedalign benchmark``: the paper's grid of strategies x alphas x seeds;
+* ``fedalign report``: figures of routers and experts for a run folder;
+* ``fedalign bench`` (registered by :mod:`fedalign.bench`).
+
+This is the only module that sees argparse: the subcommands turn their options into typed
+arguments of :mod:`fedalign.experiments` (e.g. :class:`~fedalign.experiments.BenchmarkOptions`).
 
 Every option maps onto a key of :class:`~fedalign.config.ExperimentConfig`; ``--set
 section.key=value`` reaches any key that has no option of its own.
@@ -21,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedalign import experiments
+from fedalign.bench import register_cli as register_bench
 from fedalign.config import (
     ConfigError,
     ExperimentConfig,
@@ -81,13 +88,21 @@ def add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads [run.threads]")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """Defaults, then the TOML file, then named options, then ``--set`` overrides."""
-    config = ExperimentConfig.from_toml(args.config) if args.config else ExperimentConfig()
+def named_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``section.key`` -> value of the named options given on the command line."""
+    settings = {}
     for option, (key, _kind, _text) in OVERRIDES.items():
         value = getattr(args, option.replace("-", "_"), None)
         if value is not None:
-            config.set(key, value)
+            settings[key] = value
+    return settings
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Defaults, then the TOML file, then named options, then ``--set`` overrides."""
+    config = ExperimentConfig.from_toml(args.config) if args.config else ExperimentConfig()
+    for key, value in named_settings(args).items():
+        config.set(key, value)
     config.apply_overrides(args.overrides)
     if getattr(args, "out", None):
         config.run.out = str(args.out)
@@ -137,28 +152,183 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- compare
 def parse_strategy_list(text: str) -> list[tuple[str, str]]:
     """Parse ``"fedavg,fedalign:consistency"`` into ``(strategy, ablation)`` pairs."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, ablation = item.partition(":")
-        out.append((name, ablation or "full"))
-    if not out:
-        raise ConfigError("--strategies must name at least one strategy")
-    return out
+    try:
+        return experiments.parse_strategies(text.split(","))
+    except ConfigError as error:
+        raise ConfigError("--strategies must name at least one strategy") from error
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedalign.compare import run_comparison
-
     config = config_from_args(args)
     strategies = parse_strategy_list(args.strategies)
     out = Path(config.run.out or "runs/compare")
-    result = run_comparison(config, strategies, out)
+    result = experiments.run_comparison(config, strategies, out)
     print(result.markdown)
     print(f"table: {out / 'results.md'}  plot: {out / 'convergence.png'}")
     return 0
+
+
+def _register_compare(sub: Any) -> None:
+    compare = sub.add_parser(
+        "compare",
+        help="several strategies on the same partition and seed",
+        description=(
+            "Run several strategies on the identical partition and seed, print a results "
+            "table and write it (Markdown, CSV) with a convergence plot."
+        ),
+    )
+    add_experiment_options(compare)
+    compare.add_argument(
+        "--strategies",
+        default="fedavg,fedprox,fedalign",
+        help="comma-separated; 'fedalign:ROW' picks an ablation row (default: %(default)s)",
+    )
+    compare.set_defaults(handler=_cmd_compare)
+
+
+# ------------------------------------------------------------------------- benchmark
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise ConfigError(f"--alphas expects comma-separated numbers (got {text!r})") from error
+    if not values:
+        raise ConfigError("--alphas must name at least one alpha")
+    return values
+
+
+def _grid_from_args(
+    args: argparse.Namespace,
+) -> tuple[list[float] | None, list[tuple[str, str]] | None]:
+    """The alphas and strategies of ``--alphas`` / ``--alpha`` and ``--strategies`` / ...."""
+    if args.alpha is not None and args.alphas:
+        raise ConfigError("give --alpha or --alphas, not both")
+    if args.strategy and args.strategies:
+        raise ConfigError("give --strategy or --strategies, not both")
+    alphas = _float_list(args.alphas) if args.alphas else None
+    if alphas is None and args.alpha is not None:
+        alphas = [args.alpha]
+    strategies = parse_strategy_list(args.strategies) if args.strategies else None
+    if strategies is None and args.strategy:
+        strategies = [(args.strategy, args.ablation or "full")]
+    elif strategies is None and args.ablation:
+        strategies = [("fedalign", args.ablation)]
+    return alphas, strategies
+
+
+def benchmark_options(args: argparse.Namespace) -> experiments.BenchmarkOptions:
+    """The typed options of ``fedalign benchmark``."""
+    alphas, strategies = _grid_from_args(args)
+    return experiments.BenchmarkOptions(
+        suite=args.suite,
+        quick=args.quick,
+        seeds=args.seeds,
+        first_seed=args.seed,
+        alphas=alphas,
+        strategies=strategies,
+        config_file=args.config,
+        settings=named_settings(args),
+        overrides=list(args.overrides),
+        out=args.out,
+        progress=not args.no_progress,
+        threads=args.threads,
+        band=args.band,
+        execute=not args.no_run,
+        reports=not args.no_report,
+        keep_states=args.keep_states,
+        dry_run=args.dry_run,
+    )
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    experiments.run_benchmark(benchmark_options(args))
+    return 0
+
+
+def _benchmark_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="apply the suite's [quick] size")
+    parser.add_argument("--seeds", type=int, help="number of seeds (overrides the suite)")
+    parser.add_argument("--alphas", help="comma-separated Dirichlet alphas (overrides the suite)")
+    parser.add_argument(
+        "--strategies", help="comma-separated, 'fedalign:ROW' for ablations (overrides the suite)"
+    )
+    parser.add_argument(
+        "--band",
+        choices=experiments.BAND_CHOICES,
+        default="minmax",
+        help="plot band across seeds: min-max or ± std (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-run", action="store_true", help="only aggregate the runs that already finished"
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="no per-run report pages under reports/"
+    )
+    parser.add_argument(
+        "--keep-states",
+        action="store_true",
+        help="keep each finished run's checkpoint/ and final_state.safetensors (large)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the planned runs and their status"
+    )
+
+
+def _register_benchmark(sub: Any) -> None:
+    parser = sub.add_parser(
+        "benchmark",
+        help="the paper's grid: strategies x alphas x seeds, with tables and plots",
+        description=(
+            "Run a benchmark suite (benchmarks/<suite>.toml): every strategy at every "
+            "Dirichlet alpha and seed. Finished runs are reused. Writes results.md/.csv "
+            "(final-round accuracy: mean ± std and paired differences to the reference over "
+            "seeds), convergence.png, divergence.png and COMMAND.txt. Experiment options "
+            "override the suite's base config; --alpha, --strategy, --ablation and --seed "
+            "narrow the grid to one value."
+        ),
+    )
+    parser.add_argument(
+        "--suite",
+        default="main",
+        help=f"{' or '.join(experiments.SUITE_NAMES)} (benchmarks/<name>.toml) or a suite "
+        "TOML path (default: %(default)s)",
+    )
+    _benchmark_flags(parser)
+    add_experiment_options(parser)
+    for action in parser._actions:
+        if "--out" in action.option_strings:
+            action.help = "results folder (default: benchmarks/results/<suite>[-quick])"
+    parser.set_defaults(handler=_cmd_benchmark)
+
+
+# ---------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    experiments.build_reports(args.run_dir, expert=args.expert, layer=args.layer)
+    return 0
+
+
+def _register_report(sub: Any) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="figures of routers and experts for a run folder (HTML page with PNGs)",
+        description=(
+            "Draw a run folder's routing and expert records: usage heatmaps before and after "
+            "training, routing distribution over rounds, semantic similarity of clients per "
+            "expert, who was merged into each expert, accuracy and divergence curves. "
+            "Writes RUN_DIR/report/index.html (and report.md). A folder of runs (compare "
+            "or benchmark output) gets one report per run and an index."
+        ),
+    )
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run folder, or a folder of run folders"
+    )
+    parser.add_argument(
+        "--expert", type=int, help="expert of the similarity figure (default: least-agreeing)"
+    )
+    parser.add_argument(
+        "--layer", help="only this MoE layer: full name, unique part of it, or index"
+    )
+    parser.set_defaults(handler=_cmd_report)
 
 
 # ------------------------------------------------------------------------------ main
@@ -183,39 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, help="continue a run folder from its checkpoint")
     run.set_defaults(handler=_cmd_run)
 
-    compare = sub.add_parser(
-        "compare",
-        help="several strategies on the same partition and seed",
-        description=(
-            "Run several strategies on the identical partition and seed, print a results "
-            "table and write it (Markdown, CSV) with a convergence plot."
-        ),
-    )
-    add_experiment_options(compare)
-    compare.add_argument(
-        "--strategies",
-        default="fedavg,fedprox,fedalign",
-        help="comma-separated; 'fedalign:ROW' picks an ablation row (default: %(default)s)",
-    )
-    compare.set_defaults(handler=_cmd_compare)
-
-    for register in _extra_commands():
+    for register in (_register_compare, _register_benchmark, _register_report, register_bench):
         register(sub)
     return parser
-
-
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands contributed by other modules (benchmark, report, bench, flower)."""
-    registered: list[Callable[[Any], None]] = []
-    for module_name in ("fedalign.benchmark", "fedalign.report", "fedalign.bench"):
-        try:
-            module = __import__(module_name, fromlist=["register_cli"])
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        registered.append(module.register_cli)
-    return registered
 
 
 def main(argv: Sequence[str] | None = None) -> int:

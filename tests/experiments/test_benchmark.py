@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fedalign import benchmark
 from fedalign.cli import build_parser, main
-from fedalign.config import ConfigError, ExperimentConfig
+from fedalign.config import ConfigError, ExperimentConfig, run_label
+from fedalign.experiments.benchmark import (
+    BenchmarkOptions,
+    command_text,
+    load_suite,
+    page,
+    plan_runs,
+    run_benchmark,
+    runner,
+)
 from fedalign.records import RunSummary
 
-REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[2]
 
 SUITE = """
 [suite]
@@ -54,7 +62,7 @@ seeds = 2
 rounds = 2
 """
 
-BONUS = {"fedavg": 0.0, "fedalign": 0.1, "fedalign:consistency": 0.05}
+BONUS = {"fedavg": 0.0, "fedalign": 0.1, "fedalign-consistency": 0.05}
 
 
 def final_accuracy(label: str, alpha: float, seed: int) -> float:
@@ -62,7 +70,7 @@ def final_accuracy(label: str, alpha: float, seed: int) -> float:
 
 
 def _label(config: ExperimentConfig) -> str:
-    return benchmark.strategy_label(config.strategy.name, config.strategy.ablation)
+    return run_label(config.strategy.name, config.strategy.ablation)
 
 
 class FakeSimulator:
@@ -71,6 +79,7 @@ class FakeSimulator:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float, int, bool]] = []
         self.prepared: list[tuple[float, int]] = []
+        self.p10 = False  # newer runs record the 10th percentile of local accuracy
 
     def prepare(self, config: ExperimentConfig) -> tuple[float, int]:
         key = (config.partition.alpha, config.federated.seed)
@@ -95,6 +104,7 @@ class FakeSimulator:
                     "round": r,
                     "global_accuracy": accuracy,
                     "worst_local_accuracy": accuracy - 0.2,
+                    **({"local_accuracy_p10": accuracy - 0.1} if self.p10 else {}),
                     "routing_divergence": {"L": {"mean_js": 0.1 / r}},
                     "semantic_dispersion": {"L": {"mean_dispersion": 0.2 / r}},
                 }
@@ -105,7 +115,7 @@ class FakeSimulator:
             rounds=rounds,
             final_accuracy=final,
             final_loss=1.0,
-            best_accuracy=final,
+            local_accuracy_p10=final - 0.1 if self.p10 else float("nan"),
             mean_local_accuracy=final - 0.1,
             worst_local_accuracy=final - 0.2,
             seconds=2.0,
@@ -125,15 +135,15 @@ class FakeSimulator:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSimulator:
     simulator = FakeSimulator()
-    monkeypatch.setattr(benchmark, "run_experiment", simulator.run)
-    monkeypatch.setattr(benchmark, "prepare_shared_data", simulator.prepare)
+    monkeypatch.setattr(runner, "run_experiment", simulator.run)
+    monkeypatch.setattr(runner, "prepare_shared_data", simulator.prepare)
     return simulator
 
 
 @pytest.fixture
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip drawing (checked once, in the first test) to keep the other tests fast."""
-    monkeypatch.setattr(benchmark, "plot_grid", lambda *args, **kwargs: None)
+    monkeypatch.setattr(page, "plot_grid", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
@@ -149,7 +159,9 @@ def _run(suite_file: Path, out: Path, *extra: str) -> int:
     )
 
 
-def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+def test_grid_table_and_reuse(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path, assert_png: Any
+) -> None:
     out = tmp_path / "results"
     assert _run(suite_file, out) == 0
     assert len(fake.calls) == 3 * 2 * 3
@@ -180,18 +192,29 @@ def test_grid_table_and_reuse(fake: FakeSimulator, suite_file: Path, tmp_path: P
         statistics.mean(expected)
     )
     assert by_key[("fedalign", alpha)]["reached"] == 3
-    # FedAvg: seeds 1 and 2 end above their mean, seed 0 below it
+    # FedAvg: seeds 1 and 2 end above their mean, seed 0 below it: censored at > 4 rounds
     assert by_key[("fedavg", alpha)]["reached"] == 2
+    assert by_key[("fedavg", alpha)]["censored"] == 1
+    assert by_key[("fedavg", alpha)]["censored_at"] == 4
+    # paired by seed: fedalign is exactly 0.1 above FedAvg on every seed
+    paired = by_key[("fedalign", alpha)]
+    assert paired["minus_reference_mean"] == pytest.approx(0.1)
+    assert paired["minus_reference_low"] == pytest.approx(0.1)
+    assert paired["minus_reference_high"] == pytest.approx(0.1)
+    assert (paired["wins"], paired["pairs"]) == (3, 3)
+    assert "best_accuracy" not in (out / "runs.csv").read_text()  # no selection on test
 
     markdown = (out / "results.md").read_text()
     assert "row 3: consistency" in markdown and "± " in markdown
-    assert "(2/3)" in markdown
+    assert "(2/3 reached; 1 censored at >4)" in markdown
+    assert "paired Δ vs fedavg [95% CI]" in markdown and "+0.1000 [+0.1000, +0.1000]" in markdown
+    assert "worst-client accuracy (no p10 recorded)" in markdown
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("strategy,name,alpha,seeds,final_accuracy_mean")
     assert len(csv_lines) == 7
     assert len((out / "runs.csv").read_text().splitlines()) == 19
     for name in ("convergence.png", "divergence.png"):
-        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert_png(out / name)
     # run reports of the suite's last strategy, first seed, every alpha
     for alpha in ("alpha1", "alpha0.1"):
         page = f"reports/{alpha}-seed0-fedalign-consistency/index.html"
@@ -277,25 +300,69 @@ def test_bad_suite_gives_clear_error(tmp_path: Path, capsys: Any) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nname = "tiny-upcycled"\n')
     with pytest.raises(ConfigError, match=r"no \[suite\] table"):
-        benchmark.load_suite(bad)
+        load_suite(bad)
     bad.write_text('[suite]\nstrategies = ["fedavg"]\nsurprise = 1\n')
     with pytest.raises(ConfigError, match="unknown"):
-        benchmark.load_suite(bad)
-
-
-def test_mean_std() -> None:
-    assert benchmark.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert benchmark.mean_std([0.5]) == (0.5, 0.0)
-    assert benchmark.mean_std([None, float("nan")]) == (None, None)
+        load_suite(bad)
 
 
 @pytest.mark.parametrize("name", ["main", "ablation"])
 def test_shipped_suites_are_valid(name: str) -> None:
     for quick in (False, True):
-        suite = benchmark.load_suite(REPO / "benchmarks" / f"{name}.toml", quick=quick)
+        suite = load_suite(REPO / "benchmarks" / f"{name}.toml", quick=quick)
         base = ExperimentConfig.from_dict(suite.base)
         base.validate()
-        runs = benchmark.plan_runs(suite, base, Path("unused"))
+        runs = plan_runs(suite, base, Path("unused"))
+        assert suite.reference_label in suite.strategy_labels
+        assert all(label in suite.strategy_labels for label in suite.report)
         assert len(runs) == len(suite.strategies) * len(suite.alphas) * len(suite.seeds)
     args = build_parser().parse_args(["benchmark", "--suite", name, "--quick"])
     assert args.handler is not None
+
+
+def test_suite_labels_accept_both_spellings(suite_file: Path) -> None:
+    suite = load_suite(suite_file)
+    assert suite.strategy_labels == ["fedavg", "fedalign", "fedalign-consistency"]
+    assert suite.display("fedalign-consistency") == "row 3: consistency"
+    assert suite.report == ["fedalign-consistency"]
+
+
+def test_library_call_with_typed_options(
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path
+) -> None:
+    """No argparse: the options dataclass drives the benchmark; p10 shown when recorded."""
+    fake.p10 = True
+    options = BenchmarkOptions(
+        suite=str(suite_file),
+        alphas=[0.1],
+        seeds=2,
+        first_seed=5,
+        strategies=[("fedavg", "full"), ("fedalign", "consistency")],
+        settings={"train.lr": 0.5},
+        overrides=["model.max-length=24"],
+        out=tmp_path / "lib",
+        reports=False,
+    )
+    messages: list[str] = []
+    out = run_benchmark(options, log=messages.append)
+    assert out == tmp_path / "lib"
+    assert fake.calls == [
+        ("fedavg", 0.1, 5, False),
+        ("fedalign-consistency", 0.1, 5, False),
+        ("fedavg", 0.1, 6, False),
+        ("fedalign-consistency", 0.1, 6, False),
+    ]
+    saved = ExperimentConfig.from_toml(out / "runs/alpha0.1/seed6/fedalign-consistency/config.toml")
+    assert saved.train.lr == 0.5 and saved.model.max_length == 24
+    markdown = (out / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert "p10 client accuracy" in table[0] and "worst-client" not in table[0]
+    rows = json.loads((out / "results.json").read_text())
+    assert rows["client_metric"] == "local_accuracy_p10"
+    command = command_text(options)
+    assert command.startswith(f"fedalign benchmark --suite {suite_file} --seeds 2 --seed 5")
+    assert "--alphas 0.1 --strategies fedavg,fedalign:consistency" in command
+    assert "--set train.lr=0.5 --set model.max-length=24" in command
+    # the command line reproduces the same options
+    assert main([*shlex.split(command)[1:], "--no-run", "--no-progress"]) == 0
+    assert len(fake.calls) == 4

@@ -11,10 +11,12 @@ import pytest
 
 from fedalign.cli import main
 from fedalign.config import ConfigError
-from fedalign.report import (
+from fedalign.experiments.report import (
+    RunRecords,
     build_report,
     build_reports,
     default_expert,
+    load_run,
     masked_inactive,
     mean_offdiagonal,
     merge_matrix,
@@ -22,7 +24,6 @@ from fedalign.report import (
     select_layers,
 )
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("encoder.encoder.layer.4.intermediate", "encoder.encoder.layer.5.intermediate")
 EXPERTS = 4
 CLIENTS = [0, 1, 2]
@@ -115,12 +116,7 @@ def run_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def _assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    assert path.read_bytes()[:8] == PNG_MAGIC, path
-
-
-def test_report_writes_page_and_valid_pngs(run_dir: Path) -> None:
+def test_report_writes_page_and_valid_pngs(run_dir: Path, assert_png: Any) -> None:
     page = build_report(run_dir)
     assert page == run_dir / "report" / "index.html"
     text = page.read_text()
@@ -135,7 +131,7 @@ def test_report_writes_page_and_valid_pngs(run_dir: Path) -> None:
             f"merges_{tag}.png",
         ]
     for name in expected:
-        _assert_png(run_dir / "report" / name)
+        assert_png(run_dir / "report" / name)
         assert f'src="{name}"' in text
     assert (run_dir / "report" / "report.md").read_text().count("![") == len(expected)
 
@@ -160,11 +156,11 @@ def test_report_bad_folder_gives_clear_error(tmp_path: Path, capsys: Any) -> Non
         build_report(tmp_path / "empty")
 
 
-def test_report_without_routing_file_still_draws_curves(run_dir: Path) -> None:
+def test_report_without_routing_file_still_draws_curves(run_dir: Path, assert_png: Any) -> None:
     (run_dir / "routing.jsonl").unlink()
     page = build_report(run_dir)
-    _assert_png(run_dir / "report" / "accuracy.png")
-    _assert_png(run_dir / "report" / "merges_moe0.png")
+    assert_png(run_dir / "report" / "accuracy.png")
+    assert_png(run_dir / "report" / "merges_moe0.png")
     assert "no routing.jsonl" in page.read_text()
 
 
@@ -215,3 +211,25 @@ def test_default_expert_and_layer_selection() -> None:
     assert select_layers(list(LAYERS), "layer.4") == [(0, LAYERS[0])]
     with pytest.raises(ConfigError, match="matches 2"):
         select_layers(list(LAYERS), "intermediate")
+
+
+def test_summary_rows_report_the_final_round_and_p10(run_dir: Path) -> None:
+    from fedalign.experiments.report.page import summary_rows
+
+    (run_dir / "summary.json").write_text(
+        json.dumps({"strategy": "fedalign", "final_accuracy": 0.6, "best_accuracy": 0.9})
+    )
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    last.update(local_accuracy_p10=0.25, local_clients_evaluated=3)
+    (run_dir / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    rows = dict(summary_rows(load_run(run_dir)))
+    assert "best accuracy" not in rows  # no model selection on the test set
+    assert rows["final accuracy"] == "0.6000"
+    assert rows["local accuracy p10"] == "0.2500" and rows["local clients evaluated"] == "3"
+
+
+def test_strategy_label_from_config_is_the_run_label(tmp_path: Path) -> None:
+    config = {"strategy": {"name": "fedalign", "ablation": "consistency"}}
+    records = RunRecords(tmp_path, [], [], [], None, config)
+    assert records.strategy == "fedalign-consistency"

@@ -1,0 +1,243 @@
+"""From typed options to the planned grid of runs, and the state of each run's folder.
+
+Every (alpha, seed, strategy) cell is one run folder ``runs/alpha<A>/seed<S>/<label>``
+under the output folder (``label`` from :func:`fedalign.config.run_label`). A folder whose
+``summary.json`` exists and whose ``config.toml`` equals the planned configuration (the
+``[run]`` section aside) is reused; one with the same configuration and a checkpoint but
+no summary (an interrupted run) is resumed; anything else is run from scratch.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedalign.config import ConfigError, ExperimentConfig, run_label
+from fedalign.experiments.benchmark.suite import (
+    Suite,
+    find_suite_file,
+    load_suite,
+    merge_tables,
+    read_toml,
+    seed_list,
+)
+
+BAND_CHOICES = ("minmax", "std")
+"""Plot bands across seeds: min-max, or mean ± one sample standard deviation."""
+
+
+@dataclass
+class BenchmarkOptions:
+    """What ``fedalign benchmark`` was asked to do (the command line's options, typed).
+
+    Parameters
+    ----------
+    suite : str
+        A shipped suite name (``main``, ``ablation``) or a path to a suite TOML file.
+    quick : bool
+        Apply the suite's ``[quick]`` size.
+    seeds : int or None
+        Number of seeds (None: the suite's).
+    first_seed : int or None
+        First seed of the grid (None: the suite's).
+    alphas : list of float or None
+        Dirichlet alphas (None: the suite's).
+    strategies : list of (str, str) or None
+        ``(strategy, ablation)`` pairs (None: the suite's).
+    config_file : Path or None
+        An experiment TOML layered over the suite's base config.
+    settings : dict of str to object
+        ``section.key`` -> value, applied after the config file (named options).
+    overrides : list of str
+        ``section.key=value`` strings, applied last (``--set``).
+    out : Path or None
+        Results folder (None: ``benchmarks/results/<suite>[-quick]``).
+    progress : bool
+        Progress bars in the runs.
+    threads : int or None
+        Torch threads of the runs (``[run]`` section: not part of the experiment).
+    band : {"minmax", "std"}
+        Plot band across seeds.
+    execute : bool
+        Run what has not finished (False: only aggregate the finished runs).
+    reports : bool
+        Write ``fedalign report`` pages of the suite's ``report`` strategies.
+    keep_states : bool
+        Keep each finished run's checkpoint and final parameters.
+    dry_run : bool
+        Only list the planned runs and their status.
+    """
+
+    suite: str = "main"
+    quick: bool = False
+    seeds: int | None = None
+    first_seed: int | None = None
+    alphas: list[float] | None = None
+    strategies: list[tuple[str, str]] | None = None
+    config_file: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    out: Path | None = None
+    progress: bool = True
+    threads: int | None = None
+    band: str = "minmax"
+    execute: bool = True
+    reports: bool = True
+    keep_states: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class PlannedRun:
+    """One cell of the grid: a strategy at one alpha and seed, and its run folder."""
+
+    label: str
+    alpha: float
+    seed: int
+    config: ExperimentConfig
+    folder: Path
+
+    @property
+    def group(self) -> tuple[float, int]:
+        """Runs of one group share the partition and the prepared data."""
+        return (self.alpha, self.seed)
+
+
+def base_config(suite: Suite, options: BenchmarkOptions) -> ExperimentConfig:
+    """The suite's base config, then the config file, the settings, ``--set`` and ``[run]``."""
+    layered = suite.base
+    if options.config_file is not None:
+        layered = merge_tables(layered, read_toml(options.config_file, "config file"))
+    config = ExperimentConfig.from_dict(layered)
+    for key, value in options.settings.items():
+        config.set(key, value)
+    config.apply_overrides(options.overrides)
+    if not options.progress:
+        config.run.progress = False
+    if options.threads:
+        config.run.threads = options.threads
+    config.validate()
+    return config
+
+
+def narrow_grid(suite: Suite, options: BenchmarkOptions) -> Suite:
+    """The suite with the options' alphas, strategies and seeds in place of its own."""
+    if options.alphas is not None:
+        if not options.alphas:
+            raise ConfigError("the alpha list must name at least one alpha")
+        suite.alphas = [float(a) for a in options.alphas]
+    if options.strategies is not None:
+        if not options.strategies:
+            raise ConfigError("the strategy list must name at least one strategy")
+        suite.strategies = list(options.strategies)
+    if options.seeds is not None or options.first_seed is not None:
+        start = options.first_seed if options.first_seed is not None else suite.seeds[0]
+        count = options.seeds if options.seeds is not None else len(suite.seeds)
+        suite.seeds = seed_list(count, start)
+    return suite
+
+
+def resolve(options: BenchmarkOptions) -> tuple[Suite, ExperimentConfig, Path]:
+    """The suite (with the options' grid), the base config and the results folder."""
+    suite = load_suite(find_suite_file(options.suite), quick=options.quick)
+    base = base_config(suite, options)
+    suite = narrow_grid(suite, options)
+    default = Path("benchmarks/results") / (f"{suite.name}-quick" if suite.quick else suite.name)
+    return suite, base, Path(options.out) if options.out is not None else default
+
+
+def alpha_name(alpha: float) -> str:
+    """``alpha0.1``, ``alpha1``: the folder name of one alpha."""
+    return f"alpha{alpha:g}"
+
+
+def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRun]:
+    """Expand the grid; order: alpha, then seed, then strategy (as listed by the suite)."""
+    runs = []
+    for alpha in suite.alphas:
+        for seed in suite.seeds:
+            for name, ablation in suite.strategies:
+                config = base.copy()
+                config.strategy.name = name
+                config.strategy.ablation = ablation
+                config.partition.alpha = alpha
+                config.federated.seed = seed
+                label = run_label(name, ablation)
+                folder = out / "runs" / alpha_name(alpha) / f"seed{seed}" / label
+                config.run.out = str(folder)
+                config.validate()
+                runs.append(PlannedRun(label, alpha, seed, config, folder))
+    return runs
+
+
+def same_experiment(a: ExperimentConfig, b: ExperimentConfig) -> bool:
+    """Equal configurations, ignoring the ``[run]`` section (output folder, progress, threads)."""
+    left, right = a.to_dict(), b.to_dict()
+    left.pop("run", None)
+    right.pop("run", None)
+    return left == right
+
+
+def run_status(run: PlannedRun) -> str:
+    """``"finished"`` (reuse), ``"resume"`` (interrupted, same config) or ``"new"``."""
+    config_path = run.folder / "config.toml"
+    if not config_path.exists():
+        return "new"
+    try:
+        saved = ExperimentConfig.from_toml(config_path)
+    except ConfigError:
+        return "new"
+    if not same_experiment(saved, run.config):
+        return "new"
+    if (run.folder / "summary.json").exists():
+        return "finished"
+    if (run.folder / "checkpoint" / "state.pt").exists():
+        return "resume"
+    return "new"
+
+
+def _grid_flags(options: BenchmarkOptions) -> list[str]:
+    parts = ["--suite", str(options.suite)]
+    if options.quick:
+        parts.append("--quick")
+    if options.seeds is not None:
+        parts += ["--seeds", str(options.seeds)]
+    if options.first_seed is not None:
+        parts += ["--seed", str(options.first_seed)]
+    if options.alphas is not None:
+        parts += ["--alphas", ",".join(f"{a:g}" for a in options.alphas)]
+    if options.strategies is not None:
+        items = [
+            name if ablation == "full" else f"{name}:{ablation}"
+            for name, ablation in options.strategies
+        ]
+        parts += ["--strategies", ",".join(items)]
+    return parts
+
+
+def command_text(options: BenchmarkOptions) -> str:
+    """A command line that reproduces this benchmark (settings written as ``--set``)."""
+    parts = ["fedalign", "benchmark", *_grid_flags(options)]
+    if options.band != "minmax":
+        parts += ["--band", options.band]
+    flags = (
+        (not options.reports, "--no-report"),
+        (options.keep_states, "--keep-states"),
+        (not options.progress, "--no-progress"),
+    )
+    parts += [flag for wanted, flag in flags if wanted]
+    if options.config_file is not None:
+        parts += ["--config", str(options.config_file)]
+    for key, value in options.settings.items():
+        if key == "federated.seed" and options.first_seed is not None:
+            continue  # --seed says it
+        parts += ["--set", f"{key}={value}"]
+    for item in options.overrides:
+        parts += ["--set", item]
+    if options.out is not None:
+        parts += ["--out", str(options.out)]
+    if options.threads:
+        parts += ["--threads", str(options.threads)]
+    return shlex.join(parts)

@@ -1,0 +1,274 @@
+"""Suite files (``benchmarks/*.toml``) parsed into a typed :class:`Suite`.
+
+A suite file is an ordinary experiment config (the ``[model]``, ``[data]``, ... sections of
+:class:`~fedalign.config.ExperimentConfig`) plus
+
+* a ``[suite]`` table: ``name``, ``description``, ``note``, ``strategies`` (``"fedavg"``,
+  ``"fedalign:consistency"``, ...), ``alphas``, ``seeds`` (a count or a list),
+  ``reference`` (the strategy whose mean final accuracy sets the target and to which every
+  strategy is compared seed by seed), ``target-fraction``, ``report`` (strategies that get
+  a run report) and optional ``[suite.labels]`` (display names);
+* an optional ``[quick]`` table with the same layout (``[quick.suite]``, ``[quick.data]``,
+  ...) whose values replace the full-size ones under ``--quick``.
+
+Strategy names in ``reference``, ``report`` and ``[suite.labels]`` may be written either
+way (``fedalign:consistency`` or the run label ``fedalign-consistency``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedalign.config import ConfigError, ExperimentConfig, run_label
+
+SUITE_NAMES = ("main", "ablation")
+"""Suites shipped under ``benchmarks/`` (``--suite`` also takes a path to a TOML file)."""
+
+SUITE_KEYS = (
+    "name",
+    "description",
+    "note",
+    "strategies",
+    "alphas",
+    "seeds",
+    "reference",
+    "report",
+    "target-fraction",
+    "labels",
+)
+"""Keys accepted in the ``[suite]`` table."""
+
+DEFAULT_STRATEGIES = ("fedavg", "fedprox", "fedmoe", "fedalign")
+
+
+@dataclass
+class Suite:
+    """A benchmark grid read from a suite file.
+
+    Parameters
+    ----------
+    name : str
+        Short name, used for the default output folder.
+    path : Path
+        The suite file.
+    base : dict
+        Experiment-config sections (hyphenated keys) shared by every run.
+    strategies : list of (str, str)
+        ``(strategy, ablation)`` pairs, in table order.
+    alphas : list of float
+        Dirichlet concentrations.
+    seeds : list of int
+        Seeds; each one seeds partitioning, initialisation and training of its runs.
+    reference : str
+        Run label of the strategy the others are compared with (e.g. ``"fedavg"``).
+    target_fraction : float
+        Target accuracy = ``target_fraction`` x the reference's mean final accuracy.
+    labels : dict of str to str
+        Display names by run label (missing ones show the label itself).
+    description, note : str
+        Paragraphs for the results page.
+    report : list of str
+        Run labels whose first-seed run at every alpha gets a ``fedalign report`` page.
+    quick : bool
+        Whether the ``[quick]`` overrides were applied.
+    """
+
+    name: str
+    path: Path
+    base: dict[str, Any]
+    strategies: list[tuple[str, str]]
+    alphas: list[float]
+    seeds: list[int]
+    reference: str = "fedavg"
+    target_fraction: float = 1.0
+    labels: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    note: str = ""
+    report: list[str] = field(default_factory=list)
+    quick: bool = False
+
+    @property
+    def strategy_labels(self) -> list[str]:
+        return [run_label(name, ablation) for name, ablation in self.strategies]
+
+    @property
+    def reference_label(self) -> str:
+        """The reference when it is in the grid, else the first listed strategy."""
+        labels = self.strategy_labels
+        return self.reference if self.reference in labels else labels[0]
+
+    def display(self, label: str) -> str:
+        """The name a table shows for run label ``label``."""
+        return self.labels.get(label, label)
+
+
+def parse_strategy(item: str) -> tuple[str, str]:
+    """``"fedalign:consistency"`` -> ``("fedalign", "consistency")``; ``"fedavg"`` -> full."""
+    name, _, ablation = item.strip().partition(":")
+    return name, ablation or "full"
+
+
+def parse_strategies(items: Sequence[str]) -> list[tuple[str, str]]:
+    """Parse strategy items (``"fedavg"``, ``"fedalign:consistency"``), skipping blanks.
+
+    Raises
+    ------
+    ConfigError
+        When no strategy is named.
+    """
+    pairs = [parse_strategy(item) for item in items if item.strip()]
+    if not pairs:
+        raise ConfigError("the strategy list must name at least one strategy")
+    return pairs
+
+
+def label_of(item: str) -> str:
+    """The run label of a strategy item, either spelling: ``fedalign:x`` -> ``fedalign-x``."""
+    return run_label(*parse_strategy(item)) if ":" in item else item
+
+
+def suite_directories() -> list[Path]:
+    """Where suite names are looked up: ``./benchmarks`` then the source tree's."""
+    here = Path(__file__).resolve().parents[4] / "benchmarks"
+    return [Path.cwd() / "benchmarks", here]
+
+
+def find_suite_file(name_or_path: str) -> Path:
+    """Resolve ``--suite``: a path to a TOML file or the name of one under ``benchmarks/``.
+
+    Raises
+    ------
+    ConfigError
+        When no such file exists.
+    """
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix == ".toml" or len(candidate.parts) > 1:
+        raise ConfigError(f"--suite {name_or_path!r}: no such file")
+    for directory in suite_directories():
+        path = directory / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"--suite {name_or_path!r}: no benchmarks/{name_or_path}.toml found; "
+        f"shipped suites: {list(SUITE_NAMES)}, or pass a path to a suite TOML file"
+    )
+
+
+def merge_tables(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge of TOML tables: values of ``override`` win, sub-tables merge."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_tables(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def seed_list(value: Any, start: int) -> list[int]:
+    """Seeds from a count (``start``, ``start + 1``, ...) or an explicit list of ints."""
+    if isinstance(value, bool):
+        raise ConfigError(f"suite.seeds must be a count or a list of ints (got {value!r})")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"suite.seeds must be >= 1 (got {value})")
+        return [start + i for i in range(value)]
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return [int(v) for v in value]
+    raise ConfigError(f"suite.seeds must be a count or a non-empty list of ints (got {value!r})")
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; missing or invalid files raise :class:`ConfigError`."""
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what} {str(path)!r} not found") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {error}") from error
+
+
+def _suite_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    table = data.pop("suite", None)
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"suite file {str(path)!r} has no [suite] table")
+    table = {key.replace("_", "-"): value for key, value in table.items()}
+    unknown = sorted(set(table) - set(SUITE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [suite] keys {unknown}; accepted: {sorted(SUITE_KEYS)}")
+    return table
+
+
+def _non_empty_list(table: Mapping[str, Any], key: str, default: list[Any], what: str) -> list[Any]:
+    value = table.get(key, default)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"suite.{key} must be a non-empty list of {what}")
+    return value
+
+
+def _grid(table: Mapping[str, Any], base: ExperimentConfig) -> dict[str, Any]:
+    """Strategies, alphas, seeds and target fraction of a ``[suite]`` table, checked."""
+    strategies = parse_strategies(
+        [str(s) for s in _non_empty_list(table, "strategies", list(DEFAULT_STRATEGIES), "strings")]
+    )
+    alphas = _non_empty_list(table, "alphas", [base.partition.alpha], "numbers")
+    fraction = float(table.get("target-fraction", 1.0))
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"suite.target-fraction must be in (0, 1] (got {fraction})")
+    return {
+        "strategies": strategies,
+        "alphas": [float(a) for a in alphas],
+        "seeds": seed_list(table.get("seeds", 3), base.federated.seed),
+        "target_fraction": fraction,
+    }
+
+
+def _names(table: Mapping[str, Any], strategies: list[tuple[str, str]]) -> dict[str, Any]:
+    """Reference, display labels and report list, keyed by run label."""
+    labels = table.get("labels", {})
+    if not isinstance(labels, Mapping):
+        raise ConfigError("suite.labels must be a table of label = display name")
+    report = table.get("report", [run_label(*strategies[-1])])
+    if not isinstance(report, list):
+        raise ConfigError("suite.report must be a list of strategy labels")
+    return {
+        "reference": label_of(str(table.get("reference", "fedavg"))),
+        "labels": {label_of(str(k)): str(v) for k, v in labels.items()},
+        "report": [label_of(str(r)) for r in report],
+    }
+
+
+def load_suite(path: Path, quick: bool = False) -> Suite:
+    """Read a suite file (see the module docstring), applying ``[quick]`` when asked.
+
+    Raises
+    ------
+    ConfigError
+        On invalid TOML, a missing ``[suite]`` table, unknown keys or bad values.
+    """
+    data = read_toml(path, "suite file")
+    quick_table = data.pop("quick", {})
+    if quick:
+        data = merge_tables(data, quick_table)
+    table = _suite_table(data, Path(path))
+    base_config = ExperimentConfig.from_dict(data)  # validates section and key names
+    grid = _grid(table, base_config)
+    return Suite(
+        name=str(table.get("name", Path(path).stem)),
+        path=Path(path),
+        base=data,
+        description=str(table.get("description", "")).strip(),
+        note=str(table.get("note", "")).strip(),
+        quick=quick,
+        **grid,
+        **_names(table, grid["strategies"]),
+    )
