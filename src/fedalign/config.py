@@ -30,7 +30,110 @@ ABLATIONS = (
     "margin-only",  # row 3 variant: m only
     "adaptive-reg",  # row 4: + adaptive expert-level regularisation alpha_i(e)
     "full",  # row 5: + semantic-aware expert aggregation (FedAlign-MoE)
+    "full-sound",  # row 5 with the sound options of ABLATION_PRESETS ("ours")
 )
+ROUTING_FORMS = ("literal", "batch-kl", "topk-kl")
+"""Client regulariser ``L_reg`` forms (``fedalign.routing.routing_regularizer``)."""
+ROUTING_SIGNALS = ("softmax", "usage")
+"""Routing signal of the consistency weights: ``pbar_i(e)`` or usage shares ``u_i(e) / k``."""
+OVERLAP_CHOICES = ("geometric", "bhattacharyya", "intersection")
+SEMANTIC_CENTRES = ("uncentred", "centred")
+"""Whether ``mu_i(e)`` are centred on the layer's token-weighted mean before the cosines."""
+SELECTIONS = ("hard", "soft")
+"""Step D's client selection: the aligned set only, or every active client, sigmoid-weighted."""
+
+METHOD_OPTION_DEFAULTS: dict[str, Any] = {
+    "routing_form": "literal",
+    "routing_signal": "softmax",
+    "overlap": "geometric",
+    "count_weighted": False,
+    "semantic_centre": "uncentred",
+    "selection": "hard",
+}
+"""FedAlign-MoE's method options (``StrategyConfig`` fields) and their defaults (today's)."""
+
+ABLATION_PRESETS: dict[str, dict[str, Any]] = {
+    "full-sound": {
+        "routing_form": "batch-kl",
+        "routing_signal": "usage",
+        "overlap": "intersection",
+        "count_weighted": True,
+        "semantic_centre": "centred",
+        "selection": "soft",
+    },
+}
+"""Ablation rows that also fix method options (keys of :data:`METHOD_OPTION_DEFAULTS`)."""
+
+ABLATION_BASE_ROW: dict[str, str] = {"full-sound": "full"}
+"""The paper's row a preset row runs (same components, different option values)."""
+
+
+def resolve_method_options(ablation: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method options a FedAlign-MoE ablation row actually runs with.
+
+    For a preset row (:data:`ABLATION_PRESETS`) every option still at its default
+    (:data:`METHOD_OPTION_DEFAULTS`) takes the preset's value; an option set to a third
+    value conflicts with the preset and is an error. Other rows return ``options`` as given.
+
+    Parameters
+    ----------
+    ablation : str
+        ``strategy.ablation``.
+    options : mapping of str to Any
+        Values of (some of) the keys of :data:`METHOD_OPTION_DEFAULTS`; missing keys take
+        their default.
+
+    Returns
+    -------
+    dict of str to Any
+        Every key of :data:`METHOD_OPTION_DEFAULTS`.
+
+    Raises
+    ------
+    ConfigError
+        An option set to a value other than its default and the preset's.
+    """
+    unknown = set(options) - set(METHOD_OPTION_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown method options {sorted(unknown)}")
+    resolved = {**METHOD_OPTION_DEFAULTS, **options}
+    preset = ABLATION_PRESETS.get(ablation)
+    if preset is None:
+        return resolved
+    for key, value in preset.items():
+        given = resolved[key]
+        if given == METHOD_OPTION_DEFAULTS[key]:
+            resolved[key] = value
+        elif given != value:
+            raise ConfigError(
+                f"strategy.{key.replace('_', '-')} = {given!r} conflicts with strategy.ablation "
+                f"= {ablation!r}, which sets it to {value!r} (use strategy.ablation = "
+                f"{ABLATION_BASE_ROW[ablation]!r} to combine options freely)"
+            )
+    return resolved
+
+
+def ablation_overrides(row: str) -> dict[str, Any]:
+    """Config keys (``section.key`` form, for ``--set``) that run ablation row ``row``.
+
+    A paper row gives ``strategy.name`` and ``strategy.ablation``; a preset row gives its
+    base row plus every option it fixes, spelled out, so the same run can be asked for
+    with plain keys.
+
+    >>> ablation_overrides("full-sound")["strategy.routing-form"]
+    'batch-kl'
+    """
+    if row not in ABLATIONS:
+        raise ConfigError(f"strategy.ablation must be one of {list(ABLATIONS)} (got {row!r})")
+    overrides: dict[str, Any] = {
+        "strategy.name": "fedalign",
+        "strategy.ablation": ABLATION_BASE_ROW.get(row, row),
+    }
+    for key, value in ABLATION_PRESETS.get(row, {}).items():
+        overrides[f"strategy.{key.replace('_', '-')}"] = value
+    return overrides
+
+
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 
@@ -205,6 +308,22 @@ class StrategyConfig:
         Expert overlap ``o_i(e)`` of the consistency weights: ``geometric``
         (``sqrt(pbar_i(e) p_g(e))``, METHOD.md), ``bhattacharyya`` (the client's whole routing
         distribution against ``p_g``) or ``intersection`` (``min(pbar_i(e), p_g(e))``).
+    routing_form : str, default "literal"
+        Client regulariser ``L_reg``: ``literal`` (METHOD.md's top-k masked terms
+        ``p log(p / p_g)``; not a divergence), ``batch-kl`` (the batch's mean routing
+        distribution against ``p_g``) or ``topk-kl`` (per token, both renormalised over its
+        top-k experts).
+    routing_signal : str, default "softmax"
+        What the consistency weights compare with the global reference: the softmax means
+        ``pbar_i(e)`` or the usage shares ``u_i(e) / k``.
+    count_weighted : bool, default False
+        Multiply the consistency score ``s_i(e)`` by the routed-token count ``count_i(e)``.
+    semantic_centre : str, default "uncentred"
+        ``centred``: subtract the layer's token-count-weighted mean of all ``mu_i(e)`` before
+        the semantic cosines ``S_ij(e)``; ``uncentred``: raw cosines.
+    selection : str, default "hard"
+        Step D: ``hard`` merges the aligned set ``A_e`` only; ``soft`` keeps every active
+        client with weight ``n_i u_i(e) sigmoid((c_i(e) - tau_e) / max(Sigma(e), eps))``.
     personalized_experts : bool, default False
         Clients start each round from their semantic region's experts.
     stats_max_examples : int, default 512
@@ -227,6 +346,11 @@ class StrategyConfig:
     beta: float = 1.0
     eps: float = 1e-6
     overlap: str = "geometric"
+    routing_form: str = "literal"
+    routing_signal: str = "softmax"
+    count_weighted: bool = False
+    semantic_centre: str = "uncentred"
+    selection: str = "hard"
     personalized_experts: bool = False
     stats_max_examples: int = 512
     hidden_noise_std: float = 0.0
@@ -337,7 +461,13 @@ class ExperimentConfig:
         )
         _one_of("strategy.name", s.name, STRATEGIES)
         _one_of("strategy.ablation", s.ablation, ABLATIONS)
-        _one_of("strategy.overlap", s.overlap, ("geometric", "bhattacharyya", "intersection"))
+        _one_of("strategy.overlap", s.overlap, OVERLAP_CHOICES)
+        _one_of("strategy.routing-form", s.routing_form, ROUTING_FORMS)
+        _one_of("strategy.routing-signal", s.routing_signal, ROUTING_SIGNALS)
+        _one_of("strategy.semantic-centre", s.semantic_centre, SEMANTIC_CENTRES)
+        _one_of("strategy.selection", s.selection, SELECTIONS)
+        if s.name == "fedalign":
+            resolve_method_options(s.ablation, method_options(s))
         _one_of("partition.method", p.method, PARTITION_METHODS)
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _positive("partition.num-clients", p.num_clients)
@@ -400,6 +530,11 @@ class ExperimentConfig:
 
     def copy(self) -> ExperimentConfig:
         return ExperimentConfig.from_dict(self.to_dict())
+
+
+def method_options(strategy: StrategyConfig) -> dict[str, Any]:
+    """The FedAlign-MoE method options of a strategy section (before preset resolution)."""
+    return {key: getattr(strategy, key) for key in METHOD_OPTION_DEFAULTS}
 
 
 def _section_names() -> set[str]:

@@ -226,6 +226,7 @@ def train_local(
                             instructions.global_routing[layer_name],
                             alpha,
                             top_k[layer_name],
+                            form=instructions.routing_form,
                         )
                 loss = loss + load_balance_coef * balance + instructions.routing_lambda * routing
             if instructions.proximal_mu > 0:

@@ -49,8 +49,9 @@ def build_strategy(config: StrategyConfig, layout: MoELayout) -> Strategy:
     config : StrategyConfig
         ``name`` picks the class: ``fedavg``, ``fedprox`` (``proximal_mu``), ``fedmoe``
         (``fedmoe_u_min``), ``fedalign`` (``ablation``, ``routing_lambda``, ``beta``, ``eps``,
-        ``personalized_experts``), ``fedadam`` / ``fedyogi`` (``server_lr``,
-        ``server_beta1``, ``server_beta2``, ``server_tau``). Client-side knobs
+        ``personalized_experts``, ``overlap``, ``routing_form``, ``routing_signal``,
+        ``count_weighted``, ``semantic_centre``, ``selection``), ``fedadam`` / ``fedyogi``
+        (``server_lr``, ``server_beta1``, ``server_beta2``, ``server_tau``). Client-side knobs
         (``stats_max_examples``, ``hidden_noise_std``) are not the strategy's.
     layout : MoELayout
         Where routers and experts live among the trainable parameters.
@@ -81,6 +82,11 @@ def build_strategy(config: StrategyConfig, layout: MoELayout) -> Strategy:
             eps=config.eps,
             personalized_experts=config.personalized_experts,
             overlap=config.overlap,
+            routing_form=config.routing_form,
+            routing_signal=config.routing_signal,
+            count_weighted=config.count_weighted,
+            semantic_centre=config.semantic_centre,
+            selection=config.selection,
         )
     if name in ("fedadam", "fedyogi"):
         optimizer_class = FedAdam if name == "fedadam" else FedYogi

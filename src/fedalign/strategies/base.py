@@ -97,6 +97,9 @@ class TrainInstructions:
         Per layer, the global routing distribution ``p_g`` (shape ``(E,)``).
     expert_alpha : dict of str to Tensor, default empty
         Per layer, the per-expert regulariser strengths ``alpha_i(e)`` (shape ``(E,)``).
+    routing_form : str, default "literal"
+        Form of ``L_reg``: ``literal``, ``batch-kl`` or ``topk-kl`` (see
+        :func:`fedalign.routing.routing_regularizer`).
     collect_statistics : bool, default False
         Whether the client computes :class:`LayerRoutingStatistics` after training.
     start_parameters : dict of str to Tensor or None, default None
@@ -107,6 +110,7 @@ class TrainInstructions:
     routing_lambda: float = 0.0
     global_routing: dict[str, Tensor] = field(default_factory=dict)
     expert_alpha: dict[str, Tensor] = field(default_factory=dict)
+    routing_form: str = "literal"
     collect_statistics: bool = False
     start_parameters: dict[str, Tensor] | None = None
 
