@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fedalign.config import (
     ABLATIONS,
     METHOD_OPTION_DEFAULTS,
+    OVERLAP_CHOICES,
     ROUTING_FORMS,
     ROUTING_SIGNALS,
     SELECTIONS,
@@ -105,7 +106,7 @@ RECORDED_OPTIONS = (
 
 
 # ------------------------------------------------------------------ A/B: routing math
-OVERLAPS = ("geometric", "bhattacharyya", "intersection")
+OVERLAPS = OVERLAP_CHOICES
 """Accepted definitions of the expert overlap ``o_i(e)`` (see :func:`consistency_weights`)."""
 
 
