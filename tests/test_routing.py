@@ -245,3 +245,164 @@ def test_usage_divergence_sees_decisions_the_softmax_hides() -> None:
     expected = jensen_shannon(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))
     assert metrics["moe"]["mean_usage_js"] == pytest.approx(expected)
     assert metrics["moe"]["max_usage_js"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- regulariser forms
+SOUND_FORMS = pytest.mark.parametrize("form", ["batch-kl", "topk-kl"])
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float((p * (p / q).log()).sum())
+
+
+@SOUND_FORMS
+@pytest.mark.parametrize("seed", range(5))
+def test_sound_forms_are_non_negative_for_any_alpha(form: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(16, 5, generator=generator)
+    global_routing = torch.softmax(torch.randn(5, generator=generator), dim=0)
+    alpha = torch.rand(5, generator=generator)  # per-expert strengths in [0, 1)
+    for top_k in (1, 2, 5):
+        loss = routing_regularizer(logits, global_routing, alpha, top_k, form=form)
+        assert float(loss) >= 0.0
+
+
+def test_batch_kl_is_zero_when_the_batch_mean_equals_global() -> None:
+    # Two tokens that each disagree with p_g but whose mean is p_g = [0.5, 0.3, 0.2].
+    global_routing = torch.tensor([0.5, 0.3, 0.2])
+    logits = logits_for([[0.7, 0.1, 0.2], [0.3, 0.5, 0.2]])
+    alpha = torch.tensor([1.0, 0.3, 0.7])
+    loss = routing_regularizer(logits, global_routing, alpha, top_k=1, form="batch-kl")
+    assert_close(loss, torch.tensor(0.0), atol=1e-7, rtol=0)
+    # The literal form is not zero on the same tokens: per-token terms never average out.
+    literal = routing_regularizer(logits, global_routing, alpha, top_k=1)
+    assert abs(float(literal)) > 0.05
+
+
+def test_batch_kl_hand_value() -> None:
+    # pbar = mean([0.6, 0.4], [0.2, 0.8]) = [0.4, 0.6], p_g = [0.5, 0.5].
+    logits = logits_for([[0.6, 0.4], [0.2, 0.8]])
+    global_routing = torch.tensor([0.5, 0.5])
+    # alpha = 1: KL(pbar || p_g) = 0.4 ln 0.8 + 0.6 ln 1.2.
+    expected_kl = 0.4 * math.log(0.8) + 0.6 * math.log(1.2)
+    loss = routing_regularizer(logits, global_routing, torch.ones(2), top_k=1, form="batch-kl")
+    assert_close(loss, torch.tensor(expected_kl))
+    # alpha = [1, 0.5]: 1 * (0.4 ln 0.8 - 0.4 + 0.5) + 0.5 * (0.6 ln 1.2 - 0.6 + 0.5).
+    expected = (0.4 * math.log(0.8) + 0.1) + 0.5 * (0.6 * math.log(1.2) - 0.1)
+    loss = routing_regularizer(
+        logits, global_routing, torch.tensor([1.0, 0.5]), top_k=1, form="batch-kl"
+    )
+    assert_close(loss, torch.tensor(expected))
+
+
+def test_topk_kl_is_zero_when_renormalised_top_k_agrees() -> None:
+    # p_g = [0.4, 0.2, 0.3, 0.1]. Token 1 selects {0, 2} with ratio 0.4 : 0.3 (as p_g);
+    # token 2 selects {1, 3} with ratio 0.5 : 0.25 = 2 : 1 (as p_g's 0.2 : 0.1).
+    global_routing = torch.tensor([0.4, 0.2, 0.3, 0.1])
+    logits = logits_for([[0.4, 0.15, 0.3, 0.15], [0.1, 0.5, 0.15, 0.25]])
+    alpha = torch.tensor([0.2, 1.0, 0.6, 0.9])
+    loss = routing_regularizer(logits, global_routing, alpha, top_k=2, form="topk-kl")
+    assert_close(loss, torch.tensor(0.0), atol=1e-7, rtol=0)
+    # Neither the batch form nor the literal form is zero here.
+    assert float(routing_regularizer(logits, global_routing, alpha, 2, form="batch-kl")) > 1e-3
+    assert abs(float(routing_regularizer(logits, global_routing, alpha, 2))) > 1e-3
+
+
+def test_topk_kl_hand_value() -> None:
+    # One token p = [0.5, 0.3, 0.2], top-2 = {0, 1}: p~ = [5/8, 3/8];
+    # p_g = [0.25, 0.5, 0.25] -> p_g~ = [1/3, 2/3]; alpha = 1: KL(p~ || p_g~).
+    logits = logits_for([[0.5, 0.3, 0.2]])
+    global_routing = torch.tensor([0.25, 0.5, 0.25])
+    expected = 5 / 8 * math.log((5 / 8) / (1 / 3)) + 3 / 8 * math.log((3 / 8) / (2 / 3))
+    loss = routing_regularizer(logits, global_routing, torch.ones(3), top_k=2, form="topk-kl")
+    assert_close(loss, torch.tensor(expected))
+    # alpha only on the chosen experts counts: changing alpha(2) changes nothing.
+    other = routing_regularizer(
+        logits, global_routing, torch.tensor([1.0, 1.0, 0.0]), top_k=2, form="topk-kl"
+    )
+    assert_close(other, loss)
+
+
+def test_topk_kl_is_identically_zero_for_top_1() -> None:
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    loss = routing_regularizer(
+        logits, torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.ones(4), 1, form="topk-kl"
+    )
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-7)
+    loss.backward()
+    assert logits.grad is not None
+    assert float(logits.grad.abs().max()) < 1e-6
+
+
+def _batch_kl_to(logits: torch.Tensor, global_routing: torch.Tensor) -> float:
+    return kl(torch.softmax(logits, dim=-1).mean(dim=0), global_routing)
+
+
+def _topk_kl_to(logits: torch.Tensor, global_routing: torch.Tensor, top_k: int) -> float:
+    p = torch.softmax(logits, dim=-1)
+    chosen = p.topk(top_k, dim=-1).indices
+    total = 0.0
+    for row, idx in zip(p, chosen, strict=True):
+        total += kl(row[idx] / row[idx].sum(), global_routing[idx] / global_routing[idx].sum())
+    return total / p.shape[0]
+
+
+@pytest.mark.parametrize(("form", "top_k"), [("batch-kl", 2), ("topk-kl", 2), ("topk-kl", 3)])
+def test_one_gradient_step_moves_routing_toward_global(form: str, top_k: int) -> None:
+    """A small descent step on the logits lowers the KL the form measures (alpha = 1)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 4, generator=generator)
+    global_routing = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+    def divergence(z: torch.Tensor) -> float:
+        if form == "batch-kl":
+            return _batch_kl_to(z, global_routing)
+        return _topk_kl_to(z, global_routing, top_k)
+
+    before = divergence(logits)
+    assert before > 0.01
+    variable = logits.clone().requires_grad_(True)
+    loss = routing_regularizer(variable, global_routing, torch.ones(4), top_k, form=form)
+    assert_close(float(loss.detach()), before, rtol=1e-5, atol=1e-6)  # alpha = 1: the KL itself
+    loss.backward()
+    assert variable.grad is not None
+    stepped = logits - 0.05 * variable.grad / variable.grad.norm()
+    assert divergence(stepped) < before
+
+
+def test_literal_form_is_not_minimised_at_global_routing() -> None:
+    """Why ``literal`` is not the default: its minimum is not at ``p = p_g``.
+
+    p_g = [0.5, 0.25, 0.25], top-1. At p = p_g the loss is 0, but p = [0.4, 0.3, 0.3] (still
+    selecting expert 0) gives 0.4 ln(0.4 / 0.5) < 0; and at p = p_g the gradient on the
+    selected logit is p_0 (1 - p_0) (ln(p_0 / p_g0) + 1) = 0.25 > 0: a descent step lowers
+    the selected expert's probability *away from* p_g.
+    """
+    global_routing = torch.tensor([0.5, 0.25, 0.25])
+    at_global = logits_for([[0.5, 0.25, 0.25]]).requires_grad_(True)
+    loss_at_global = routing_regularizer(at_global, global_routing, torch.ones(3), top_k=1)
+    assert_close(loss_at_global, torch.tensor(0.0), atol=1e-7, rtol=0)
+    elsewhere = routing_regularizer(
+        logits_for([[0.4, 0.3, 0.3]]), global_routing, torch.ones(3), top_k=1
+    )
+    assert_close(elsewhere, torch.tensor(0.4 * math.log(0.8)))
+    assert float(elsewhere) < float(loss_at_global.detach())
+    loss_at_global.backward()
+    assert at_global.grad is not None
+    assert_close(float(at_global.grad[0, 0]), 0.25)
+    # The sound forms are stationary at p = p_g.
+    for form in ("batch-kl", "topk-kl"):
+        at = logits_for([[0.5, 0.25, 0.25]]).requires_grad_(True)
+        routing_regularizer(at, global_routing, torch.ones(3), top_k=2, form=form).backward()
+        assert at.grad is not None
+        assert float(at.grad.abs().max()) < 1e-6
+
+
+def test_regularizer_forms_empty_and_unknown() -> None:
+    for form in ("batch-kl", "topk-kl"):
+        empty = routing_regularizer(
+            torch.zeros(0, 3), torch.ones(3) / 3, torch.ones(3), 1, form=form
+        )
+        assert float(empty) == 0.0
+    with pytest.raises(ValueError, match="routing form"):
+        routing_regularizer(torch.zeros(2, 3), torch.ones(3) / 3, torch.ones(3), 1, form="kl")

@@ -44,7 +44,7 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "strategy.ablation",
         str,
         "FedAlign-MoE ablation row: fedavg, uniform-align, consistency, overlap-only, "
-        "margin-only, adaptive-reg, full",
+        "margin-only, adaptive-reg, full, full-sound",
     ),
     "model": ("model.name", str, "upcycled-minilm, a tiny-* test model, a hub id or a folder"),
     "trainable": ("model.trainable", str, "all, moe+head or lora"),

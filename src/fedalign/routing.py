@@ -8,7 +8,8 @@ Everything here is a pure function of tensors (no model, no module hooks):
   routed hidden state ``mu_i(e)`` and token counts;
 * :func:`privatize_mean_hidden` adds norm-relative Gaussian noise to ``mu_i(e)`` (privacy
   option for the hidden-state summaries that leave the client);
-* :func:`routing_regularizer` is the FedAlign-MoE alignment loss ``L_reg`` and
+* :func:`routing_regularizer` is the FedAlign-MoE alignment loss ``L_reg`` (forms
+  ``literal``, ``batch-kl``, ``topk-kl``) and
   :func:`load_balancing_loss` the Switch-Transformer auxiliary loss;
 * :func:`jensen_shannon`, :func:`routing_divergence` and :func:`semantic_dispersion` are the
   per-round divergence metrics every strategy records.
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from fedalign.protocol import LayerRoutingStatistics, RoutingStatistics
 
 Tensor = torch.Tensor
+
+ROUTING_FORMS = ("literal", "batch-kl", "topk-kl")
+"""Forms of the client regulariser ``L_reg`` (see :func:`routing_regularizer`)."""
 
 GLOBAL_ROUTING_FLOOR = 1e-8
 """Smallest value of ``p_g(e)`` inside the regulariser's logarithm (``log(p / p_g)``)."""
@@ -179,18 +183,76 @@ def privatize_mean_hidden(
     return (values + noise_std * row_norms * noise).to(mean_hidden.dtype)
 
 
+def weighted_kl_terms(p: Tensor, log_p: Tensor, q: Tensor, alpha: Tensor) -> Tensor:
+    """Per-entry terms ``alpha * (p log(p / q) - p + q)`` of a weighted KL divergence.
+
+    Each term is ``>= 0`` and zero iff ``p = q`` (it is the Bregman divergence of ``x log x``),
+    so the sum is a divergence for any weights ``alpha >= 0``. When ``p`` and ``q`` both sum
+    to 1 and ``alpha`` is constant, the sum is ``alpha * KL(p || q)``: the ``- p + q`` parts
+    cancel.
+
+    Parameters
+    ----------
+    p : Tensor, shape (..., E)
+    log_p : Tensor, shape (..., E)
+        ``log p`` (passed in so a ``log_softmax`` keeps its precision).
+    q : Tensor, shape (..., E) or (E,)
+        Positive reference (a constant).
+    alpha : Tensor, shape (E,)
+
+    Returns
+    -------
+    Tensor, shape (..., E)
+    """
+    return alpha * (p * (log_p - q.log()) - p + q)
+
+
+def _batch_kl_regularizer(logits: Tensor, target: Tensor, alpha: Tensor) -> Tensor:
+    """``sum_e alpha(e) (pbar log(pbar / p_g) - pbar + p_g)`` of the batch mean ``pbar``."""
+    log_probabilities = torch.log_softmax(logits, dim=-1)  # (N, E)
+    # log pbar = logsumexp_x log p(x, e) - log N: stable even for tiny probabilities.
+    log_mean = torch.logsumexp(log_probabilities, dim=0) - math.log(logits.shape[0])  # (E,)
+    return weighted_kl_terms(log_mean.exp(), log_mean, target, alpha).sum()
+
+
+def _topk_kl_regularizer(logits: Tensor, target: Tensor, alpha: Tensor, top_k: int) -> Tensor:
+    """Mean over tokens of the weighted KL of ``p`` and ``p_g`` renormalised over ``TopK(x)``."""
+    log_probabilities = torch.log_softmax(logits, dim=-1)  # (N, E)
+    selected = log_probabilities.detach().topk(top_k, dim=-1).indices  # (N, k)
+    # Renormalised over the selected experts: log p~ = log p - logsumexp_{TopK} log p.
+    chosen_log_p = log_probabilities.gather(1, selected)  # (N, k)
+    log_p = chosen_log_p - torch.logsumexp(chosen_log_p, dim=-1, keepdim=True)  # (N, k)
+    chosen_target = target[selected]  # (N, k)
+    q = chosen_target / chosen_target.sum(dim=-1, keepdim=True)  # (N, k)
+    terms = weighted_kl_terms(log_p.exp(), log_p, q, alpha[selected])  # (N, k)
+    return terms.sum(dim=-1).mean()
+
+
 def routing_regularizer(
     logits: Tensor,
     global_routing: Tensor,
     expert_alpha: Tensor,
     top_k: int,
     floor: float = GLOBAL_ROUTING_FLOOR,
+    form: str = "literal",
 ) -> Tensor:
-    """FedAlign-MoE routing alignment loss ``L_reg``.
+    """FedAlign-MoE routing alignment loss ``L_reg`` in one of three forms.
 
-    ``L_reg = mean_x sum_{e in TopK(x)} alpha(e) * p(x, e) * log(p(x, e) / p_g(e))``: the
-    top-k-masked KL terms between the client's routing probabilities and the global routing
-    distribution, weighted per expert.
+    * ``"literal"`` (METHOD.md's literal reading, the default for now):
+      ``L = mean_x sum_{e in TopK(x)} alpha(e) * p(x, e) * log(p(x, e) / p_g(e))``. Not a
+      divergence: each term is smallest at ``p = p_g / e``, so it is *not* minimised at
+      ``p = p_g`` and mostly penalises confident routing.
+    * ``"batch-kl"``: with the batch's routing distribution ``pbar(e) = mean_x p(x, e)``,
+      ``L = sum_e alpha(e) * (pbar(e) log(pbar(e) / p_g(e)) - pbar(e) + p_g(e))``, which is
+      ``KL(pbar || p_g)`` for ``alpha = 1`` (METHOD.md's form) and stays ``>= 0``, zero iff
+      ``pbar = p_g`` where ``alpha > 0``, for any per-expert ``alpha``.
+    * ``"topk-kl"``: per token, ``p~(x, .)`` and ``p_g~`` are ``p(x, .)`` and ``p_g``
+      renormalised over ``TopK(x)``; ``L = mean_x sum_{e in TopK(x)} alpha(e) (p~ log(p~ /
+      p_g~) - p~ + p_g~)`` (``KL(p~ || p_g~)`` for ``alpha = 1``). Zero iff they agree on the
+      chosen experts; identically zero for ``top_k = 1`` (a single renormalised entry is 1).
+
+    The ``- p + q`` parts (see :func:`weighted_kl_terms`) are ours: they cancel for a
+    constant ``alpha`` and keep each weighted term non-negative when ``alpha_i(e)`` varies.
 
     Parameters
     ----------
@@ -204,6 +266,8 @@ def routing_regularizer(
         Experts selected per token; only their terms count.
     floor : float, default GLOBAL_ROUTING_FLOOR
         ``p_g`` is clamped to at least this value inside the logarithm.
+    form : {"literal", "batch-kl", "topk-kl"}, default "literal"
+        See above.
 
     Returns
     -------
@@ -212,9 +276,18 @@ def routing_regularizer(
     """
     num_experts = logits.shape[-1]
     _check_top_k(top_k, num_experts)
+    if form not in ROUTING_FORMS:
+        raise ValueError(f"unknown routing form {form!r}; accepted: {list(ROUTING_FORMS)}")
     logits = logits.reshape(-1, num_experts).float()
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
+    if form != "literal":
+        target = global_routing.detach().float().to(logits.device).clamp(min=floor)  # (E,)
+        target = target / target.sum()
+        alpha = expert_alpha.detach().float().to(logits.device)  # (E,)
+        if form == "batch-kl":
+            return _batch_kl_regularizer(logits, target, alpha)
+        return _topk_kl_regularizer(logits, target, alpha, top_k)
     log_probabilities = torch.log_softmax(logits, dim=-1)  # (N, E)
     probabilities = log_probabilities.exp()
     selected = probabilities.detach().topk(top_k, dim=-1).indices  # (N, k)

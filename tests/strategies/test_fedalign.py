@@ -14,12 +14,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fedalign.config import ConfigError
 from fedalign.errors import OptionError
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import (
     FedAlignMoE,
     FedAvg,
+    build_strategy,
 )
 from fedalign.strategies.fedalign import semantic_alignment
 from tests.helpers import expert_alpha, global_routing, routing_lambda
@@ -507,3 +509,410 @@ def test_unknown_overlap_names_the_field(layout: MoELayout) -> None:
     with pytest.raises(OptionError, match="'overlap'") as error:
         FedAlignMoE(layout, overlap="cosine")
     assert "geometric" in str(error.value) and "cosine" in str(error.value)
+
+
+# ------------------------------------------------- step A: routing signal, count weighting
+# Three experts, top-2: usage sums to 2 over experts, shares u / 2 sum to 1.
+USAGE = torch.tensor([[1.0, 0.6, 0.4], [0.2, 0.8, 1.0]])  # shares [.5, .3, .2], [.1, .4, .5]
+SHARES = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.4, 0.5]])
+REFERENCE = torch.tensor([0.3, 0.35, 0.35])  # round 1: the plain mean of the shares
+COUNTS = torch.tensor([[100.0, 60.0, 40.0], [5.0, 20.0, 25.0]])
+
+
+def test_consistency_signal_softmax_and_usage() -> None:
+    from fedalign.strategies.fedalign import consistency_signal
+
+    pbar = torch.tensor([[0.4, 0.3, 0.3], [0.2, 0.2, 0.6]])
+    assert consistency_signal(pbar, USAGE, 2, "softmax") is pbar
+    assert_close(consistency_signal(pbar, USAGE, 2, "usage"), SHARES)
+    with pytest.raises(ValueError, match="routing signal"):
+        consistency_signal(pbar, USAGE, 2, "logits")
+
+
+def test_overlaps_on_the_usage_signal_by_hand() -> None:
+    from fedalign.strategies.fedalign import consistency_weights
+
+    margin = torch.ones(2, 3)
+    # intersection: o = min(share, ref): [.3, .3, .2] and [.1, .35, .35]
+    #   e0: [.3, .1] -> [3/4, 1/4]; e1: [.3, .35] -> [6/13, 7/13]; e2: [.2, .35] -> [4/11, 7/11]
+    intersection = consistency_weights(SHARES, margin, REFERENCE, overlap="intersection")
+    assert_close(intersection, torch.tensor([[3 / 4, 6 / 13, 4 / 11], [1 / 4, 7 / 13, 7 / 11]]))
+    # bhattacharyya: one coefficient per client, BC_i = sum_e sqrt(share_i(e) ref(e)).
+    bc_0 = math.sqrt(0.15) + math.sqrt(0.105) + math.sqrt(0.07)
+    bc_1 = math.sqrt(0.03) + math.sqrt(0.14) + math.sqrt(0.175)
+    bhattacharyya = consistency_weights(SHARES, margin, REFERENCE, overlap="bhattacharyya")
+    assert_close(bhattacharyya[0], torch.full((3,), bc_0 / (bc_0 + bc_1)))
+    # geometric: the reference cancels: e0 = sqrt(.5) / (sqrt(.5) + sqrt(.1)).
+    geometric = consistency_weights(SHARES, margin, REFERENCE, overlap="geometric")
+    assert_close(float(geometric[0, 0]), math.sqrt(0.5) / (math.sqrt(0.5) + math.sqrt(0.1)))
+
+
+def test_count_weighted_consistency_by_hand() -> None:
+    from fedalign.strategies.fedalign import consistency_weights
+
+    margin = torch.ones(2, 3)
+    # intersection * count: e0 [.3 * 100, .1 * 5] = [30, .5] -> [60/61, 1/61];
+    #   e1 [.3 * 60, .35 * 20] = [18, 7] -> [18/25, 7/25];
+    #   e2 [.2 * 40, .35 * 25] = [8, 8.75] -> [32/67, 35/67].
+    weights = consistency_weights(
+        SHARES, margin, REFERENCE, overlap="intersection", token_count=COUNTS
+    )
+    assert_close(weights, torch.tensor([[60 / 61, 18 / 25, 32 / 67], [1 / 61, 7 / 25, 35 / 67]]))
+    # Softmax signal, geometric, margins [1, 1]: pbar (0.8, 0.2) / (0.2, 0.8), counts (1, 4) /
+    # (3, 4): e0 ∝ [sqrt(.8) * 1, sqrt(.2) * 3] = [2r, 3r] -> [2/5, 3/5]; e1 ∝ [4r, 8r].
+    pbar = torch.tensor([[0.8, 0.2], [0.2, 0.8]])
+    counted = consistency_weights(
+        pbar,
+        torch.ones(2, 2),
+        torch.tensor([0.5, 0.5]),
+        token_count=torch.tensor([[1.0, 4.0], [3.0, 4.0]]),
+    )
+    assert_close(counted, torch.tensor([[2 / 5, 1 / 3], [3 / 5, 2 / 3]]))
+    # Nobody routed to an expert (counts 0): every s is floored to eps -> uniform.
+    zero = consistency_weights(
+        pbar,
+        torch.ones(2, 2),
+        torch.tensor([0.5, 0.5]),
+        token_count=torch.tensor([[0.0, 4.0], [0.0, 4.0]]),
+    )
+    assert_close(zero[:, 0], torch.tensor([0.5, 0.5]))
+    # One client without tokens: s = 0 -> eps; the other takes (almost) all the weight.
+    one = consistency_weights(
+        pbar,
+        torch.ones(2, 2),
+        torch.tensor([0.5, 0.5]),
+        eps=1e-6,
+        token_count=torch.tensor([[2.0, 4.0], [0.0, 4.0]]),
+    )
+    s_0 = math.sqrt(0.4) * 2.0
+    assert_close(float(one[0, 0]), s_0 / (s_0 + 1e-6))
+    # "uniform" ignores counts.
+    uniform = consistency_weights(pbar, torch.ones(2, 2), pbar[0], "uniform", token_count=COUNTS)
+    assert_close(uniform, torch.full((2, 2), 0.5))
+
+
+def usage_clients() -> list[ClientResult]:
+    """Identical softmax means, different top-1 usage: (0.9, 0.1) and (0.3, 0.7)."""
+    return [
+        ClientResult(
+            cid,
+            1,
+            build(FUSED),
+            stats(routing_distribution=(0.5, 0.5), margin=(1.0, 1.0), usage=usage),
+        )
+        for cid, usage in enumerate([(0.9, 0.1), (0.3, 0.7)])
+    ]
+
+
+def test_usage_signal_in_the_strategy_across_rounds() -> None:
+    strategy = FedAlignMoE(
+        FUSED, ablation="consistency", routing_signal="usage", overlap="intersection"
+    )
+    first = strategy.aggregate(1, build(FUSED), usage_clients(), {})
+    # top-1: shares = usage. Reference = mean = [0.6, 0.4]; o = min(share, ref):
+    #   client 0 [0.6, 0.1], client 1 [0.3, 0.4] -> omega e0 [2/3, 1/3], e1 [1/5, 4/5].
+    assert_close(first.state["client_weights"][0]["omega"]["moe"], torch.tensor([2 / 3, 1 / 5]))
+    # p_g from the softmax means (all 0.5): [0.5, 0.5].
+    assert_close(first.state["global_routing"]["moe"], torch.tensor([0.5, 0.5]))
+    # Global usage share: e0 = 2/3 * .9 + 1/3 * .3 = .7, e1 = 1/5 * .1 + 4/5 * .7 = .58,
+    # renormalised: [.7, .58] / 1.28 = [35/64, 29/64].
+    assert_close(first.state["global_usage"]["moe"], torch.tensor([35 / 64, 29 / 64]))
+    layer = first.record["layers"]["moe"]
+    assert layer["routing_reference"] == "client-mean"
+    assert first.record["method_options"]["routing_signal"] == "usage"
+    # The softmax signal sees no difference between these clients.
+    softmax = FedAlignMoE(FUSED, ablation="consistency", overlap="intersection")
+    plain = softmax.aggregate(1, build(FUSED), usage_clients(), {})
+    assert_close(plain.state["client_weights"][0]["omega"]["moe"], torch.tensor([0.5, 0.5]))
+    assert "global_usage" not in plain.state
+
+    # Round 2 against the stored global usage [35/64, 29/64]:
+    #   o_0 = [min(.9, 35/64), min(.1, 29/64)] = [35/64, .1], o_1 = [.3, 29/64]
+    #   e0: (35/64) / (35/64 + .3) = 175/271; e1: .1 / (.1 + 29/64) = 32/177.
+    second = strategy.aggregate(2, first.parameters, usage_clients(), first.state)
+    assert_close(
+        second.state["client_weights"][0]["omega"]["moe"], torch.tensor([175 / 271, 32 / 177])
+    )
+    assert second.record["layers"]["moe"]["routing_reference"] == "previous-global"
+
+
+# ---------------------------------------------------------------- step D: semantic centre
+def test_semantic_centre_vector_is_token_weighted_over_clients_and_experts() -> None:
+    from fedalign.strategies.fedalign import semantic_centre_vector
+
+    mean_hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[3.0, 3.0], [9.0, 9.0]]])  # (2, 2, 2)
+    counts = torch.tensor([[3.0, 1.0], [4.0, 0.0]])
+    # (3 [1, 0] + 1 [0, 1] + 4 [3, 3]) / 8 = [15, 13] / 8; the count-0 entry is ignored.
+    assert_close(semantic_centre_vector(mean_hidden, counts), torch.tensor([15 / 8, 13 / 8]))
+    assert_close(semantic_centre_vector(mean_hidden, torch.zeros(2, 2)), torch.zeros(2))
+
+
+def test_centred_cosines_of_a_shared_dominant_direction() -> None:
+    from fedalign.strategies.fedalign import hidden_similarities
+
+    # One expert, three clients: hidden states that share the direction [10, 0, 0].
+    mean_hidden = torch.tensor([[[10.0, 1.0, 0.0]], [[10.0, 0.0, 1.0]], [[10.0, -1.0, -1.0]]])
+    counts = torch.ones(3, 1)
+    uncentred = hidden_similarities(mean_hidden, counts, "uncentred")[0]
+    off_diagonal = uncentred[~torch.eye(3, dtype=torch.bool)]
+    assert float(off_diagonal.min()) > 0.97  # every pair ~1: S carries no information
+    assert_close(float(uncentred[0, 1]), 100 / 101)
+    # Centre c = [10, 0, 0]: centred rows [0, 1, 0], [0, 0, 1], [0, -1, -1]:
+    # cos = 0, -1/sqrt(2), -1/sqrt(2).
+    centred = hidden_similarities(mean_hidden, counts, "centred")[0]
+    r = 1 / math.sqrt(2)
+    expected = torch.tensor([[1.0, 0.0, -r], [0.0, 1.0, -r], [-r, -r, 1.0]])
+    assert_close(centred, expected)
+    # Entries with no routed token stay zero vectors after centring: similarity 0.
+    inactive = hidden_similarities(mean_hidden, torch.tensor([[1.0], [1.0], [0.0]]), "centred")
+    assert_close(inactive[0, 2], torch.zeros(3))
+    with pytest.raises(ValueError, match="semantic centre"):
+        hidden_similarities(mean_hidden, counts, "whitened")
+
+
+@LAYOUTS
+def test_centred_semantic_consensus_in_the_strategy(layout: MoELayout) -> None:
+    # Same update direction (V, 2V, 3V: D = 1). mu(0) = [10, 1], [10, 1], [10, -2]; expert 1
+    # has no tokens, so the centre is the mean of the expert-0 entries: [10, 0].
+    # Centred: [0, 1], [0, 1], [0, -2] -> S_01 = 1, S_02 = S_12 = -1 -> gamma = S.
+    # c = [(1 - 1)/2, (1 - 1)/2, -1] = [0, 0, -1].
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, 3.0), [(10.0, 1.0), (10.0, 1.0), (10.0, -2.0)]
+    )
+    strategy.semantic_centre = "centred"
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["consensus"] == pytest.approx({"0": 0.0, "1": 0.0, "2": -1.0}, abs=1e-6)
+    assert record["aligned"] == [0, 1]
+    assert aggregated.record["method_options"]["semantic_centre"] == "centred"
+    # Uncentred, every consensus is close to 1 (cos([10, 1], [10, -2]) = 98 / sqrt(101 * 104)).
+    strategy.semantic_centre = "uncentred"
+    plain = strategy.aggregate(1, global_parameters, results, {})
+    cross = 98 / math.sqrt(101 * 104)
+    assert plain.record["layers"]["moe"]["experts"][0]["consensus"] == pytest.approx(
+        {"0": (1 + cross) / 2, "1": (1 + cross) / 2, "2": cross}, abs=1e-6
+    )
+    assert "method_options" not in plain.record
+
+
+# ------------------------------------------------------------------ step D: soft selection
+@LAYOUTS
+def test_soft_selection_keeps_every_active_client(layout: MoELayout) -> None:
+    # Opposite-update case: c = [1/2, 1/2, 0], M = 1/3, Sigma = sqrt(1/18), tau = M - Sigma.
+    # (c - tau) / Sigma = 1 + (c - M) / Sigma: 1 + sqrt(2)/2 for clients 0, 1 and
+    # 1 - sqrt(2) for client 2. n = [1, 1, 2], u = 0.5: w ∝ [f_a, f_a, 2 f_b].
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, num_examples=(1, 1, 2)
+    )
+    strategy.selection = "soft"
+    aggregated = strategy.aggregate(1, global_parameters, results, {})
+
+    def sigmoid(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-x))
+
+    f_a, f_b = sigmoid(1 + math.sqrt(2) / 2), sigmoid(1 - math.sqrt(2))
+    total = 2 * f_a + 2 * f_b
+    w = [f_a / total, f_a / total, 2 * f_b / total]
+    expected = torch.tensor(THETA_0) + (w[0] * 1 + w[1] * 2 - w[2]) * V
+    assert_close(expert(aggregated.parameters, layout, 0), expected)
+    record = aggregated.record["layers"]["moe"]["experts"][0]
+    assert record["selection"] == "soft"
+    assert record["soft_membership"] == pytest.approx({"0": f_a, "1": f_a, "2": f_b}, abs=1e-6)
+    assert record["aggregation_weights"] == pytest.approx(
+        {"0": w[0], "1": w[1], "2": w[2]}, abs=1e-6
+    )
+    assert record["aligned"] == [0, 1]  # the hard set, for reference
+    assert record["tau"] == pytest.approx(1 / 3 - math.sqrt(1 / 18), abs=1e-6)
+    assert aggregated.record["method_options"]["selection"] == "soft"
+    # Expert 1 has no active client: unchanged, no soft record.
+    assert_close(expert(aggregated.parameters, layout, 1), torch.tensor(THETA_1))
+    assert "selection" not in aggregated.record["layers"]["moe"]["experts"][1]
+    json.dumps(aggregated.record)
+
+
+def test_soft_selection_weights_edge_cases() -> None:
+    from fedalign.strategies.fedalign import selection_weights
+
+    ones = torch.ones(3, dtype=torch.bool)
+    counts = torch.tensor([1.0, 1.0, 2.0])
+    usage = torch.tensor([0.2, 0.4, 0.4])
+    # All c equal (Sigma = 0): every factor sigmoid(0) = 1/2 -> the usage-weighted mean
+    # n * u = [0.2, 0.4, 0.8] / 1.4.
+    equal = semantic_alignment(torch.ones(3, 3), torch.ones(3, 3), ones)
+    weights, membership = selection_weights(equal, ones, counts, usage, "soft")
+    assert_close(membership, torch.full((3,), 0.5))
+    assert_close(weights, torch.tensor([1 / 7, 2 / 7, 4 / 7]))
+    hard, hard_membership = selection_weights(equal, ones, counts, usage, "hard")
+    assert_close(hard, weights)
+    assert_close(hard_membership, torch.ones(3))
+    # One active client: no threshold; soft = hard = that client alone.
+    single = torch.tensor([False, True, False])
+    decision = semantic_alignment(torch.ones(3, 3), torch.ones(3, 3), single)
+    weights, membership = selection_weights(decision, single, counts, usage, "soft")
+    assert_close(weights, torch.tensor([0.0, 1.0, 0.0]))
+    assert_close(membership, torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="selection"):
+        selection_weights(decision, single, counts, usage, "top-half")
+
+
+# ------------------------------------------------------------- options, presets, wiring
+def test_default_options_leave_records_as_they_were() -> None:
+    strategy, global_parameters, results = semantic_round(FUSED, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3)
+    assert strategy.method_options() == {
+        "routing_form": "literal",
+        "routing_signal": "softmax",
+        "overlap": "geometric",
+        "count_weighted": False,
+        "semantic_centre": "uncentred",
+        "selection": "hard",
+    }
+    record = strategy.aggregate(1, global_parameters, results, {}).record
+    assert "method_options" not in record
+    assert "selection" not in record["layers"]["moe"]["experts"][0]
+
+
+def test_full_sound_preset_and_conflicts() -> None:
+    from fedalign.strategies.fedalign import ABLATION_PRESETS, resolve_method_options
+
+    sound = FedAlignMoE(FUSED, ablation="full-sound")
+    assert sound.method_options() == ABLATION_PRESETS["full-sound"]
+    assert sound.method_options() == {
+        "routing_form": "batch-kl",
+        "routing_signal": "usage",
+        "overlap": "intersection",
+        "count_weighted": True,
+        "semantic_centre": "centred",
+        "selection": "soft",
+    }
+    assert sound.semantic_aggregation and sound.ablation_level == 4
+    # Options equal to the preset's are fine; a third value conflicts.
+    FedAlignMoE(FUSED, ablation="full-sound", routing_form="batch-kl", personalized_experts=True)
+    with pytest.raises(OptionError, match=r"'routing_form' conflicts .* \(got 'topk-kl'\)"):
+        FedAlignMoE(FUSED, ablation="full-sound", routing_form="topk-kl")
+    with pytest.raises(OptionError, match="'overlap'"):
+        resolve_method_options("full-sound", {"overlap": "bhattacharyya"})
+    # Paper rows keep whatever is given.
+    assert resolve_method_options("full", {"selection": "soft"})["selection"] == "soft"
+    assert resolve_method_options("full", {})["routing_form"] == "literal"
+    with pytest.raises(OptionError, match="'routing_form'"):
+        FedAlignMoE(FUSED, routing_form="kl")
+    with pytest.raises(OptionError, match="'selection'"):
+        FedAlignMoE(FUSED, selection="top-half")
+
+
+def test_ablation_overrides_spell_out_the_preset() -> None:
+    from fedalign.config import ExperimentConfig
+    from fedalign.federation import strategy_from_config
+    from fedalign.strategies import ablation_overrides
+
+    assert ablation_overrides("consistency") == {
+        "strategy.name": "fedalign",
+        "strategy.ablation": "consistency",
+    }
+    overrides = ablation_overrides("full-sound")
+    assert overrides["strategy.ablation"] == "full"
+    assert overrides["strategy.selection"] == "soft"
+    # The spelled-out keys and the preset row give the same strategy options.
+    spelled = ExperimentConfig()
+    for key, value in overrides.items():
+        spelled.set(key, value)
+    spelled.validate()
+    preset = ExperimentConfig()
+    preset.set("strategy.name", "fedalign")
+    preset.set("strategy.ablation", "full-sound")
+    preset.validate()
+    a = strategy_from_config(spelled, FUSED)
+    b = strategy_from_config(preset, FUSED)
+    assert isinstance(a, FedAlignMoE) and isinstance(b, FedAlignMoE)
+    assert a.method_options() == b.method_options()
+    with pytest.raises(OptionError, match="'ablation'"):
+        ablation_overrides("best")
+
+
+def test_config_validates_the_new_keys() -> None:
+    from fedalign.config import ExperimentConfig
+
+    for key, bad in [
+        ("routing-form", "kl"),
+        ("routing-signal", "logits"),
+        ("semantic-centre", "whitened"),
+        ("selection", "top-half"),
+    ]:
+        config = ExperimentConfig()
+        config.set(f"strategy.{key}", bad)
+        with pytest.raises(ConfigError, match=rf"strategy\.{key}"):
+            config.validate()
+    config = ExperimentConfig()
+    config.set("strategy.name", "fedalign")
+    config.set("strategy.ablation", "full-sound")
+    config.set("strategy.semantic-centre", "uncentred")  # the default: takes the preset's
+    config.validate()
+    config.set("strategy.count-weighted", "true")
+    config.validate()
+    config.set("strategy.routing-form", "topk-kl")
+    with pytest.raises(ConfigError, match=r"strategy\.routing-form conflicts"):
+        config.validate()
+
+
+def test_build_strategy_and_instructions_carry_the_options() -> None:
+    options = {
+        "ablation": "adaptive-reg",
+        "routing_form": "topk-kl",
+        "routing_signal": "usage",
+        "count_weighted": True,
+        "semantic_centre": "centred",
+        "selection": "soft",
+        "overlap": "bhattacharyya",
+    }
+    strategy = build_strategy("fedalign", options, FUSED)
+    assert isinstance(strategy, FedAlignMoE)
+    assert strategy.method_options() == {
+        "routing_form": "topk-kl",
+        "routing_signal": "usage",
+        "overlap": "bhattacharyya",
+        "count_weighted": True,
+        "semantic_centre": "centred",
+        "selection": "soft",
+    }
+    state = {"global_routing": {"moe": torch.tensor([0.5, 0.5])}}
+    term = strategy.configure_train(2, [0], state)[0].term("routing-alignment")
+    assert term is not None and term.options == {"form": "topk-kl"}
+    default = build_strategy("fedalign", {}, FUSED)
+    term = default.configure_train(2, [0], state)[0].term("routing-alignment")
+    assert term is not None and term.options == {"form": "literal"}
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_routing_form_reaches_the_client_loss(tmp_path: object) -> None:
+    """Tiny runs: the round-2 routing loss differs between forms; batch-kl is >= 0."""
+    from pathlib import Path
+
+    from fedalign.config import ExperimentConfig
+    from fedalign.experiments.run import run_experiment
+    from fedalign.records import read_jsonl
+
+    losses = {}
+    for form in ("literal", "batch-kl", "topk-kl"):
+        config = ExperimentConfig()
+        for key, value in {
+            "model.name": "tiny-upcycled",
+            "model.max-length": 24,
+            "data.max-train-examples": 120,
+            "data.max-test-examples": 40,
+            "partition.num-clients": 2,
+            "partition.min-client-size": 10,
+            "federated.rounds": 2,
+            "train.local-steps": 2,
+            "train.batch-size": 8,
+            "strategy.name": "fedalign",
+            "strategy.routing-lambda": 1.0,
+            "strategy.stats-max-examples": 16,
+            "strategy.routing-form": form,
+            "run.progress": False,
+        }.items():
+            config.set(key, value)
+        folder = Path(str(tmp_path)) / form
+        run_experiment(config, folder, log=None)
+        losses[form] = read_jsonl(folder / "metrics.jsonl")[-1]["routing_loss"]
+    assert len(set(losses.values())) == 3
+    assert losses["batch-kl"] >= 0 and losses["topk-kl"] >= 0

@@ -28,9 +28,13 @@ import torch
 from fedalign.errors import FedAlignError
 from fedalign.models import MoEModel
 from fedalign.protocol import LossTermSpec
-from fedalign.routing import load_balancing_loss, routing_regularizer
+from fedalign.routing import ROUTING_FORMS, load_balancing_loss, routing_regularizer
 
 Tensor = torch.Tensor
+
+
+class UnknownLossTermError(FedAlignError):
+    """The server asked for a loss term (or a form of one) this client does not know."""
 
 
 @dataclass
@@ -112,21 +116,37 @@ class RoutingAlignmentTerm(LossTerm):
         Per layer, the global routing distribution ``p_g``, shape ``(E,)``.
     alpha : dict of str to Tensor
         Per layer, ``alpha_i(e)``, shape ``(E,)``; ones where a layer has none.
+    form : str, default "literal"
+        One of :data:`fedalign.routing.ROUTING_FORMS` (option ``form`` of the spec).
     """
 
     name = "routing-alignment"
     metric = "routing_loss"
 
     def __init__(
-        self, coefficient: float, target: Mapping[str, Tensor], alpha: Mapping[str, Tensor]
+        self,
+        coefficient: float,
+        target: Mapping[str, Tensor],
+        alpha: Mapping[str, Tensor],
+        form: str = "literal",
     ) -> None:
         super().__init__(coefficient)
+        if form not in ROUTING_FORMS:
+            raise UnknownLossTermError(
+                f"routing-alignment form {form!r} is unknown; known: {list(ROUTING_FORMS)}"
+            )
         self.target = dict(target)
         self.alpha = dict(alpha)
+        self.form = form
 
     @classmethod
     def from_spec(cls, spec: LossTermSpec) -> RoutingAlignmentTerm:
-        return cls(spec.coefficient, spec.tensors.get("target", {}), spec.tensors.get("alpha", {}))
+        return cls(
+            spec.coefficient,
+            spec.tensors.get("target", {}),
+            spec.tensors.get("alpha", {}),
+            str(spec.options.get("form", "literal")),
+        )
 
     def value(self, step: StepContext) -> Tensor:
         total = torch.zeros(())
@@ -136,7 +156,11 @@ class RoutingAlignmentTerm(LossTerm):
             num_experts = router_logits.shape[-1]
             alpha = self.alpha.get(layer_name, torch.ones(num_experts))
             total = total + routing_regularizer(
-                router_logits, self.target[layer_name], alpha, step.top_k[layer_name]
+                router_logits,
+                self.target[layer_name],
+                alpha,
+                step.top_k[layer_name],
+                form=self.form,
             )
         return total
 
@@ -188,10 +212,6 @@ LOSS_TERMS: dict[str, Callable[[LossTermSpec], LossTerm]] = {
 
 METRICS = ("balance_loss", "routing_loss", "proximal_loss", "extra_loss")
 """Metric keys every local training reports (0 for terms that were not used)."""
-
-
-class UnknownLossTermError(FedAlignError):
-    """The server asked for a loss term this client does not know."""
 
 
 def build_loss_terms(specs: Sequence[LossTermSpec]) -> list[LossTerm]:

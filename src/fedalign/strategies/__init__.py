@@ -8,7 +8,13 @@ them; :func:`build_strategy` makes one from a name and option values.
 from __future__ import annotations
 
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
-from fedalign.strategies.fedalign import ABLATIONS, FedAlignMoE, FedAlignOptions
+from fedalign.strategies.fedalign import (
+    ABLATION_PRESETS,
+    ABLATIONS,
+    FedAlignMoE,
+    FedAlignOptions,
+    ablation_overrides,
+)
 from fedalign.strategies.fedavg import FedAvg, FedAvgOptions
 from fedalign.strategies.fedmoe import FedMoE, FedMoEOptions
 from fedalign.strategies.fedopt import FedAdam, FedOpt, FedOptOptions, FedYogi
@@ -17,6 +23,7 @@ from fedalign.strategies.registry import REGISTRY, StrategyEntry, build_strategy
 
 __all__ = [
     "ABLATIONS",
+    "ABLATION_PRESETS",
     "REGISTRY",
     "AggregationResult",
     "FedAdam",
@@ -34,5 +41,6 @@ __all__ = [
     "Strategy",
     "StrategyEntry",
     "StrategyState",
+    "ablation_overrides",
     "build_strategy",
 ]

@@ -36,6 +36,7 @@ from fedalign.protocol import (
     LossTermSpec,
     TrainInstructions,
 )
+from fedalign.routing import ROUTING_FORMS
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
     base_record,
@@ -66,6 +67,7 @@ ABLATIONS = (
     "margin-only",  # row 3 variant: m only
     "adaptive-reg",  # row 4: + adaptive expert-level regularisation alpha_i(e)
     "full",  # row 5: + semantic-aware expert aggregation (FedAlign-MoE)
+    "full-sound",  # row 5 with the sound options of ABLATION_PRESETS ("ours")
 )
 """The paper's ablation rows as values of the ``ablation`` option."""
 
@@ -77,6 +79,7 @@ ABLATION_LEVEL: dict[str, int] = {
     "margin-only": 2,
     "adaptive-reg": 3,
     "full": 4,
+    "full-sound": 4,
 }
 """Row of the paper's ablation table each ablation switch belongs to (0-based)."""
 
@@ -87,6 +90,7 @@ CONSISTENCY_SCORES: dict[str, str] = {
     "margin-only": "margin",
     "adaptive-reg": "overlap*margin",
     "full": "overlap*margin",
+    "full-sound": "overlap*margin",
 }
 """Consistency score ``s_i(e)`` used by each ablation (``fedavg`` uses none)."""
 
@@ -95,10 +99,146 @@ THRESHOLD_STD_CHOICES = ("population", "sample")
 ROUTING_TERM = "routing-alignment"
 """The client loss term FedAlign-MoE asks for (``RoutingAlignmentTerm`` on the client)."""
 
+RECORDED_OPTIONS = (
+    "routing_form",
+    "routing_signal",
+    "count_weighted",
+    "semantic_centre",
+    "selection",
+)
+"""Method options whose non-default value adds ``"method_options"`` to the decision record
+(``overlap`` predates the key: records of earlier runs with a non-default overlap lack it)."""
+
 
 # ------------------------------------------------------------------ A/B: routing math
 OVERLAPS = ("geometric", "bhattacharyya", "intersection")
 """Accepted definitions of the expert overlap ``o_i(e)`` (see :func:`consistency_weights`)."""
+
+ROUTING_SIGNALS = ("softmax", "usage")
+"""Routing signal of the consistency weights: ``pbar_i(e)`` or usage shares ``u_i(e) / k``."""
+SEMANTIC_CENTRES = ("uncentred", "centred")
+"""Whether ``mu_i(e)`` are centred on the layer's token-weighted mean before the cosines."""
+SELECTIONS = ("hard", "soft")
+"""Step D's client selection: the aligned set only, or every active client, sigmoid-weighted."""
+
+METHOD_OPTION_DEFAULTS: dict[str, Any] = {
+    "routing_form": "literal",
+    "routing_signal": "softmax",
+    "overlap": "geometric",
+    "count_weighted": False,
+    "semantic_centre": "uncentred",
+    "selection": "hard",
+}
+"""FedAlign-MoE's method options and their defaults (the behaviour before the options)."""
+
+ABLATION_PRESETS: dict[str, dict[str, Any]] = {
+    "full-sound": {
+        "routing_form": "batch-kl",
+        "routing_signal": "usage",
+        "overlap": "intersection",
+        "count_weighted": True,
+        "semantic_centre": "centred",
+        "selection": "soft",
+    },
+}
+"""Ablation rows that also fix method options (keys of :data:`METHOD_OPTION_DEFAULTS`)."""
+
+ABLATION_BASE_ROW: dict[str, str] = {"full-sound": "full"}
+"""The paper's row a preset row runs (same components, different option values)."""
+
+
+def resolve_method_options(ablation: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method options a FedAlign-MoE ablation row actually runs with.
+
+    For a preset row (:data:`ABLATION_PRESETS`) every option still at its default
+    (:data:`METHOD_OPTION_DEFAULTS`) takes the preset's value; an option set to a third
+    value conflicts with the preset. Other rows return ``options`` as given.
+
+    Parameters
+    ----------
+    ablation : str
+        The ablation row.
+    options : mapping of str to Any
+        Values of (some of) the keys of :data:`METHOD_OPTION_DEFAULTS`; missing keys take
+        their default.
+
+    Returns
+    -------
+    dict of str to Any
+        Every key of :data:`METHOD_OPTION_DEFAULTS`.
+
+    Raises
+    ------
+    OptionError
+        An option set to a value other than its default and the preset's.
+    """
+    unknown = set(options) - set(METHOD_OPTION_DEFAULTS)
+    if unknown:
+        raise OptionError("method options", sorted(unknown), "are unknown")
+    resolved = {**METHOD_OPTION_DEFAULTS, **options}
+    preset = ABLATION_PRESETS.get(ablation)
+    if preset is None:
+        return resolved
+    for key, value in preset.items():
+        given = resolved[key]
+        if given == METHOD_OPTION_DEFAULTS[key]:
+            resolved[key] = value
+        elif given != value:
+            raise OptionError(
+                key,
+                given,
+                f"conflicts with ablation {ablation!r}, which sets it to {value!r} (use "
+                f"ablation {ABLATION_BASE_ROW[ablation]!r} to combine options freely)",
+            )
+    return resolved
+
+
+def ablation_overrides(row: str) -> dict[str, Any]:
+    """Config keys (``section.key`` form, for ``--set``) that run ablation row ``row``.
+
+    A paper row gives ``strategy.name`` and ``strategy.ablation``; a preset row gives its
+    base row plus every option it fixes, spelled out, so the same run can be asked for
+    with plain keys.
+
+    >>> ablation_overrides("full-sound")["strategy.routing-form"]
+    'batch-kl'
+    """
+    check_choice("ablation", row, ABLATIONS)
+    overrides: dict[str, Any] = {
+        "strategy.name": "fedalign",
+        "strategy.ablation": ABLATION_BASE_ROW.get(row, row),
+    }
+    for key, value in ABLATION_PRESETS.get(row, {}).items():
+        overrides[f"strategy.{key.replace('_', '-')}"] = value
+    return overrides
+
+
+def consistency_signal(
+    routing_distribution: Tensor, usage: Tensor, top_k: int, signal: str = "softmax"
+) -> Tensor:
+    """The per-client routing signal the consistency weights compare (step A).
+
+    Parameters
+    ----------
+    routing_distribution : Tensor, shape (C, E)
+        Clients' softmax means ``pbar_i(e)``.
+    usage : Tensor, shape (C, E)
+        Clients' usage ``u_i(e)`` (fraction of tokens with ``e`` in their top-k; sums to
+        ``top_k`` over experts).
+    top_k : int
+        Experts selected per token.
+    signal : {"softmax", "usage"}, default "softmax"
+        ``pbar_i(e)`` itself, or the usage shares ``u_i(e) / top_k`` (sum to 1).
+
+    Returns
+    -------
+    Tensor, shape (C, E), float32
+    """
+    if signal == "softmax":
+        return routing_distribution.float()
+    if signal == "usage":
+        return usage.float() / top_k
+    raise ValueError(f"unknown routing signal {signal!r}; accepted: {list(ROUTING_SIGNALS)}")
 
 
 @dataclass
@@ -118,7 +258,24 @@ class FedAlignOptions:
     overlap : str, default "geometric"
         Expert overlap ``o_i(e)``, one of :data:`OVERLAPS`.
     personalized_experts : bool, default False
-        Clients start each round from their semantic region's experts (needs ``"full"``).
+        Clients start each round from their semantic region's experts (needs ``"full"`` or
+        ``"full-sound"``).
+    routing_form : str, default "literal"
+        Client regulariser ``L_reg``: ``literal`` (METHOD.md's top-k masked terms
+        ``p log(p / p_g)``; not a divergence), ``batch-kl`` (the batch's mean routing
+        distribution against ``p_g``) or ``topk-kl`` (per token, both renormalised over its
+        top-k experts); see :data:`fedalign.routing.ROUTING_FORMS`.
+    routing_signal : str, default "softmax"
+        What the consistency weights compare with the global reference: the softmax means
+        ``pbar_i(e)`` or the usage shares ``u_i(e) / k`` (:data:`ROUTING_SIGNALS`).
+    count_weighted : bool, default False
+        Multiply the consistency score ``s_i(e)`` by the routed-token count ``count_i(e)``.
+    semantic_centre : str, default "uncentred"
+        ``centred``: subtract the layer's token-count-weighted mean of all ``mu_i(e)`` before
+        the semantic cosines ``S_ij(e)``; ``uncentred``: raw cosines.
+    selection : str, default "hard"
+        Step D: ``hard`` merges the aligned set ``A_e`` only; ``soft`` keeps every active
+        client with weight ``n_i u_i(e) sigmoid((c_i(e) - tau_e) / max(Sigma(e), eps))``.
     """
 
     ablation: str = "full"
@@ -127,6 +284,11 @@ class FedAlignOptions:
     eps: float = 1e-6
     overlap: str = "geometric"
     personalized_experts: bool = False
+    routing_form: str = "literal"
+    routing_signal: str = "softmax"
+    count_weighted: bool = False
+    semantic_centre: str = "uncentred"
+    selection: str = "hard"
 
     def __post_init__(self) -> None:
         check_choice("ablation", self.ablation, ABLATIONS)
@@ -134,10 +296,27 @@ class FedAlignOptions:
         check_option("beta", self.beta, minimum=0.0)
         check_option("eps", self.eps, minimum=0.0, strict_minimum=True)
         check_choice("overlap", self.overlap, OVERLAPS)
-        if self.personalized_experts and self.ablation != "full":
+        check_choice("routing_form", self.routing_form, ROUTING_FORMS)
+        check_choice("routing_signal", self.routing_signal, ROUTING_SIGNALS)
+        check_choice("semantic_centre", self.semantic_centre, SEMANTIC_CENTRES)
+        check_choice("selection", self.selection, SELECTIONS)
+        if self.personalized_experts and ABLATION_LEVEL[self.ablation] < ABLATION_LEVEL["full"]:
             raise OptionError(
-                "personalized_experts", self.personalized_experts, "needs ablation = 'full'"
+                "personalized_experts",
+                self.personalized_experts,
+                "needs ablation = 'full' or 'full-sound'",
             )
+        resolve_method_options(
+            self.ablation,
+            {
+                "routing_form": self.routing_form,
+                "routing_signal": self.routing_signal,
+                "overlap": self.overlap,
+                "count_weighted": self.count_weighted,
+                "semantic_centre": self.semantic_centre,
+                "selection": self.selection,
+            },
+        )
 
 
 def consistency_weights(
@@ -147,17 +326,20 @@ def consistency_weights(
     score: str = "overlap*margin",
     eps: float = 1e-6,
     overlap: str = "geometric",
+    token_count: Tensor | None = None,
 ) -> Tensor:
     """Routing consistency weights ``omega_i(e) = s_i(e) / sum_j s_j(e)`` (step A).
 
     Parameters
     ----------
     routing_distribution : Tensor, shape (C, E)
-        Clients' ``pbar_i(e)``.
+        Clients' routing signal: ``pbar_i(e)``, or the usage shares ``u_i(e) / k`` (see
+        :func:`consistency_signal`).
     margin : Tensor, shape (C, E)
         Clients' routing margins ``m_i(e)``.
     previous_global_routing : Tensor, shape (E,)
-        ``p_g^{t-1}`` (in round 1 the plain mean of the ``pbar_i``).
+        The global reference in the same signal: ``p_g^{t-1}`` (in round 1 the plain mean
+        of the clients' signals).
     score : {"overlap*margin", "overlap", "margin", "uniform"}, default "overlap*margin"
         ``s = o * m``, ``s = o``, ``s = m`` with ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``,
         or ``omega = 1 / C``.
@@ -168,6 +350,10 @@ def consistency_weights(
         cancels in the normalisation over clients), the Bhattacharyya coefficient
         ``sum_e' sqrt(pbar_i(e') * p_g(e'))`` of the client's whole routing distribution
         with ``p_g`` (one value per client), or ``min(pbar_i(e), p_g(e))``.
+    token_count : Tensor of shape (C, E) or None, default None
+        When given, ``s_i(e)`` is multiplied by the routed-token count ``count_i(e)``
+        (before the ``eps`` floor), so a client with one routed token cannot outweigh one
+        with thousands. Not applied to ``score = "uniform"``.
 
     Returns
     -------
@@ -199,6 +385,8 @@ def consistency_weights(
             f"unknown consistency score {score!r}; accepted: "
             "['overlap*margin', 'overlap', 'margin', 'uniform']"
         )
+    if token_count is not None:
+        raw_score = raw_score * token_count.float()
     floored = raw_score.clamp(min=eps)  # (C, E)
     return floored / floored.sum(dim=0, keepdim=True)
 
@@ -245,6 +433,59 @@ def cosine_gram(vectors: Tensor, eps: float = 1e-12) -> Tensor:
     return (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
 
 
+def semantic_centre_vector(mean_hidden: Tensor, token_count: Tensor) -> Tensor:
+    """Token-count-weighted mean of all ``mu_i(e)`` of a layer over clients and experts.
+
+    ``c = sum_{i,e} count_i(e) mu_i(e) / sum_{i,e} count_i(e)``; zero when no token.
+
+    Parameters
+    ----------
+    mean_hidden : Tensor, shape (C, E, H)
+    token_count : Tensor, shape (C, E)
+
+    Returns
+    -------
+    Tensor, shape (H,), float32
+    """
+    weights = token_count.double()  # (C, E)
+    total = weights.sum()
+    if total <= 0:
+        return torch.zeros(mean_hidden.shape[-1])
+    weighted = torch.einsum("ce,ceh->h", weights, mean_hidden.double())  # (H,)
+    return (weighted / total).float()
+
+
+def hidden_similarities(
+    mean_hidden: Tensor, token_count: Tensor, centre: str = "uncentred"
+) -> Tensor:
+    """Semantic similarities ``S_ij(e)`` of one layer, all experts at once.
+
+    ``cos(mu_i(e) - c, mu_j(e) - c)`` with ``c`` = :func:`semantic_centre_vector`
+    (``centred``) or ``c = 0`` (``uncentred``). Entries of clients with ``count_i(e) = 0``
+    stay zero vectors (similarity 0), centred or not.
+
+    Parameters
+    ----------
+    mean_hidden : Tensor, shape (C, E, H)
+    token_count : Tensor, shape (C, E)
+    centre : {"uncentred", "centred"}, default "uncentred"
+
+    Returns
+    -------
+    Tensor, shape (E, C, C)
+    """
+    mean_hidden = mean_hidden.float()
+    if centre == "centred":
+        centre_vector = semantic_centre_vector(mean_hidden, token_count)  # (H,)
+        active = (token_count > 0).float()[:, :, None]  # (C, E, 1)
+        mean_hidden = (mean_hidden - centre_vector) * active
+    elif centre != "uncentred":
+        raise ValueError(f"unknown semantic centre {centre!r}; accepted: {list(SEMANTIC_CENTRES)}")
+    directions = F.normalize(mean_hidden, dim=-1)  # (C, E, H), zero rows stay zero
+    # (C, E, H) x (C, E, H) -> (E, C, C).
+    return torch.einsum("ceh,deh->ecd", directions, directions)
+
+
 @dataclass
 class SemanticDecision:
     """Step D's decision for one expert of one layer.
@@ -261,6 +502,9 @@ class SemanticDecision:
         Clients whose updates are aggregated (``A_e``, or the active clients on fallback).
     fallback : str or None
         ``"no-active-client"``, ``"single-active-client"``, ``"empty-aligned-set"`` or None.
+    spread : float or None, default None
+        ``Sigma``, the standard deviation of the active clients' ``c_i``; ``None`` when
+        fewer than two clients are active.
     """
 
     gamma: Tensor
@@ -268,6 +512,7 @@ class SemanticDecision:
     threshold: float | None
     aligned: Tensor
     fallback: str | None
+    spread: float | None = None
 
 
 def semantic_alignment(
@@ -318,8 +563,81 @@ def semantic_alignment(
     threshold = float(active_consensus.mean() - beta * spread)
     aligned = active & (consensus_all >= threshold - tolerance)
     if not aligned.any():
-        return SemanticDecision(gamma, consensus, threshold, active.clone(), "empty-aligned-set")
-    return SemanticDecision(gamma, consensus, threshold, aligned, None)
+        return SemanticDecision(
+            gamma, consensus, threshold, active.clone(), "empty-aligned-set", float(spread)
+        )
+    return SemanticDecision(gamma, consensus, threshold, aligned, None, float(spread))
+
+
+def soft_selection_factors(decision: SemanticDecision, active: Tensor, eps: float = 1e-6) -> Tensor:
+    """Soft membership ``sigmoid((c_i - tau) / max(Sigma, eps))`` of every active client.
+
+    Parameters
+    ----------
+    decision : SemanticDecision
+    active : Tensor, shape (C,), bool
+    eps : float, default 1e-6
+        Floor on ``Sigma`` (all ``c_i`` equal gives factor 1/2 for everyone).
+
+    Returns
+    -------
+    Tensor, shape (C,)
+        0 for inactive clients; 1 for every active client when no threshold exists (fewer
+        than two active clients).
+    """
+    if decision.threshold is None or decision.spread is None:
+        return active.float()
+    scale = max(decision.spread, eps)
+    consensus = torch.nan_to_num(decision.consensus.float(), nan=0.0)  # (C,)
+    factors = torch.sigmoid((consensus - decision.threshold) / scale)  # (C,)
+    return factors * active.float()
+
+
+def selection_weights(
+    decision: SemanticDecision,
+    active: Tensor,
+    num_examples: Tensor,
+    usage: Tensor,
+    selection: str = "hard",
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Step D's merge weights ``w_i(e)`` for one expert.
+
+    * ``hard``: ``w_i ∝ n_i u_i(e)`` over the aligned set (``decision.aligned``);
+    * ``soft``: ``w_i ∝ n_i u_i(e) sigmoid((c_i - tau) / max(Sigma, eps))`` over every active
+      client (see :func:`soft_selection_factors`).
+
+    If the usage-weighted values are all 0, ``n_i`` times the membership is used, then the
+    membership alone.
+
+    Parameters
+    ----------
+    decision : SemanticDecision
+    active : Tensor, shape (C,), bool
+    num_examples : Tensor, shape (C,)
+        ``n_i``.
+    usage : Tensor, shape (C,)
+        ``u_i(e)``.
+    selection : {"hard", "soft"}, default "hard"
+    eps : float, default 1e-6
+
+    Returns
+    -------
+    weights : Tensor, shape (C,)
+        Sum to 1 (zero outside the membership).
+    membership : Tensor, shape (C,)
+        The 0/1 aligned indicator (hard) or the soft factors (soft).
+    """
+    if selection == "hard":
+        membership = decision.aligned.float()
+    elif selection == "soft":
+        membership = soft_selection_factors(decision, active, eps)
+    else:
+        raise ValueError(f"unknown selection {selection!r}; accepted: {list(SELECTIONS)}")
+    weights = normalise_weights(
+        num_examples * usage * membership, num_examples * membership, membership
+    )
+    return weights, membership
 
 
 def personal_region_weights(
@@ -374,7 +692,9 @@ class FedAlignMoE(Strategy):
         regulariser, no statistics), ``"uniform-align"`` (``omega = 1/|S_t|``, ``alpha = 1``),
         ``"consistency"`` (``s = o * m``), ``"overlap-only"`` (``s = o``), ``"margin-only"``
         (``s = m``), ``"adaptive-reg"`` (+ adaptive ``alpha_i(e)``), ``"full"`` (+ semantic
-        expert aggregation). Below ``"full"`` experts are FedAvg'd by ``n_i``.
+        expert aggregation), ``"full-sound"`` (``"full"`` with the sound method options of
+        :data:`fedalign.config.ABLATION_PRESETS`: options left at their defaults take the
+        preset's values). Below ``"full"`` experts are FedAvg'd by ``n_i``.
     routing_lambda : float, default 0.1
         Weight ``lambda`` of the routing regulariser sent to clients.
     beta : float, default 1.0
@@ -393,6 +713,20 @@ class FedAlignMoE(Strategy):
     personalize_include_self : bool, default True
         Whether client ``i``'s own update is part of its region with ``gamma_ii = 1``
         (``cos`` of a vector with itself).
+    routing_form : {"literal", "batch-kl", "topk-kl"}, default "literal"
+        Form of the client regulariser ``L_reg`` sent in the instructions (see
+        :func:`fedalign.routing.routing_regularizer`).
+    routing_signal : {"softmax", "usage"}, default "softmax"
+        Signal of the consistency weights: ``pbar_i(e)`` against ``p_g^{t-1}``, or the usage
+        shares ``u_i(e) / k`` against the previous round's global usage share (``omega``-
+        weighted like ``p_g``, kept in the state as ``"global_usage"``).
+    count_weighted : bool, default False
+        Multiply ``s_i(e)`` by ``count_i(e)``.
+    semantic_centre : {"uncentred", "centred"}, default "uncentred"
+        Centre the ``mu_i(e)`` on the layer's token-weighted mean before ``S_ij(e)``.
+    selection : {"hard", "soft"}, default "hard"
+        Step D's merge over the aligned set only, or over every active client with
+        sigmoid weights (see :func:`selection_weights`).
 
     Notes
     -----
@@ -437,11 +771,44 @@ class FedAlignMoE(Strategy):
         consensus_tolerance: float = 1e-6,
         personalize_include_self: bool = True,
         overlap: str = "geometric",
+        routing_form: str = "literal",
+        routing_signal: str = "softmax",
+        count_weighted: bool = False,
+        semantic_centre: str = "uncentred",
+        selection: str = "hard",
     ) -> None:
         super().__init__(layout)
-        FedAlignOptions(ablation, routing_lambda, beta, eps, overlap, personalized_experts)
+        FedAlignOptions(
+            ablation,
+            routing_lambda,
+            beta,
+            eps,
+            overlap,
+            personalized_experts,
+            routing_form,
+            routing_signal,
+            bool(count_weighted),
+            semantic_centre,
+            selection,
+        )
         check_choice("threshold_std", threshold_std, THRESHOLD_STD_CHOICES)
-        self.overlap = overlap
+        options = resolve_method_options(
+            ablation,
+            {
+                "routing_form": routing_form,
+                "routing_signal": routing_signal,
+                "overlap": overlap,
+                "count_weighted": bool(count_weighted),
+                "semantic_centre": semantic_centre,
+                "selection": selection,
+            },
+        )
+        self.overlap: str = options["overlap"]
+        self.routing_form: str = options["routing_form"]
+        self.routing_signal: str = options["routing_signal"]
+        self.count_weighted: bool = options["count_weighted"]
+        self.semantic_centre: str = options["semantic_centre"]
+        self.selection: str = options["selection"]
         self.ablation = ablation
         self.routing_lambda = float(routing_lambda)
         self.beta = float(beta)
@@ -456,6 +823,15 @@ class FedAlignMoE(Strategy):
     def ablation_level(self) -> int:
         """0 (``"fedavg"``) to 4 (``"full"``): the ablation table row, 0-based."""
         return ABLATION_LEVEL[self.ablation]
+
+    @property
+    def semantic_aggregation(self) -> bool:
+        """Whether step D runs (rows ``"full"`` and ``"full-sound"``)."""
+        return self.ablation_level >= ABLATION_LEVEL["full"]
+
+    def method_options(self) -> dict[str, Any]:
+        """The method options in effect (keys of ``METHOD_OPTION_DEFAULTS``)."""
+        return {key: getattr(self, key) for key in METHOD_OPTION_DEFAULTS}
 
     # ---------------------------------------------------------------- client side
     def expert_alpha(self, client_id: int, state: StrategyState) -> dict[str, Tensor]:
@@ -506,6 +882,7 @@ class FedAlignMoE(Strategy):
                     LossTermSpec(
                         ROUTING_TERM,
                         coefficient=self.routing_lambda,
+                        options={"form": self.routing_form},
                         tensors={"target": target, "alpha": alpha},
                     )
                 )
@@ -540,6 +917,14 @@ class FedAlignMoE(Strategy):
                               "fallback": str | None}, ...]}},
              "routing_divergence": {...}, "semantic_dispersion": {...}}
 
+        Only when one of :data:`RECORDED_OPTIONS` differs from its default (so that records
+        of the default options stay as they were), the record also holds ``"method_options"``
+        (every option in effect) and, with ``selection = "soft"``, each expert of a
+        semantic layer holds ``"selection": "soft"`` and ``"soft_membership": {id:
+        sigmoid((c_i - tau) / max(Sigma, eps))}``, its ``"aggregation_weights"`` covering
+        every active client (``"aligned"`` is still the hard set ``A_e``, for reference).
+        A record without ``"selection"`` ran the hard selection.
+
         Ablation ``"fedavg"`` gives the FedAvg record with ``"layers": {}``.
         """
         check_results(global_parameters, results)
@@ -549,6 +934,9 @@ class FedAlignMoE(Strategy):
         record = base_record(self.name, server_round, results, weights)
         record["ablation"] = self.ablation
         record["routing_lambda"] = self.routing_lambda
+        options = self.method_options()
+        if any(options[key] != METHOD_OPTION_DEFAULTS[key] for key in RECORDED_OPTIONS):
+            record["method_options"] = options
         if self.ablation == "fedavg":
             record["layers"] = {}
             record.update(routing_metrics(results, None))
@@ -556,7 +944,12 @@ class FedAlignMoE(Strategy):
 
         client_ids = [r.client_id for r in results]
         previous_routing: Mapping[str, Tensor] = state.get("global_routing", {})
+        # The consistency reference lives in the signal's own space (p_g for the softmax).
+        previous_reference: Mapping[str, Tensor] = (
+            previous_routing if self.routing_signal == "softmax" else state.get("global_usage", {})
+        )
         new_routing: dict[str, Tensor] = {}
+        new_usage: dict[str, Tensor] = {}
         client_omega: dict[int, dict[str, Tensor]] = {cid: {} for cid in client_ids}
         personal_vectors: dict[int, list[tuple[MoELayerLayout, int, Tensor]]] = {
             cid: [] for cid in client_ids
@@ -568,24 +961,33 @@ class FedAlignMoE(Strategy):
                 [s.routing_distribution.float() for s in statistics]
             )  # (C, E)
             margin = torch.stack([s.margin.float() for s in statistics])  # (C, E)
-            # A. consistency weights against p_g^{t-1} (round 1: plain mean of the pbar_i).
-            if layer.name in previous_routing:
-                reference = previous_routing[layer.name].float()
+            usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
+            token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
+            signal = consistency_signal(
+                routing_distribution, usage, layer.top_k, self.routing_signal
+            )  # (C, E)
+            # A. consistency weights against the previous global reference (p_g^{t-1} for
+            # the softmax signal; round 1: plain mean of the clients' signals).
+            if layer.name in previous_reference:
+                reference = previous_reference[layer.name].float()
                 reference_source = "previous-global"
             else:
-                reference = routing_distribution.mean(dim=0)
+                reference = signal.mean(dim=0)
                 reference_source = "client-mean"
             omega = consistency_weights(
-                routing_distribution,
+                signal,
                 margin,
                 reference,
                 CONSISTENCY_SCORES[self.ablation],
                 self.eps,
                 self.overlap,
+                token_count if self.count_weighted else None,
             )  # (C, E)
             # B. global routing distribution p_g^t.
             global_routing = global_routing_distribution(routing_distribution, omega)  # (E,)
             new_routing[layer.name] = global_routing
+            if self.routing_signal == "usage":
+                new_usage[layer.name] = global_routing_distribution(signal, omega)  # (E,)
             for index, cid in enumerate(client_ids):
                 client_omega[cid][layer.name] = omega[index].clone()
             # C. router rows.
@@ -607,7 +1009,7 @@ class FedAlignMoE(Strategy):
                 for expert in range(layer.num_experts)
             ]
             # D. semantic-aware expert aggregation (full method only; else experts stay FedAvg).
-            if self.ablation == "full":
+            if self.semantic_aggregation:
                 self._aggregate_experts(
                     layer,
                     global_parameters,
@@ -620,7 +1022,7 @@ class FedAlignMoE(Strategy):
             layer_records[layer.name] = {
                 "routing_reference": reference_source,
                 "global_routing": rounded_list(global_routing),
-                "expert_aggregation": "semantic" if self.ablation == "full" else "fedavg",
+                "expert_aggregation": "semantic" if self.semantic_aggregation else "fedavg",
                 "experts": expert_records,
             }
 
@@ -630,6 +1032,8 @@ class FedAlignMoE(Strategy):
 
         new_state = dict(state)
         new_state["global_routing"] = new_routing
+        if new_usage:
+            new_state["global_usage"] = new_usage
         client_weights = dict(state.get("client_weights", {}))
         for cid in client_ids:
             client_weights[cid] = {
@@ -670,9 +1074,8 @@ class FedAlignMoE(Strategy):
         usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
         token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
         mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
-        hidden_directions = F.normalize(mean_hidden, dim=-1)  # (C, E, H), zero rows stay zero
-        # S for all experts at once: (C, E, H) x (C, E, H) -> (E, C, C).
-        hidden_similarity = torch.einsum("ceh,deh->ecd", hidden_directions, hidden_directions)
+        # S for all experts at once: (E, C, C).
+        hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
@@ -698,10 +1101,9 @@ class FedAlignMoE(Strategy):
                 threshold_std=self.threshold_std,
                 tolerance=self.consensus_tolerance,
             )
-            aligned = decision.aligned.float()  # (C,)
-            aggregation_weights = normalise_weights(
-                counts * usage[:, expert] * aligned, counts * aligned, aligned
-            )  # (C,), zero outside the aligned set
+            aggregation_weights, membership = selection_weights(
+                decision, active, counts, usage[:, expert], self.selection, self.eps
+            )  # (C,), zero outside the aligned set (hard) or the active clients (soft)
             new_vector = previous + aggregation_weights @ updates  # (P_e,)
             write_expert_vector_in_place(layer, parameters, expert, new_vector)
 
@@ -718,14 +1120,24 @@ class FedAlignMoE(Strategy):
             expert_record["aligned"] = [
                 cid for cid, a in zip(client_ids, decision.aligned.tolist(), strict=True) if a
             ]
+            merged = decision.aligned if self.selection == "hard" else active
             expert_record["aggregation_weights"] = {
                 str(cid): rounded(w)
                 for cid, w, a in zip(
-                    client_ids, aggregation_weights.tolist(), decision.aligned.tolist(), strict=True
+                    client_ids, aggregation_weights.tolist(), merged.tolist(), strict=True
                 )
                 if a
             }
             expert_record["fallback"] = decision.fallback
+            if self.selection == "soft":
+                expert_record["selection"] = "soft"
+                expert_record["soft_membership"] = {
+                    str(cid): rounded(m)
+                    for cid, m, a in zip(
+                        client_ids, membership.tolist(), active.tolist(), strict=True
+                    )
+                    if a
+                }
 
             if self.personalized_experts:
                 region_weights = personal_region_weights(

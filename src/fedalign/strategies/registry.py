@@ -64,6 +64,11 @@ REGISTRY: dict[str, StrategyEntry] = {
                 eps=o.eps,
                 personalized_experts=o.personalized_experts,
                 overlap=o.overlap,
+                routing_form=o.routing_form,
+                routing_signal=o.routing_signal,
+                count_weighted=o.count_weighted,
+                semantic_centre=o.semantic_centre,
+                selection=o.selection,
             ),
         ),
         StrategyEntry(
