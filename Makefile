@@ -28,6 +28,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/flower_run_config.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedalign.config import ConfigError, ModelConfig
+from fedalign.data.tokenize import pad_token_id
 from fedalign.models.adapters import scan_moe
 from fedalign.models.capture import RouterTap
 from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
@@ -261,8 +262,6 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
         if model.config.pad_token_id is None:
             # the id the data pipeline pads with (pad, else eos, else unk): the head pools
             # the last token that is not this id, and needs one for batches > 1
-            from fedalign.data.tokenize import pad_token_id
-
             model.config.pad_token_id = pad_token_id(tokenizer)
         return model, tokenizer, model_type
     if model_type == "switch_transformers":

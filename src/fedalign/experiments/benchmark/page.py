@@ -31,6 +31,7 @@ from fedalign.experiments.benchmark.results import (
 )
 from fedalign.experiments.benchmark.suite import Suite
 from fedalign.experiments.plots import GridFigure, layer_mean, plot_grid
+from fedalign.experiments.report.page import build_report
 from fedalign.experiments.tables import (
     CLIENT_HEADERS,
     CLIENT_TEXT,
@@ -208,8 +209,6 @@ def write_run_reports(
     Pages go to ``out/reports/<alpha>-seed<S>-<label>/index.html`` (outside ``runs/``, so
     that they travel with the tables). Returns (title, page path relative to ``out``).
     """
-    from fedalign.experiments.report.page import build_report
-
     pages = []
     first_seed = suite.seeds[0]
     for f in finished:
