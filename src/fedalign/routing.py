@@ -238,13 +238,13 @@ def routing_regularizer(
 ) -> Tensor:
     """FedAlign-MoE routing alignment loss ``L_reg`` in one of three forms.
 
-    * ``"literal"`` (METHOD.md's literal reading, the default for now):
+    * ``"literal"`` (docs/method.md's literal reading, the default for now):
       ``L = mean_x sum_{e in TopK(x)} alpha(e) * p(x, e) * log(p(x, e) / p_g(e))``. Not a
       divergence: each term is smallest at ``p = p_g / e``, so it is *not* minimised at
       ``p = p_g`` and mostly penalises confident routing.
     * ``"batch-kl"``: with the batch's routing distribution ``pbar(e) = mean_x p(x, e)``,
       ``L = sum_e alpha(e) * (pbar(e) log(pbar(e) / p_g(e)) - pbar(e) + p_g(e))``, which is
-      ``KL(pbar || p_g)`` for ``alpha = 1`` (METHOD.md's form) and stays ``>= 0``, zero iff
+      ``KL(pbar || p_g)`` for ``alpha = 1`` (docs/method.md's form) and stays ``>= 0``, zero iff
       ``pbar = p_g`` where ``alpha > 0``, for any per-expert ``alpha``.
     * ``"topk-kl"``: per token, ``p~(x, .)`` and ``p_g~`` are ``p(x, .)`` and ``p_g``
       renormalised over ``TopK(x)``; ``L = mean_x sum_{e in TopK(x)} alpha(e) (p~ log(p~ /

@@ -1,4 +1,4 @@
-"""Statistics of the evaluation rules (docs/METHOD.md, "Evaluation rules"): pure functions.
+"""Statistics of the evaluation rules (docs/docs/method.md, "Evaluation rules"): pure functions.
 
 * :func:`mean_std`: unpaired mean and sample standard deviation over seeds;
 * :func:`rounds_to_target`: the first round after which accuracy *stays* at or above a

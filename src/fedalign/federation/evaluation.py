@@ -1,6 +1,6 @@
 """Evaluation of the global model: the global test set and the clients' local test splits.
 
-Per-client figures follow the evaluation rules (METHOD.md): the mean and worst local
+Per-client figures follow the evaluation rules (docs/method.md): the mean and worst local
 accuracy over every client with a local test split, and the 10th percentile over clients
 with at least ``federated.min-local-test`` local test examples (a worst client measured on
 four examples says little).

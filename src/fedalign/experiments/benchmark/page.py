@@ -76,7 +76,7 @@ def setup_text(suite: Suite, base: ExperimentConfig) -> str:
 
 
 def reading_text(suite: Suite, page: ResultsPage) -> str:
-    """How to read the table: what every column is (evaluation rules of docs/METHOD.md)."""
+    """How to read the table: what every column is (evaluation rules of docs/docs/method.md)."""
     reference = suite.display(suite.reference_label)
     return (
         "*final accuracy* is the global test accuracy after the last round (no round is "

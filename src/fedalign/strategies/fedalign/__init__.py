@@ -2,7 +2,7 @@
 
 Implements the server side of FedAlign-MoE (Fang, Wang, An, Lin, Deng, Chen, Fang,
 "Aggregation Alignment for Federated Learning with Mixture-of-Experts under Data
-Heterogeneity", arXiv 2603.21276, 2026) as specified in ``docs/METHOD.md``:
+Heterogeneity", arXiv 2603.21276, 2026) as specified in ``docs/method.md``:
 
 * client instructions: the routing regulariser ``lambda * L_reg`` towards the global routing
   distribution ``p_g`` with adaptive per-expert strengths ``alpha_i(e)``;
@@ -13,7 +13,7 @@ Heterogeneity", arXiv 2603.21276, 2026) as specified in ``docs/METHOD.md``:
   (optionally personalised starting experts);
 * E. FedAvg for everything else.
 
-Choices of ours (METHOD.md's **[ours]** items) are constructor options of
+Choices of ours (docs/method.md's **[ours]** items) are constructor options of
 :class:`FedAlignMoE` or documented in its Notes. Shapes: ``C`` clients in the round, ``E``
 experts, ``H`` hidden width, ``P_e`` values in one expert.
 """

@@ -188,7 +188,7 @@ class FedAlignOptions:
         Clients start each round from their semantic region's experts (needs ``"full"`` or
         ``"full-sound"``).
     routing_form : str, default "literal"
-        Client regulariser ``L_reg``: ``literal`` (METHOD.md's top-k masked terms
+        Client regulariser ``L_reg``: ``literal`` (docs/method.md's top-k masked terms
         ``p log(p / p_g)``; not a divergence), ``batch-kl`` (the batch's mean routing
         distribution against ``p_g``) or ``topk-kl`` (per token, both renormalised over its
         top-k experts); see :data:`fedalign.routing.ROUTING_FORMS`.

@@ -90,7 +90,7 @@ class FedAlignMoE(Strategy):
         ``c_i >= tau_e - consensus_tolerance`` counts as aligned (guards float rounding).
     overlap : {"geometric", "bhattacharyya", "intersection"}, default "geometric"
         Definition of the expert overlap ``o_i(e)`` in the consistency score; see
-        :func:`consistency_weights`. ``"geometric"`` is METHOD.md's.
+        :func:`consistency_weights`. ``"geometric"`` is docs/method.md's.
     personalize_include_self : bool, default True
         Whether client ``i``'s own update is part of its region with ``gamma_ii = 1``
         (``cos`` of a vector with itself).
@@ -111,7 +111,7 @@ class FedAlignMoE(Strategy):
 
     Notes
     -----
-    Choices of ours beyond METHOD.md:
+    Choices of ours beyond docs/method.md:
 
     * Round 1 (no ``p_g`` in the state yet, i.e. before any client has reported): clients
       get ``routing_lambda = 0`` since there is no target distribution.
@@ -280,7 +280,7 @@ class FedAlignMoE(Strategy):
         results: Sequence[ClientResult],
         state: StrategyState,
     ) -> AggregationResult:
-        """Steps A-E of FedAlign-MoE (see the module docstring and METHOD.md).
+        """Steps A-E of FedAlign-MoE (see the module docstring and docs/method.md).
 
         Record (JSON-able)::
 

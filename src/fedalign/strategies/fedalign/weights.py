@@ -67,7 +67,7 @@ def consistency_weights(
     eps : float, default 1e-6
         Floor on ``s``, so an expert nobody scores gets uniform weights.
     overlap : {"geometric", "bhattacharyya", "intersection"}, default "geometric"
-        The expert overlap ``o_i(e)``: ``sqrt(pbar_i(e) * p_g(e))`` (METHOD.md; ``p_g``
+        The expert overlap ``o_i(e)``: ``sqrt(pbar_i(e) * p_g(e))`` (docs/method.md; ``p_g``
         cancels in the normalisation over clients), the Bhattacharyya coefficient
         ``sum_e' sqrt(pbar_i(e') * p_g(e'))`` of the client's whole routing distribution
         with ``p_g`` (one value per client), or ``min(pbar_i(e), p_g(e))``.
