@@ -188,4 +188,19 @@ def test_flwr_run_simulation_with_three_supernodes(tmp_path: Path) -> None:
     initial = initial_global_parameters(run_dir)
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in final)
+
+    # `fedalign run` in this process, same config: bitwise the same final global model
+    from fedalign.config import ExperimentConfig
+    from fedalign.experiments import run_experiment
+
+    config = ExperimentConfig.from_toml(run_dir / "config.toml")
+    config.run.out = ""
+    previous = torch.get_num_threads()
+    try:
+        run_experiment(config, tmp_path / "in-process", log=None)
+    finally:
+        torch.set_num_threads(previous)
+    simulated = load_file(str(tmp_path / "in-process" / "final_state.safetensors"))
+    assert simulated.keys() == final.keys()
+    assert all(torch.equal(simulated[k], final[k]) for k in final)
     print(f"flwr run (simulation, 3 SuperNodes, 2 rounds): {seconds:.1f}s")
