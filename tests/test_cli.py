@@ -62,6 +62,20 @@ def test_bad_input_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) ->
     assert "strategy.name" in capsys.readouterr().err
     assert main(["run", *TINY, "--model", "tiny-nothing"]) == 2
     assert "model.name" in capsys.readouterr().err
+    # a strategy option out of range: one error type, one line naming the key, exit 2
+    assert main(["run", *TINY, "--strategy", "fedprox", "--set", "strategy.proximal-mu=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "strategy.proximal-mu must be >= 0.0 (got -1.0)" in err and "Traceback" not in err
+    assert main(["run", *TINY, "--set", "strategy.selection=top-half"]) == 2
+    assert "strategy.selection must be one of ['hard', 'soft']" in capsys.readouterr().err
+
+
+def test_run_help_lists_every_strategy_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for line in ("fedprox: proximal-mu=0.01", "fedmoe: fedmoe-u-min=0.01", "routing-form="):
+        assert line in text
 
 
 def test_strategy_list_parsing() -> None:
