@@ -89,7 +89,10 @@ class RunFolderRecords:
             client_state_bytes=tensor_bytes(server.personal_parameters)
             + sum(self.optimizer_state_bytes.values()),
             evaluation=evaluation,
-            extra={"failed_clients": report.failed},
+            extra={
+                "failed_clients": report.failed,
+                "rejected_clients": {str(k): v for k, v in sorted(report.rejected.items())},
+            },
         )
         line = self.folder.record_round(outcome, server.strategy.name)
         self.folder.save_checkpoint({**server.state_dict(), "optimizer_states": {}})

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -200,6 +200,9 @@ class RoundReport:
     train_seconds : float
         From configuring the round to having every reply (transport included).
     aggregation_seconds : float
+    rejected : dict of int to str, default empty
+        Clients whose reply failed validation (:meth:`ServerState.screen`), with the reason;
+        they are not in ``replies`` and were never aggregated.
     """
 
     server_round: int
@@ -212,6 +215,7 @@ class RoundReport:
     started: float
     train_seconds: float
     aggregation_seconds: float
+    rejected: dict[int, str] = field(default_factory=dict)
 
 
 RoundCallback = Callable[[RoundReport], Mapping[str, Any]]
@@ -364,10 +368,15 @@ class FlowerStrategy(FlwrStrategy):
         failed = sorted(set(failed) | (set(pending.selected) - received))
         if failed:
             log(WARNING, "round %d: no result from clients %s", server_round, failed)
+        decoded.sort(key=lambda r: r.result.client_id)
+        screening = self.server.screen([r.result for r in decoded])
+        for client_id, reason in screening.rejected.items():
+            log(WARNING, "round %d: rejected client %s: %s", server_round, client_id, reason)
+        accepted = {id(result) for result in screening.accepted}
+        decoded = [r for r in decoded if id(r.result) in accepted]
         if not decoded:
             log(WARNING, "round %d: no client result, the global model is unchanged", server_round)
             return None, None
-        decoded.sort(key=lambda r: r.result.client_id)
         train_seconds = time.perf_counter() - pending.started
         aggregation_started = time.perf_counter()
         outcome = self.server.aggregate(server_round, [r.result for r in decoded])
@@ -389,6 +398,7 @@ class FlowerStrategy(FlwrStrategy):
                 started=pending.started,
                 train_seconds=train_seconds,
                 aggregation_seconds=aggregation_seconds,
+                rejected=screening.rejected,
             )
             line = dict(self.on_round(report))
         self.lines[server_round] = line
