@@ -52,6 +52,8 @@ def test_encoding_key_and_decode_error_position(tmp_path: Path) -> None:
         read_text_file(path)
     data, _ = read_text_file(path, encoding="latin-1")
     assert data.texts == ["caf\u00e9", "na\u00efve"]
+    with pytest.raises(ConfigError, match=r"^data\.encoding must be a Python codec name"):
+        load_data(DataConfig(dataset=str(path), encoding="no-such-codec"), seed=0)
 
 
 def test_too_many_fields_names_the_line(tmp_path: Path) -> None:

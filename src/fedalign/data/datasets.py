@@ -537,6 +537,13 @@ def _check_data_config(config: DataConfig) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{field_name} must be >= 0 (0 = no cap; got {value})")
+    try:
+        codecs.lookup(config.encoding)
+    except LookupError as error:
+        raise ConfigError(
+            f"data.encoding must be a Python codec name such as 'utf-8' or 'latin-1' "
+            f"(got {config.encoding!r})"
+        ) from error
     if is_file:
         for field_name, column in (
             ("data.text-column", config.text_column),
