@@ -116,3 +116,14 @@ def test_torn_last_jsonl_line_is_dropped(tmp_path: Path) -> None:
     path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
     with pytest.raises(ValueError):
         read_jsonl(path)
+
+
+def test_flower_overwrite_option() -> None:
+    pytest.importorskip("flwr")
+    from fedalign.config import ConfigError
+    from fedalign.flower.messages import config_from_run_config
+
+    assert config_from_run_config({"flower.overwrite": "true"})[1].overwrite is True
+    assert config_from_run_config({"flower.overwrite": False})[1].overwrite is False
+    with pytest.raises(ConfigError, match=r"flower\.overwrite"):
+        config_from_run_config({"flower.overwrite": "maybe"})

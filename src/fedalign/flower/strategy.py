@@ -22,6 +22,7 @@ it returns become the round's MetricRecord and the server-side evaluation result
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,8 @@ class FlowerStrategy(FlwrStrategy):
         metrics (a line of ``metrics.jsonl``).
     discovery_timeout : float, default 600.0
         Seconds :func:`discover_partitions` may wait.
+    clip_update_norm : float, default 0.0
+        ``federated.clip-update-norm`` (0 = off), see :meth:`ServerState.screen`.
     """
 
     def __init__(
@@ -267,10 +270,13 @@ class FlowerStrategy(FlwrStrategy):
         fingerprint: str = "",
         on_round: RoundCallback | None = None,
         discovery_timeout: float = 600.0,
+        clip_update_norm: float = 0.0,
     ) -> None:
         self.strategy = strategy
         self.server = ServerState(
-            strategy, {k: v.detach().clone() for k, v in global_parameters.items()}
+            strategy,
+            {k: v.detach().clone() for k, v in global_parameters.items()},
+            clip_update_norm=clip_update_norm,
         )
         self.num_clients = num_clients
         self.seed = seed
@@ -372,8 +378,13 @@ class FlowerStrategy(FlwrStrategy):
         screening = self.server.screen([r.result for r in decoded])
         for client_id, reason in screening.rejected.items():
             log(WARNING, "round %d: rejected client %s: %s", server_round, client_id, reason)
-        accepted = {id(result) for result in screening.accepted}
-        decoded = [r for r in decoded if id(r.result) in accepted]
+        accepted = {result.client_id: result for result in screening.accepted}
+        kept: list[ClientReply] = []
+        for reply in decoded:  # the screened (maybe clipped) result, once per client
+            result = accepted.pop(reply.result.client_id, None)
+            if result is not None:
+                kept.append(dataclasses.replace(reply, result=result))
+        decoded = kept
         if not decoded:
             log(WARNING, "round %d: no client result, the global model is unchanged", server_round)
             return None, None
