@@ -380,10 +380,10 @@ class FlowerStrategy(FlwrStrategy):
             log(WARNING, "round %d: rejected client %s: %s", server_round, client_id, reason)
         accepted = {result.client_id: result for result in screening.accepted}
         kept: list[ClientReply] = []
-        for reply in decoded:  # the screened (maybe clipped) result, once per client
-            result = accepted.pop(reply.result.client_id, None)
+        for client_reply in decoded:  # the screened (maybe clipped) result, once per client
+            result = accepted.pop(client_reply.result.client_id, None)
             if result is not None:
-                kept.append(dataclasses.replace(reply, result=result))
+                kept.append(dataclasses.replace(client_reply, result=result))
         decoded = kept
         if not decoded:
             log(WARNING, "round %d: no client result, the global model is unchanged", server_round)
