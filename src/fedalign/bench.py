@@ -47,7 +47,7 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
     config.federated.rounds = 1
     config.train.local_steps = 1
     config.train.keep_optimizer_state = True
-    simulation = Simulation(config, Path("runs/bench"), log=None)
+    simulation = Simulation(config, Path("runs/bench"), overwrite=True, log=None)
     model, data = simulation.model, simulation.data
     batch_indices = data.client_train[0][: config.train.batch_size]
     rows: list[dict[str, Any]] = []

@@ -128,7 +128,8 @@ def strategy_help() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.resume:
+    if args.resume is not None and args.resume is not True:
+        # --resume DIR: the folder's own config.toml, plus --set / --rounds
         folder = Path(args.resume)
         config_path = folder / "config.toml"
         if not config_path.exists():
@@ -137,11 +138,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.apply_overrides(args.overrides)
         if args.rounds:
             config.federated.rounds = args.rounds
+        config.run.out = str(folder)
+        if args.no_progress:
+            config.run.progress = False
         config.validate()
-        summary = run_experiment(config, folder, resume=True)
+        summary = run_experiment(config, folder, resume=True, overwrite=args.overwrite)
+    elif args.resume is True:
+        # --out DIR --resume: the command line's config, which must fit the checkpoint
+        config = config_from_args(args)
+        if not config.run.out:
+            raise ConfigError("--resume without a folder needs --out DIR (or run.out)")
+        summary = run_experiment(config, config.run.out, resume=True, overwrite=args.overwrite)
     else:
         config = config_from_args(args)
-        summary = run_experiment(config, config.run.out or None)
+        summary = run_experiment(config, config.run.out or None, overwrite=args.overwrite)
     print(
         f"{summary.strategy}: final accuracy {summary.final_accuracy:.4f} after "
         f"{summary.rounds} rounds ({summary.seconds:.1f}s); records in {summary.out_dir}"
@@ -162,7 +172,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     strategies = parse_strategy_list(args.strategies)
     out = Path(config.run.out or "runs/compare")
-    result = experiments.run_comparison(config, strategies, out)
+    result = experiments.run_comparison(
+        config, strategies, out, resume=args.resume, overwrite=args.overwrite
+    )
     print(result.markdown)
     print(f"table: {out / 'results.md'}  plot: {out / 'convergence.png'}")
     return 0
@@ -182,6 +194,12 @@ def _register_compare(sub: Any) -> None:
         "--strategies",
         default="fedavg,fedprox,fedalign",
         help="comma-separated; 'fedalign:ROW' picks an ablation row (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--resume", action="store_true", help="continue the runs in --out from their checkpoints"
+    )
+    compare.add_argument(
+        "--overwrite", action="store_true", help="replace the comparison held in --out"
     )
     compare.set_defaults(handler=_cmd_compare)
 
@@ -237,6 +255,7 @@ def benchmark_options(args: argparse.Namespace) -> experiments.BenchmarkOptions:
         reports=not args.no_report,
         keep_states=args.keep_states,
         dry_run=args.dry_run,
+        overwrite=args.overwrite,
     )
 
 
@@ -271,6 +290,11 @@ def _benchmark_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the planned runs and their status"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace run folders that hold a run of another configuration",
     )
 
 
@@ -350,7 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_experiment_options(run)
-    run.add_argument("--resume", type=Path, help="continue a run folder from its checkpoint")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="DIR",
+        help="continue a run folder from its checkpoint: DIR with its own config.toml, or "
+        "the --out folder with this command line's config (which must match)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run held in the --out folder"
+    )
     run.set_defaults(handler=_cmd_run)
 
     for register in (_register_compare, _register_benchmark, _register_report, register_bench):

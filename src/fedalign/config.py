@@ -15,17 +15,18 @@ without an edit here.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import tomllib
-
 from fedalign.errors import ConfigError, OptionError
 
 __all__ = [
+    "FAULT_KINDS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -111,6 +112,8 @@ def run_label(strategy_name: str, ablation: str = "full") -> str:
 
 
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")
+FAULT_KINDS = ("raise", "vanish", "hang")
+"""Kinds of injected client faults (``federated.fault-kinds``)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 
 
@@ -179,6 +182,9 @@ class DataConfig:
         Cap on the global test set (0 = no cap).
     test_fraction : float, default 0.1
         Fraction held out as the balanced global test set when the source has no test split.
+    encoding : str, default "utf-8"
+        Text encoding of a ``.csv`` / ``.jsonl`` / ``.json`` file (any Python codec name; a
+        leading UTF-8 byte-order mark is skipped).
     """
 
     dataset: str = "wordnet-supersense"
@@ -187,6 +193,7 @@ class DataConfig:
     max_train_examples: int = 0
     max_test_examples: int = 0
     test_fraction: float = 0.1
+    encoding: str = "utf-8"
 
 
 @dataclass
@@ -257,6 +264,23 @@ class FederatedConfig:
     min_local_test : int, default 20
         Clients with at least this many local test examples enter the per-client
         percentile (``local_accuracy_p10``); smaller splits say little about a client.
+    min_clients : int, default 1
+        A round is aggregated only when at least this many selected clients returned a
+        result that passed validation; otherwise the run stops with an error (the last
+        checkpoint stays resumable).
+    clip_update_norm : float, default 0.0
+        When > 0, each client's update (its parameters minus the global ones) is scaled
+        down to at most this L2 norm (over all trainable tensors) before aggregation.
+        0 turns clipping off.
+    fault_rate : float, default 0.0
+        Simulator only: probability that a selected client fails in a round (fault
+        injection for testing; 0 = no faults, the default behaviour bit for bit).
+    fault_seed : int, default 0
+        Seeds the fault draws (independent of ``seed``: faults never move other numbers).
+    fault_kinds : list of str, default ["raise", "vanish", "hang"]
+        What an injected fault does, drawn uniformly: ``raise`` (the client raises),
+        ``vanish`` (no reply) or ``hang`` (no reply before the deadline, recorded as a
+        timeout; nothing sleeps).
     """
 
     rounds: int = 25
@@ -264,6 +288,11 @@ class FederatedConfig:
     seed: int = 0
     eval_every: int = 1
     min_local_test: int = 20
+    min_clients: int = 1
+    clip_update_norm: float = 0.0
+    fault_rate: float = 0.0
+    fault_seed: int = 0
+    fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
 
 
 @dataclass
@@ -469,6 +498,26 @@ class ExperimentConfig:
         if not 0.0 < f.fraction <= 1.0:
             raise ConfigError(f"federated.fraction must be in (0, 1] (got {f.fraction})")
         _positive("federated.eval-every", f.eval_every)
+        _positive("federated.min-clients", f.min_clients)
+        if not f.clip_update_norm >= 0:
+            raise ConfigError(
+                f"federated.clip-update-norm must be >= 0 (0 = off; got {f.clip_update_norm})"
+            )
+        if not 0.0 <= f.fault_rate <= 1.0:
+            raise ConfigError(f"federated.fault-rate must be in [0, 1] (got {f.fault_rate})")
+        if not f.fault_kinds:
+            raise ConfigError(
+                f"federated.fault-kinds must name at least one of {list(FAULT_KINDS)}"
+            )
+        for kind in f.fault_kinds:
+            _one_of("federated.fault-kinds", kind, FAULT_KINDS)
+        try:
+            codecs.lookup(d.encoding)
+        except LookupError as error:
+            raise ConfigError(
+                f"data.encoding must be a Python codec name such as 'utf-8' or 'latin-1' "
+                f"(got {d.encoding!r})"
+            ) from error
         if s.hidden_noise_std < 0:
             raise ConfigError(f"strategy.hidden-noise-std must be >= 0 (got {s.hidden_noise_std})")
         _positive("strategy.stats-max-examples", s.stats_max_examples)

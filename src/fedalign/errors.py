@@ -7,6 +7,12 @@
 * :class:`OptionError`: an option of a component (a strategy, a client loss term) is out of
   range. It names the option as the component knows it; the configuration layer, which
   knows where the option lives (``strategy.proximal-mu``), rewords it as a ConfigError.
+* :class:`RunFolderError`: an output folder holds another run, or a checkpoint cannot be
+  resumed with this configuration or package version.
+* :class:`DataFileError`: a data file cannot be read (also a :class:`ConfigError`, since
+  ``data.dataset`` names it).
+* :class:`FederationError`: a round cannot go on (too few clients answered, every result
+  was rejected).
 """
 
 from __future__ import annotations
@@ -18,6 +24,18 @@ class FedAlignError(ValueError):
 
 class ConfigError(FedAlignError):
     """A configuration value is missing, unknown or out of range."""
+
+
+class RunFolderError(FedAlignError):
+    """An output folder holds another run, or its checkpoint cannot be resumed."""
+
+
+class DataFileError(ConfigError):
+    """A data file named by ``data.dataset`` cannot be read as configured."""
+
+
+class FederationError(FedAlignError):
+    """A round cannot go on: too few client results arrived or passed validation."""
 
 
 class OptionError(FedAlignError):

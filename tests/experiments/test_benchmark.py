@@ -259,9 +259,13 @@ def test_changed_config_or_interrupted_run(
     fake.calls.clear()
     assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--threads", "1", *quiet) == 0
     assert fake.calls == []
-    # a different experiment setting: nothing matches, everything runs again
+    # a different experiment setting: its folders are never overwritten silently
     fake.calls.clear()
-    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--lr", "0.5", *quiet) == 0
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "1", "--lr", "0.5", *quiet) == 2
+    assert fake.calls == []
+    # --overwrite: nothing matches, everything runs again
+    again = ("--alphas", "0.1", "--seeds", "1", "--lr", "0.5", "--overwrite", *quiet)
+    assert _run(suite_file, out, *again) == 0
     assert len(fake.calls) == 3 and not any(resume for *_, resume in fake.calls)
     assert (folder / "final_state.safetensors").exists()  # --keep-states
     saved = ExperimentConfig.from_toml(folder / "config.toml")

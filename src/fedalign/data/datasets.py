@@ -18,20 +18,24 @@ class-balanced global test set that clients never see.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import gzip
 import importlib.resources
+import io
 import json
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedalign.config import ConfigError, DataConfig
+from fedalign.errors import DataFileError
 
 DATASETS = ("wordnet-supersense", "ag_news")
 """Named sources accepted by ``data.dataset`` (besides file paths)."""
@@ -141,10 +145,14 @@ class DataSplits:
         Pooled training data, to be partitioned across clients.
     test : TextDataset
         Global test set, class-balanced when held out here; never given to clients.
+    notes : list of str, default empty
+        What the user should know about the data (records dropped from a file, labels
+        that appear only in the test split); each is also logged as a warning.
     """
 
     train: TextDataset
     test: TextDataset
+    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ sources
@@ -205,155 +213,308 @@ def load_ag_news() -> DataSplits:
     return DataSplits(train=convert("train"), test=convert("test"))
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a CSV / JSON-lines / JSON-array file into a list of row dicts."""
-    suffix = path.suffix.lower()
+MAX_DROPPED_SHARE = 0.5
+"""Rows without a text or a label are dropped (and counted) while they are fewer than this
+share of the file; at this share or above the file is refused."""
+
+_CSV_FIELD_LIMIT = 2**31 - 1
+"""Largest CSV field accepted (the ``csv`` module's default, 128 KiB, would refuse long
+documents; the tokenizer truncates them later)."""
+
+logger = logging.getLogger(__name__)
+
+
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text in ``encoding`` (a UTF-8 byte-order mark is skipped).
+
+    Raises
+    ------
+    DataFileError
+        When the file cannot be read or decoded; a decode error names the line, the column
+        and the byte offset of the first bad byte.
+    """
     try:
-        content = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"data.dataset: cannot read {str(path)!r}: {error}") from error
-    if not content.strip():
-        raise ConfigError(f"data.dataset: file {str(path)!r} is empty")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataFileError(f"data.dataset: cannot read {str(path)!r}: {error}") from error
+    codec = codecs.lookup(encoding).name
+    try:
+        return raw.decode("utf-8-sig" if codec == "utf-8" else encoding)
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        bad = raw[error.start : error.end].hex(" ")
+        raise DataFileError(
+            f"data.dataset: cannot read {str(path)!r} as {encoding} (data.encoding): "
+            f"byte(s) {bad} at line {line}, column {column} (byte offset {error.start}): "
+            f"{error.reason}; set data.encoding to the file's encoding, e.g. 'latin-1'"
+        ) from error
+
+
+def _csv_rows(path: Path, content: str) -> list[dict[str, Any]]:
+    """RFC 4180 rows of a CSV text with a header row (quoted fields may hold commas,
+    doubled quotes, newlines and U+2028)."""
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)
     rows: list[dict[str, Any]] = []
-    if suffix == ".csv":
+    try:
+        header = next(reader, None)
+        if not header or not any(name.strip() for name in header):
+            raise DataFileError(f"data.dataset: CSV file {str(path)!r} has no header row")
+        for fields_ in reader:
+            if not fields_:
+                continue  # blank line
+            if len(fields_) > len(header):
+                raise DataFileError(
+                    f"data.dataset: line {reader.line_num} of CSV file {str(path)!r} has "
+                    f"{len(fields_)} fields, the header has {len(header)} (quote fields "
+                    "that contain commas)"
+                )
+            rows.append(dict(zip(header, fields_, strict=False)))
+    except csv.Error as error:
+        raise DataFileError(
+            f"data.dataset: CSV file {str(path)!r} is unreadable at line {reader.line_num}: {error}"
+        ) from error
+    if not rows:
+        raise DataFileError(f"data.dataset: CSV file {str(path)!r} has a header but no rows")
+    return rows
+
+
+def _json_rows(path: Path, content: str) -> list[dict[str, Any]]:
+    """Objects of a JSON-lines text (or of one JSON array when it starts with ``[``).
+
+    Lines are split at ``\\n`` only: U+2028 and other Unicode line breaks may appear inside
+    JSON strings.
+    """
+    if path.suffix.lower() == ".json" and content.lstrip().startswith("["):
         try:
-            reader = csv.DictReader(content.splitlines())
-            if not reader.fieldnames:
-                raise ConfigError(f"data.dataset: CSV file {str(path)!r} has no header row")
-            for row in reader:
-                rows.append(dict(row))
-        except csv.Error as error:
-            raise ConfigError(
-                f"data.dataset: CSV file {str(path)!r} is unreadable: {error}"
-            ) from error
-        if not rows:
-            raise ConfigError(f"data.dataset: CSV file {str(path)!r} has a header but no rows")
-        return rows
-    if suffix == ".json" and content.lstrip().startswith("["):
-        try:
-            loaded = json.loads(content)
+            items = list(json.loads(content))
         except json.JSONDecodeError as error:
-            raise ConfigError(
+            raise DataFileError(
                 f"data.dataset: JSON file {str(path)!r} is unreadable: {error}"
             ) from error
-        items = list(loaded)
     else:
         items = []
-        for number, line in enumerate(content.splitlines(), start=1):
+        for number, line in enumerate(content.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ConfigError(
+                raise DataFileError(
                     f"data.dataset: line {number} of {str(path)!r} is not valid JSON "
                     f"(expected one JSON object per line): {error}"
                 ) from error
+    rows: list[dict[str, Any]] = []
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict):
-            raise ConfigError(
+            raise DataFileError(
                 f"data.dataset: record {number} of {str(path)!r} is not a JSON object"
             )
         rows.append(item)
     if not rows:
-        raise ConfigError(f"data.dataset: file {str(path)!r} has no records")
+        raise DataFileError(f"data.dataset: file {str(path)!r} has no records")
     return rows
+
+
+def _read_rows(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """Read a CSV / JSON-lines / JSON-array file into a list of row dicts.
+
+    The standard library reads them (``csv`` is RFC 4180 compliant; JSON lines are split
+    at ``\\n`` only). The ``datasets`` csv/json builders work offline too, but were not
+    used: the csv builder (pandas) silently takes the first column as an index when a row
+    has one field too many, infers types (``"007"`` becomes 7), and neither builder names
+    the line of a bad record; the json builder turns a line ``[1, 2]`` into a column.
+    """
+    content = _decode(path, encoding)
+    if not content.strip():
+        raise DataFileError(f"data.dataset: file {str(path)!r} is empty")
+    if path.suffix.lower() == ".csv":
+        return _csv_rows(path, content)
+    return _json_rows(path, content)
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         for key in row:
-            if key is not None:  # csv.DictReader files surplus fields under None
+            if key is not None:
                 seen.setdefault(str(key), None)
     return list(seen)
 
 
-def load_text_file(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
-) -> TextDataset:
-    """Load a labelled text file.
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, str) and bool(_INT_PATTERN.match(value))
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+@dataclass
+class FileReport:
+    """What :func:`read_text_file` kept and dropped.
+
+    Parameters
+    ----------
+    records : int
+        Records in the file.
+    dropped_no_text : list of int
+        Record numbers (1-based) dropped for an empty or missing text.
+    dropped_no_label : list of int
+        Record numbers dropped for an empty or missing label (and a text).
+    """
+
+    records: int
+    dropped_no_text: list[int]
+    dropped_no_label: list[int]
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_no_text) + len(self.dropped_no_label)
+
+    def message(self, path: Path | str) -> str:
+        """One line for the log (empty when nothing was dropped)."""
+        if not self.dropped:
+            return ""
+        return (
+            f"data.dataset: dropped {self.dropped} of {self.records} records of "
+            f"{str(path)!r} ({len(self.dropped_no_text)} without text, "
+            f"{len(self.dropped_no_label)} without label; first: record "
+            f"{min(self.dropped_no_text + self.dropped_no_label)})"
+        )
+
+
+def read_text_file(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    encoding: str = "utf-8",
+) -> tuple[TextDataset, FileReport]:
+    """Load a labelled text file and say which records were dropped.
 
     Parameters
     ----------
     path : str or pathlib.Path
-        A ``.csv`` file with a header row, a ``.jsonl`` file (one JSON object per line) or a
-        ``.json`` file (JSON lines, or one JSON array of objects).
+        A ``.csv`` file with a header row (RFC 4180: quoted fields may hold commas, quotes,
+        newlines), a ``.jsonl`` file (one JSON object per line) or a ``.json`` file (JSON
+        lines, or one JSON array of objects).
     text_column : str, default "text"
-        Column (key) holding the text; surrounding whitespace is stripped.
+        Column (key) holding the text; surrounding whitespace is stripped. Texts of any
+        length are accepted (the tokenizer truncates them).
     label_column : str, default "label"
         Column (key) holding the label. If every label is an integer (``"3"`` counts in a
         CSV) the integers are kept as class ids and the class names are ``"0"`` ..
         ``str(max)``; otherwise labels are read as strings and the sorted unique names get
         ids ``0, 1, ...``.
+    encoding : str, default "utf-8"
+        The file's text encoding (``data.encoding``).
 
     Returns
     -------
     TextDataset
+        The records with a text and a label.
+    FileReport
+        The records dropped for an empty or missing text or label.
 
     Raises
     ------
     ConfigError
-        If the file is missing, has an unsupported extension, is empty or unreadable, lacks
-        a column, or has a missing value or a negative integer label.
+        (:class:`~fedalign.errors.DataFileError`) If the file is missing, has an unsupported
+        extension, is empty, undecodable (naming line and column) or unreadable (naming the
+        line), lacks a column, has a negative integer label, or at least
+        :data:`MAX_DROPPED_SHARE` of its records lack a text or a label.
     """
     path = Path(path)
     if path.suffix.lower() not in FILE_EXTENSIONS:
-        raise ConfigError(
+        raise DataFileError(
             f"data.dataset: unsupported file extension {path.suffix!r} for {str(path)!r}; "
             f"accepted extensions: {list(FILE_EXTENSIONS)}"
         )
     if not path.is_file():
-        raise ConfigError(f"data.dataset: file {str(path)!r} not found")
-    rows = _read_rows(path)
+        raise DataFileError(f"data.dataset: file {str(path)!r} not found")
+    rows = _read_rows(path, encoding)
     columns = _columns(rows)
     for field_name, column in (
         ("data.text-column", text_column),
         ("data.label-column", label_column),
     ):
         if column not in columns:
-            raise ConfigError(
+            raise DataFileError(
                 f"{field_name}: column {column!r} not found in {str(path)!r}; "
                 f"the file has columns {columns}"
             )
     texts: list[str] = []
     raw_labels: list[Any] = []
+    report = FileReport(records=len(rows), dropped_no_text=[], dropped_no_label=[])
     for number, row in enumerate(rows, start=1):
-        text = row.get(text_column)
-        label = row.get(label_column)
-        if text is None:
-            raise ConfigError(
-                f"data.text-column: record {number} of {str(path)!r} has no {text_column!r} value"
-            )
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise ConfigError(
-                f"data.label-column: record {number} of {str(path)!r} has no {label_column!r} value"
-            )
-        texts.append(str(text).strip())
-        raw_labels.append(label)
-
-    def is_int(value: Any) -> bool:
-        if isinstance(value, bool):
-            return False
-        if isinstance(value, int):
-            return True
-        if isinstance(value, float):
-            return value.is_integer()
-        return isinstance(value, str) and bool(_INT_PATTERN.match(value))
-
-    if all(is_int(v) for v in raw_labels):
+        text, label = row.get(text_column), row.get(label_column)
+        if _blank(text):
+            report.dropped_no_text.append(number)
+        elif _blank(label):
+            report.dropped_no_label.append(number)
+        else:
+            texts.append(str(text).strip())
+            raw_labels.append(label)
+    if report.dropped and report.dropped >= MAX_DROPPED_SHARE * report.records:
+        first = min(report.dropped_no_text + report.dropped_no_label)
+        field_name, column = (
+            ("data.text-column", text_column)
+            if first in report.dropped_no_text
+            else ("data.label-column", label_column)
+        )
+        raise DataFileError(
+            f"{field_name}: record {first} of {str(path)!r} has no {column!r} value, and "
+            f"{report.dropped} of {report.records} records lack a text or label: at least "
+            f"{MAX_DROPPED_SHARE:.0%} of the file, refused (check data.text-column, "
+            "data.label-column and data.encoding)"
+        )
+    if all(_is_int(v) for v in raw_labels):
         ids = np.asarray([int(float(v)) if not isinstance(v, str) else int(v) for v in raw_labels])
         if ids.min() < 0:
-            raise ConfigError(
+            raise DataFileError(
                 f"data.label-column: integer labels in {str(path)!r} must be >= 0 "
                 f"(got {int(ids.min())})"
             )
         names = [str(i) for i in range(int(ids.max()) + 1)]
-        return TextDataset(texts, ids.astype(np.int64), names)
+        return TextDataset(texts, ids.astype(np.int64), names), report
     strings = [str(v).strip() for v in raw_labels]
     names = sorted(set(strings))
     lookup = {name: i for i, name in enumerate(names)}
-    return TextDataset(texts, np.asarray([lookup[s] for s in strings], dtype=np.int64), names)
+    labels = np.asarray([lookup[s] for s in strings], dtype=np.int64)
+    return TextDataset(texts, labels, names), report
+
+
+def load_text_file(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    encoding: str = "utf-8",
+) -> TextDataset:
+    """:func:`read_text_file`, logging a warning when records were dropped.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+    text_column : str, default "text"
+    label_column : str, default "label"
+    encoding : str, default "utf-8"
+
+    Returns
+    -------
+    TextDataset
+    """
+    dataset, report = read_text_file(path, text_column, label_column, encoding)
+    if report.dropped:
+        logger.warning(report.message(path))
+    return dataset
 
 
 # ------------------------------------------------------------------------ global split
@@ -376,6 +537,13 @@ def _check_data_config(config: DataConfig) -> None:
     ):
         if value < 0:
             raise ConfigError(f"{field_name} must be >= 0 (0 = no cap; got {value})")
+    try:
+        codecs.lookup(config.encoding)
+    except LookupError as error:
+        raise ConfigError(
+            f"data.encoding must be a Python codec name such as 'utf-8' or 'latin-1' "
+            f"(got {config.encoding!r})"
+        ) from error
     if is_file:
         for field_name, column in (
             ("data.text-column", config.text_column),
@@ -480,15 +648,17 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     """Load the configured source and return the pooled train data and global test set.
 
     Sources without a test split get a class-balanced held-out test set (see
-    :func:`holdout_balanced_test`). Then ``max_train_examples`` (a random subsample keeping
-    every class) and ``max_test_examples`` (``cap // C`` per class, keeping the balance)
-    apply when > 0.
+    :func:`holdout_balanced_test`). Records of a file without a text or label are dropped
+    (:func:`read_text_file`); dropped records and labels found only in the test split are
+    reported in ``DataSplits.notes`` and logged. Then ``max_train_examples`` (a random
+    subsample keeping every class) and ``max_test_examples`` (``cap // C`` per class,
+    keeping the balance) apply when > 0.
 
     Parameters
     ----------
     config : DataConfig
-        ``dataset``, ``text_column``, ``label_column``, ``max_train_examples``,
-        ``max_test_examples`` and ``test_fraction`` are used.
+        ``dataset``, ``text_column``, ``label_column``, ``encoding``,
+        ``max_train_examples``, ``max_test_examples`` and ``test_fraction`` are used.
     seed : int
         Seeds the hold-out and the subsampling (each with its own stream).
 
@@ -503,15 +673,37 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
         out-of-range fraction or cap, before anything heavy is done.
     """
     _check_data_config(config)
+    notes: list[str] = []
     if config.dataset == "ag_news":
         splits = load_ag_news()
     else:
         if config.dataset == "wordnet-supersense":
             pool = load_wordnet_supersense()
         else:
-            pool = load_text_file(config.dataset, config.text_column, config.label_column)
+            pool, report = read_text_file(
+                config.dataset, config.text_column, config.label_column, config.encoding
+            )
+            if report.dropped:
+                notes.append(report.message(config.dataset))
         splits = holdout_balanced_test(pool, config.test_fraction, seed)
-    return DataSplits(
+    result = DataSplits(
         train=_cap_train(splits.train, config.max_train_examples, seed),
         test=_cap_test(splits.test, config.max_test_examples, seed),
     )
+    test_only = labels_only_in_test(result)
+    if test_only:
+        notes.append(
+            f"data.dataset: labels {test_only} appear only in the test split (no client can "
+            "learn them)"
+        )
+    result.notes = notes
+    for note in notes:
+        logger.warning(note)
+    return result
+
+
+def labels_only_in_test(splits: DataSplits) -> list[str]:
+    """Names of the labels present in ``splits.test`` but absent from ``splits.train``."""
+    train = set(np.unique(splits.train.labels).tolist())
+    test = set(np.unique(splits.test.labels).tolist())
+    return [splits.test.label_names[i] for i in sorted(test - train)]

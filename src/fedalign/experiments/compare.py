@@ -19,10 +19,11 @@ import torch
 
 from fedalign.client import PreparedData, prepare
 from fedalign.config import ExperimentConfig, run_label
+from fedalign.errors import RunFolderError
 from fedalign.experiments.run import run_experiment
 from fedalign.experiments.stats import rounds_to_target
 from fedalign.experiments.tables import client_key, client_value, to_csv, to_json, to_markdown
-from fedalign.records import RunSummary, plot_convergence, read_jsonl
+from fedalign.records import RunSummary, claim_run_folder, plot_convergence, read_jsonl, run_marker
 
 
 @dataclass
@@ -81,14 +82,47 @@ def prepare_shared_data(config: ExperimentConfig) -> PreparedData:
     return prepare(config).data
 
 
+def check_compare_folder(
+    out: Path, labels: Sequence[str], *, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse an output folder that holds a comparison or one of its runs.
+
+    Raises
+    ------
+    RunFolderError
+        When ``out`` holds ``results.md`` or a run folder named like one of ``labels`` and
+        neither ``resume`` nor ``overwrite`` is given (or both are).
+    """
+    claim_run_folder(out, resume=resume, overwrite=overwrite, command="compare")
+    if resume or overwrite:
+        return
+    held = [out / "results.md"] if (out / "results.md").exists() else []
+    held += [out / label for label in labels if run_marker(out / label) is not None]
+    if held:
+        raise RunFolderError(
+            f"output folder {str(out)!r} already holds a comparison ({str(held[0])!r}); "
+            "give --resume to continue its runs from their checkpoints or --overwrite to "
+            "replace them"
+        )
+
+
 def run_comparison(
-    config: ExperimentConfig, strategies: Sequence[tuple[str, str]], out: Path
+    config: ExperimentConfig,
+    strategies: Sequence[tuple[str, str]],
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> ComparisonResult:
     """Run each ``(strategy, ablation)`` on ``config`` and write the table and plot to ``out``.
 
     Writes ``results.md`` / ``results.csv`` / ``results.json`` and ``convergence.png``; each
-    run's folder is ``out / run_label(strategy, ablation)``.
+    run's folder is ``out / run_label(strategy, ablation)``. ``resume`` continues each run
+    from its checkpoint, ``overwrite`` replaces them; without either an ``out`` that holds
+    a comparison is refused (:func:`check_compare_folder`).
     """
+    labels = [run_label(name, ablation) for name, ablation in strategies]
+    check_compare_folder(out, labels, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     configs = []
     for name, ablation in strategies:
@@ -102,7 +136,11 @@ def run_comparison(
     metrics: list[list[dict[str, object]]] = []
     labels = [run_label(c.strategy.name, c.strategy.ablation) for c in configs]
     for label, run_config in zip(labels, configs):
-        summaries.append(run_experiment(run_config, out / label, prepared=prepared))
+        summaries.append(
+            run_experiment(
+                run_config, out / label, prepared=prepared, resume=resume, overwrite=overwrite
+            )
+        )
         metrics.append(read_jsonl(out / label / "metrics.jsonl"))
     rows = comparison_table(summaries, metrics, labels)
     markdown = to_markdown(rows)

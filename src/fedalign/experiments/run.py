@@ -20,7 +20,7 @@ from fedalign.client import Prepared, PreparedData, client_seed, client_statisti
 from fedalign.config import ExperimentConfig, run_label
 from fedalign.federation import Simulator
 from fedalign.models import load_moe_model
-from fedalign.records import RunFolder, RunSummary, routing_snapshot
+from fedalign.records import RunFolder, RunSummary, claim_run_folder, routing_snapshot
 
 Tensor = torch.Tensor
 
@@ -56,7 +56,12 @@ class Simulation:
     prepared : PreparedData or None, default None
         Reuse tokenized / cached data (``fedalign compare`` runs several strategies on one).
     resume : bool, default False
-        Continue from the run folder's checkpoint.
+        Continue from the run folder's checkpoint (which must have been written for the
+        same configuration, up to ``federated.rounds`` and ``[run]``, by a compatible
+        version); a folder without a checkpoint starts from round 1.
+    overwrite : bool, default False
+        Replace the run the folder holds. Without ``resume`` or ``overwrite`` a folder that
+        holds a run (``config.toml`` or ``metrics.jsonl``) is refused.
     log : callable or None, default print
         Receives the one-line summary of each round.
     """
@@ -68,9 +73,12 @@ class Simulation:
         *,
         prepared: PreparedData | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         log: Callable[[str], None] | None = print,
     ) -> None:
         config.validate()
+        folder = Path(out_dir) if out_dir is not None else default_out_dir(config)
+        claim_run_folder(folder, resume=resume, overwrite=overwrite)
         self.config = config
         self.log = log or (lambda _message: None)
         if config.run.threads > 0:
@@ -79,9 +87,8 @@ class Simulation:
         self.model, self.data = ready.model, ready.data
         self.simulator = Simulator(config, ready)
         self.label = run_label(config.strategy.name, config.strategy.ablation)
-        folder = Path(out_dir) if out_dir is not None else default_out_dir(config)
         self.folder = RunFolder(folder, self.label)
-        payload = self.folder.resume() if resume else None
+        payload = self.folder.resume(config) if resume else None
         if payload is not None:
             self.simulator.load_state_dict(payload)
             self.log(f"resuming after round {self.simulator.server.completed_rounds}")
@@ -180,8 +187,12 @@ def run_experiment(
     out_dir: Path | str | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     prepared: PreparedData | None = None,
     log: Callable[[str], None] | None = print,
 ) -> RunSummary:
-    """Build a :class:`Simulation` and run it to the end."""
-    return Simulation(config, out_dir, prepared=prepared, resume=resume, log=log).run()
+    """Build a :class:`Simulation` and run it to the end (``resume`` / ``overwrite``: see
+    :class:`Simulation`)."""
+    return Simulation(
+        config, out_dir, prepared=prepared, resume=resume, overwrite=overwrite, log=log
+    ).run()

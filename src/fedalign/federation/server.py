@@ -5,11 +5,17 @@ and the personalised starting parameters some strategies hand to clients. Both t
 ask it for a round's instructions and give it the round's aggregate, so the rules (a
 client's personalised start overrides the global one; an aggregate is adopted whole) are
 written once.
+
+Before a strategy sees them, :meth:`ServerState.screen` checks the results
+(:func:`~fedalign.strategies.common.result_problem`: keys, shapes, dtypes, finite values,
+routing statistics that are distributions, token counts that add up), rejects the bad ones
+with a reason, and clips the updates of the rest when ``federated.clip-update-norm`` > 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +24,7 @@ from fedalign.config import ExperimentConfig
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
+from fedalign.strategies.common import clip_update, result_problem
 
 Tensor = torch.Tensor
 
@@ -25,6 +32,25 @@ Tensor = torch.Tensor
 def strategy_from_config(config: ExperimentConfig, layout: MoELayout) -> Strategy:
     """The configured strategy (options validated by ``config.validate`` beforehand)."""
     return build_strategy(config.strategy.name, config.strategy.option_values(), layout)
+
+
+@dataclass
+class Screening:
+    """The results of a round after :meth:`ServerState.screen`.
+
+    Parameters
+    ----------
+    accepted : list of ClientResult
+        Valid results (clipped when clipping is on), in arrival order.
+    rejected : dict of int to str
+        Client id -> why its result was rejected (never aggregated).
+    clipped : dict of int to float
+        Client id -> its update norm before clipping, for the clipped clients.
+    """
+
+    accepted: list[ClientResult]
+    rejected: dict[int, str] = field(default_factory=dict)
+    clipped: dict[int, float] = field(default_factory=dict)
 
 
 class ServerState:
@@ -35,10 +61,20 @@ class ServerState:
     strategy : Strategy
     global_parameters : mapping of str to Tensor
         The initial global trainable parameters.
+    clip_update_norm : float, default 0.0
+        ``federated.clip-update-norm``: when > 0, :meth:`screen` scales each client's update
+        down to at most this L2 norm.
     """
 
-    def __init__(self, strategy: Strategy, global_parameters: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        global_parameters: Mapping[str, Tensor],
+        *,
+        clip_update_norm: float = 0.0,
+    ) -> None:
         self.strategy = strategy
+        self.clip_update_norm = float(clip_update_norm)
         self.global_parameters: dict[str, Tensor] = dict(global_parameters)
         self.strategy_state: StrategyState = strategy.initial_state()
         self.personal_parameters: dict[int, dict[str, Tensor]] = {}
@@ -54,6 +90,36 @@ class ServerState:
             if personal and instructions[client_id].start_parameters is None:
                 instructions[client_id].start_parameters = personal
         return instructions
+
+    def screen(self, results: Sequence[ClientResult]) -> Screening:
+        """Reject invalid results (with a reason) and clip the rest when clipping is on.
+
+        A second result of the same client is rejected too. Valid results pass unchanged
+        (the same objects) when clipping is off.
+        """
+        screening = Screening(accepted=[])
+        seen: set[int] = set()
+        for result in results:
+            if result.client_id in seen:
+                screening.rejected[result.client_id] = "a second result from this client"
+                continue
+            seen.add(result.client_id)
+            problem = result_problem(
+                self.global_parameters,
+                result,
+                self.strategy.layout,
+                require_statistics=self.strategy.needs_routing_statistics,
+            )
+            if problem is not None:
+                screening.rejected[result.client_id] = problem
+                continue
+            if self.clip_update_norm > 0:
+                clipped, norm = clip_update(self.global_parameters, result, self.clip_update_norm)
+                if clipped is not result:
+                    screening.clipped[result.client_id] = norm
+                result = clipped
+            screening.accepted.append(result)
+        return screening
 
     def aggregate(self, server_round: int, results: Sequence[ClientResult]) -> AggregationResult:
         """The strategy's aggregate of ``results`` (not adopted yet)."""

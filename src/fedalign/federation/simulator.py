@@ -11,6 +11,14 @@ Everything is seeded from ``federated.seed``: client sampling per round and each
 shuffling and dropout per (round, client), so a resumed run matches an uninterrupted one.
 Run folders, progress bars and summaries are not this module's business
 (:mod:`fedalign.records`, :mod:`fedalign.experiments.run`).
+
+Failing clients: ``federated.fault-rate`` > 0 injects faults (``raise``, ``vanish``,
+``hang``) drawn from ``federated.fault-seed`` per (round, client), independent of every
+other random stream. A failed client contributes nothing; the results that arrive are
+screened (:meth:`ServerState.screen`), and the round is aggregated when at least
+``federated.min-clients`` of them are valid, else :class:`~fedalign.errors.FederationError`
+stops the run (the previous round's checkpoint stays resumable). Every failure and
+rejection is in the round's ``extra`` (``failed_clients``, ``rejected_clients``).
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedalign.client import LossTerm, Prepared, run_client_round, total_local_steps
 from fedalign.config import ExperimentConfig
+from fedalign.errors import FederationError
 from fedalign.federation.evaluation import evaluate_global
 from fedalign.federation.rounds import RoundOutcome, evaluation_due
 from fedalign.federation.sampling import sample_clients
@@ -30,6 +40,30 @@ from fedalign.federation.server import ServerState, strategy_from_config
 from fedalign.protocol import ClientResult, tensor_bytes
 
 Tensor = torch.Tensor
+
+FAULT_REASONS = {
+    "raise": "raised an error (injected fault)",
+    "vanish": "vanished: no reply (injected fault)",
+    "hang": "timed out: no reply before the deadline (injected hang)",
+}
+"""What the metrics line says about a client that failed with each kind of fault."""
+
+
+class InjectedFault(RuntimeError):
+    """The exception an injected ``raise`` fault throws inside a client round."""
+
+
+def injected_fault(
+    fault_seed: int, server_round: int, client_id: int, rate: float, kinds: list[str]
+) -> str | None:
+    """The fault (a kind of ``kinds``) client ``client_id`` suffers in ``server_round``, or
+    None. Drawn from its own stream, seeded by ``(fault_seed, round, client)``."""
+    if rate <= 0:
+        return None
+    rng = np.random.default_rng([fault_seed, server_round, client_id, 0xFA17])
+    if rng.random() >= rate:
+        return None
+    return kinds[int(rng.integers(len(kinds)))]
 
 
 class Simulator:
@@ -48,7 +82,11 @@ class Simulator:
         self.model = prepared.model
         self.data = prepared.data
         strategy = strategy_from_config(config, self.model.layout)
-        self.server = ServerState(strategy, self.model.trainable_state())
+        self.server = ServerState(
+            strategy,
+            self.model.trainable_state(),
+            clip_update_norm=config.federated.clip_update_norm,
+        )
         # what persists per client between its rounds (never a model copy)
         self.optimizer_states: dict[int, dict[str, Any]] = {}
         # further client loss terms (see fedalign.client.losses); empty by default
@@ -81,38 +119,72 @@ class Simulator:
             self.config.federated.min_local_test,
         )
 
+    def _client_round(self, server_round: int, client_id: int, instructions: Any) -> Any:
+        """One client's round, or :class:`InjectedFault` / None for an injected fault."""
+        federated = self.config.federated
+        fault = injected_fault(
+            federated.fault_seed,
+            server_round,
+            client_id,
+            federated.fault_rate,
+            federated.fault_kinds,
+        )
+        if fault == "raise":
+            raise InjectedFault(FAULT_REASONS["raise"])
+        if fault is not None:
+            return fault
+        return run_client_round(
+            self.model,
+            self.data,
+            self.config,
+            server_round,
+            client_id,
+            self.server.global_parameters,
+            instructions,
+            self.optimizer_states.get(client_id),
+            extra_terms=self.extra_terms,
+            on_step=self.on_step,
+        )
+
     def _train_clients(
         self, server_round: int, selected: list[int]
-    ) -> tuple[list[ClientResult], dict[int, dict[str, int]]]:
+    ) -> tuple[list[ClientResult], dict[int, dict[str, int]], dict[int, str]]:
         instructions = self.server.instructions(server_round, selected)
         results: list[ClientResult] = []
         per_client: dict[int, dict[str, int]] = {}
+        failed: dict[int, str] = {}
         for client_id in selected:
-            done = run_client_round(
-                self.model,
-                self.data,
-                self.config,
-                server_round,
-                client_id,
-                self.server.global_parameters,
-                instructions[client_id],
-                self.optimizer_states.get(client_id),
-                extra_terms=self.extra_terms,
-                on_step=self.on_step,
-            )
+            try:
+                done = self._client_round(server_round, client_id, instructions[client_id])
+            except InjectedFault as error:
+                failed[client_id] = str(error)
+                continue
+            if isinstance(done, str):
+                failed[client_id] = FAULT_REASONS[done]
+                continue
             if done.optimizer_state is not None:
                 self.optimizer_states[client_id] = done.optimizer_state
             results.append(done.result)
             per_client[client_id] = {"sent": done.bytes_sent, "received": done.bytes_received}
-        return results, per_client
+        return results, per_client, failed
 
     def run_round(self, server_round: int) -> RoundOutcome:
         """Train the round's clients, aggregate, adopt, and evaluate when due."""
         started = time.perf_counter()
         selected = self.selected(server_round)
-        results, per_client = self._train_clients(server_round, selected)
+        arrived, per_client, failed = self._train_clients(server_round, selected)
         train_seconds = time.perf_counter() - started
         aggregation_started = time.perf_counter()
+        screening = self.server.screen(arrived)
+        results = screening.accepted
+        minimum = self.config.federated.min_clients
+        if len(results) < minimum:
+            raise FederationError(
+                f"round {server_round}: {len(results)} valid client result(s) of "
+                f"{len(selected)} selected, fewer than federated.min-clients = {minimum} "
+                f"(failed: {failed or 'none'}; rejected: {screening.rejected or 'none'}); "
+                "the run stops here, the last checkpoint can be resumed"
+            )
         aggregation = self.server.aggregate(server_round, results)
         aggregation_seconds = time.perf_counter() - aggregation_started
         self.server.adopt(server_round, aggregation)
@@ -128,6 +200,7 @@ class Simulator:
             aggregation_seconds=aggregation_seconds,
             client_state_bytes=self.client_state_bytes(),
             evaluation=self.evaluate() if due else None,
+            extra=round_extra(failed, screening.rejected, screening.clipped),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -137,3 +210,23 @@ class Simulator:
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
         self.server.load_state_dict(payload)
         self.optimizer_states = payload["optimizer_states"]
+
+
+def round_extra(
+    failed: Mapping[int, str], rejected: Mapping[int, str], clipped: Mapping[int, float]
+) -> dict[str, Any]:
+    """The metrics line's record of a round's failures, rejections and clipped updates.
+
+    ``failed_clients`` lists the clients without a result (as the Flower ServerApp does),
+    ``failure_reasons`` says why; ``rejected_clients`` maps each rejected client to the
+    reason; ``clipped_clients`` (only when some update was clipped) maps a client to its
+    update norm before clipping.
+    """
+    extra: dict[str, Any] = {
+        "failed_clients": sorted(failed),
+        "failure_reasons": {str(k): v for k, v in sorted(failed.items())},
+        "rejected_clients": {str(k): v for k, v in sorted(rejected.items())},
+    }
+    if clipped:
+        extra["clipped_clients"] = {str(k): round(v, 6) for k, v in sorted(clipped.items())}
+    return extra

@@ -392,10 +392,13 @@ class FlowerOptions:
         Seconds the ServerApp waits for a SuperNode of every partition to connect.
     round_timeout : float, default 3600.0
         Seconds the ServerApp waits for the replies of one round.
+    overwrite : bool, default False
+        Replace a run held in ``run.out`` (otherwise such a folder is refused).
     """
 
     discovery_timeout: float = 600.0
     round_timeout: float = 3600.0
+    overwrite: bool = False
 
 
 def config_from_run_config(
@@ -433,6 +436,14 @@ def config_from_run_config(
                 raise ConfigError(
                     f"unknown run config key {key!r}; accepted in [flower]: {accepted}"
                 )
+            if field_name == "overwrite":
+                flag = str(value).lower()
+                if flag not in ("true", "false", "1", "0"):
+                    raise ConfigError(
+                        f"run config key {key!r} expects true or false (got {value!r})"
+                    )
+                options.overwrite = flag in ("true", "1")
+                continue
             try:
                 setattr(options, field_name, float(value))
             except (TypeError, ValueError) as error:

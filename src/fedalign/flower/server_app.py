@@ -35,7 +35,7 @@ from fedalign.federation import RoundOutcome, evaluate_global, evaluation_due, s
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
 from fedalign.protocol import tensor_bytes
-from fedalign.records import RunFolder, RunSummary
+from fedalign.records import RunFolder, RunSummary, claim_run_folder
 
 app = ServerApp()
 
@@ -89,7 +89,10 @@ class RunFolderRecords:
             client_state_bytes=tensor_bytes(server.personal_parameters)
             + sum(self.optimizer_state_bytes.values()),
             evaluation=evaluation,
-            extra={"failed_clients": report.failed},
+            extra={
+                "failed_clients": report.failed,
+                "rejected_clients": {str(k): v for k, v in sorted(report.rejected.items())},
+            },
         )
         line = self.folder.record_round(outcome, server.strategy.name)
         self.folder.save_checkpoint({**server.state_dict(), "optimizer_states": {}})
@@ -143,6 +146,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
     out_dir = default_out_dir(config)
     log(INFO, "Run folder: %s", out_dir)
     prepared = prepare(config, include_train=False)
+    claim_run_folder(out_dir, overwrite=options.overwrite, command="flwr run")
     folder = RunFolder(out_dir, run_label(config.strategy.name, config.strategy.ablation))
     folder.start_fresh()
     folder.write_setup(config, prepared.data.report, prepared.model.layout)
@@ -157,6 +161,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         fingerprint=model_fingerprint(prepared.model),
         on_round=records,
         discovery_timeout=options.discovery_timeout,
+        clip_update_norm=config.federated.clip_update_norm,
     )
     strategy.start(
         grid=grid,

@@ -22,9 +22,10 @@ it returns become the round's MetricRecord and the server-side evaluation result
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -200,6 +201,9 @@ class RoundReport:
     train_seconds : float
         From configuring the round to having every reply (transport included).
     aggregation_seconds : float
+    rejected : dict of int to str, default empty
+        Clients whose reply failed validation (:meth:`ServerState.screen`), with the reason;
+        they are not in ``replies`` and were never aggregated.
     """
 
     server_round: int
@@ -212,6 +216,7 @@ class RoundReport:
     started: float
     train_seconds: float
     aggregation_seconds: float
+    rejected: dict[int, str] = field(default_factory=dict)
 
 
 RoundCallback = Callable[[RoundReport], Mapping[str, Any]]
@@ -249,6 +254,8 @@ class FlowerStrategy(FlwrStrategy):
         metrics (a line of ``metrics.jsonl``).
     discovery_timeout : float, default 600.0
         Seconds :func:`discover_partitions` may wait.
+    clip_update_norm : float, default 0.0
+        ``federated.clip-update-norm`` (0 = off), see :meth:`ServerState.screen`.
     """
 
     def __init__(
@@ -263,10 +270,13 @@ class FlowerStrategy(FlwrStrategy):
         fingerprint: str = "",
         on_round: RoundCallback | None = None,
         discovery_timeout: float = 600.0,
+        clip_update_norm: float = 0.0,
     ) -> None:
         self.strategy = strategy
         self.server = ServerState(
-            strategy, {k: v.detach().clone() for k, v in global_parameters.items()}
+            strategy,
+            {k: v.detach().clone() for k, v in global_parameters.items()},
+            clip_update_norm=clip_update_norm,
         )
         self.num_clients = num_clients
         self.seed = seed
@@ -364,10 +374,20 @@ class FlowerStrategy(FlwrStrategy):
         failed = sorted(set(failed) | (set(pending.selected) - received))
         if failed:
             log(WARNING, "round %d: no result from clients %s", server_round, failed)
+        decoded.sort(key=lambda r: r.result.client_id)
+        screening = self.server.screen([r.result for r in decoded])
+        for client_id, reason in screening.rejected.items():
+            log(WARNING, "round %d: rejected client %s: %s", server_round, client_id, reason)
+        accepted = {result.client_id: result for result in screening.accepted}
+        kept: list[ClientReply] = []
+        for client_reply in decoded:  # the screened (maybe clipped) result, once per client
+            result = accepted.pop(client_reply.result.client_id, None)
+            if result is not None:
+                kept.append(dataclasses.replace(client_reply, result=result))
+        decoded = kept
         if not decoded:
             log(WARNING, "round %d: no client result, the global model is unchanged", server_round)
             return None, None
-        decoded.sort(key=lambda r: r.result.client_id)
         train_seconds = time.perf_counter() - pending.started
         aggregation_started = time.perf_counter()
         outcome = self.server.aggregate(server_round, [r.result for r in decoded])
@@ -389,6 +409,7 @@ class FlowerStrategy(FlwrStrategy):
                 started=pending.started,
                 train_seconds=train_seconds,
                 aggregation_seconds=aggregation_seconds,
+                rejected=screening.rejected,
             )
             line = dict(self.on_round(report))
         self.lines[server_round] = line

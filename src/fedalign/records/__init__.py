@@ -16,7 +16,17 @@ from fedalign.records.files import (
     write_jsonl,
 )
 from fedalign.records.plots import plot_convergence
-from fedalign.records.run_folder import RunFolder, RunSummary, peak_memory_mib, routing_snapshot
+from fedalign.records.run_folder import (
+    RunFolder,
+    RunSummary,
+    check_resumable,
+    claim_run_folder,
+    config_fingerprint,
+    config_identity,
+    peak_memory_mib,
+    routing_snapshot,
+    run_marker,
+)
 
 __all__ = [
     "RunFolder",
@@ -24,10 +34,15 @@ __all__ = [
     "RunSummary",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_resumable",
+    "claim_run_folder",
+    "config_fingerprint",
+    "config_identity",
     "peak_memory_mib",
     "plot_convergence",
     "read_jsonl",
     "routing_snapshot",
+    "run_marker",
     "save_state",
     "to_jsonable",
     "write_jsonl",

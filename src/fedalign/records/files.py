@@ -73,9 +73,23 @@ def save_state(path: Path, state: Mapping[str, Tensor]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file ([] when it is missing).
+
+    A last line that does not parse (a write torn by a kill mid-append) is dropped; a bad
+    line anywhere else raises ``json.JSONDecodeError``.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().split("\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # torn last line
+            raise
+    return rows
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -15,11 +15,20 @@ Layout::
 
 :class:`RunFolder` turns :class:`~fedalign.federation.RoundOutcome` objects into these
 lines; the simulator and the Flower ServerApp both write through it.
+
+A folder that holds a run (a ``config.toml`` or ``metrics.jsonl``) is never replaced
+silently: :func:`claim_run_folder` refuses it unless the caller resumes or overwrites. The
+checkpoint records the package version and :func:`config_fingerprint`, and
+:meth:`RunFolder.resume` refuses a checkpoint written by an incompatible version or for a
+different configuration, naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import fedalign
 from fedalign.config import ExperimentConfig
 from fedalign.data import PartitionReport
+from fedalign.errors import RunFolderError
 from fedalign.federation import RoundOutcome
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import RoutingStatistics
@@ -39,6 +50,147 @@ from fedalign.records.plots import plot_convergence
 from fedalign.routing import routing_divergence, semantic_dispersion
 
 Tensor = torch.Tensor
+
+RUN_MARKERS = ("config.toml", "metrics.jsonl")
+"""Files whose presence means a folder holds a run."""
+
+REPLACED_ON_OVERWRITE = (
+    "checkpoint",
+    "summary.json",
+    "final_state.safetensors",
+    "convergence.png",
+    "report",
+)
+"""What ``--overwrite`` deletes besides the JSON-lines records (which are emptied)."""
+
+
+# ----------------------------------------------------------------- folder guard
+def run_marker(folder: Path) -> str | None:
+    """The first of :data:`RUN_MARKERS` present in ``folder`` (None: it holds no run)."""
+    folder = Path(folder)
+    return next((name for name in RUN_MARKERS if (folder / name).exists()), None)
+
+
+def claim_run_folder(
+    folder: Path, *, resume: bool = False, overwrite: bool = False, command: str = "run"
+) -> None:
+    """Refuse to write a run into a folder that holds another one.
+
+    Parameters
+    ----------
+    folder : Path
+        The output folder (need not exist).
+    resume : bool, default False
+        The caller continues the run in ``folder`` from its checkpoint.
+    overwrite : bool, default False
+        The caller replaces the run in ``folder``.
+    command : str, default "run"
+        The command named in the message (``run``, ``compare``).
+
+    Raises
+    ------
+    RunFolderError
+        When both flags are given, or ``folder`` holds a run (a ``config.toml`` or
+        ``metrics.jsonl``) and neither is.
+    """
+    if resume and overwrite:
+        raise RunFolderError(f"fedalign {command}: give --resume or --overwrite, not both")
+    marker = run_marker(folder)
+    if marker is not None and not (resume or overwrite):
+        raise RunFolderError(
+            f"output folder {str(folder)!r} already holds a run ({marker} found); give "
+            "--resume to continue it from its checkpoint or --overwrite to replace it"
+        )
+
+
+# ------------------------------------------------------------ resume identity
+NOT_IDENTITY = ("federated.rounds",)
+"""Keys outside the ``[run]`` section that a resume may change (it may extend the rounds)."""
+
+
+def config_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """``config.to_dict()`` without the ``[run]`` section and ``federated.rounds``, flat.
+
+    Two configurations with the same identity produce the same rounds, so a checkpoint of
+    one can be resumed with the other.
+    """
+    flat = {
+        f"{section}.{key}": value
+        for section, values in config.to_dict().items()
+        if section != "run"
+        for key, value in values.items()
+    }
+    for key in NOT_IDENTITY:
+        flat.pop(key, None)
+    return flat
+
+
+def config_fingerprint(config: ExperimentConfig) -> str:
+    """SHA-256 of :func:`config_identity` (sorted JSON)."""
+    text = json.dumps(config_identity(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _release(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def versions_compatible(saved: str, current: str) -> bool:
+    """Whether a checkpoint of version ``saved`` resumes under ``current``: same
+    ``major.minor`` (0.1.0 and 0.1.3 are compatible, 0.1.x and 0.2.0 are not)."""
+    return _release(saved) == _release(current)
+
+
+def check_resumable(
+    payload: Mapping[str, Any], config: ExperimentConfig, folder: Path | str = ""
+) -> None:
+    """Raise :class:`RunFolderError` unless ``payload`` (a checkpoint) fits ``config``.
+
+    Parameters
+    ----------
+    payload : mapping
+        The checkpoint, with ``fedalign_version``, ``config_fingerprint`` and
+        ``config_identity`` (written by :meth:`RunFolder.save_checkpoint`).
+    config : ExperimentConfig
+        The configuration of the resumed run.
+    folder : Path or str, default ""
+        Named in the messages.
+
+    Raises
+    ------
+    RunFolderError
+        When the checkpoint records no version, an incompatible version
+        (:func:`versions_compatible`) or another configuration; the message names the
+        versions or every differing key with both values.
+    """
+    where = f"checkpoint in {str(folder)!r}"
+    saved_version = payload.get("fedalign_version")
+    current = fedalign.__version__
+    if saved_version is None:
+        raise RunFolderError(
+            f"{where} records no fedalign version (written before version checks); it "
+            "cannot be resumed safely, give --overwrite to start again"
+        )
+    if not versions_compatible(str(saved_version), current):
+        raise RunFolderError(
+            f"{where} was written by fedalign {saved_version}, incompatible with this "
+            f"fedalign {current} (major.minor must agree); give --overwrite to start again"
+        )
+    if payload.get("config_fingerprint") == config_fingerprint(config):
+        return
+    saved = dict(payload.get("config_identity") or {})
+    current_identity = config_identity(config)
+    differences = [
+        f"{key}: checkpoint {saved.get(key, '<absent>')!r}, now "
+        f"{current_identity.get(key, '<absent>')!r}"
+        for key in sorted(set(saved) | set(current_identity))
+        if saved.get(key, "<absent>") != current_identity.get(key, "<absent>")
+    ]
+    detail = "; ".join(differences) if differences else "fingerprints differ"
+    raise RunFolderError(
+        f"{where} was written for another configuration ({detail}); resume with the "
+        "same settings (only federated.rounds and [run] may change) or give --overwrite"
+    )
 
 
 def peak_memory_mib() -> float:
@@ -114,27 +266,50 @@ class RunFolder:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.completed_rounds = 0
+        self.config: ExperimentConfig | None = None
 
     # ------------------------------------------------------------------ setup
     def write_setup(
         self, config: ExperimentConfig, report: PartitionReport, layout: MoELayout
     ) -> None:
-        config.save(self.folder / "config.toml")
+        """Write the configuration, partition and layout; later checkpoints record the
+        configuration's fingerprint."""
+        self.config = config
+        self.recorder.write_text("config.toml", config.to_toml())
         self.recorder.write_text("partition.md", report.to_markdown() + "\n")
         self.recorder.write_text("partition.csv", report.to_csv())
         self.recorder.write_json("partition.json", report.to_dict())
         self.recorder.write_json("layout.json", layout.to_dict())
 
     def start_fresh(self) -> None:
-        """Forget every round (a new run in this folder)."""
+        """Forget every round and delete the checkpoint and final files (a new run here)."""
+        for name in REPLACED_ON_OVERWRITE:
+            path = self.folder / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
         self.recorder.truncate(0)
 
-    def resume(self) -> dict[str, Any] | None:
-        """The checkpoint's payload, with the records cut back to its round (None: none)."""
+    def resume(self, config: ExperimentConfig | None = None) -> dict[str, Any] | None:
+        """The checkpoint's payload, with the records cut back to its round (None: none).
+
+        Parameters
+        ----------
+        config : ExperimentConfig or None, default None
+            When given, the checkpoint must fit it (:func:`check_resumable`).
+
+        Raises
+        ------
+        RunFolderError
+            When the checkpoint does not fit ``config`` (nothing is changed then).
+        """
         payload = self.recorder.load_checkpoint()
         if payload is None:
             self.recorder.truncate(0)
             return None
+        if config is not None:
+            check_resumable(payload, config, self.folder)
         self.completed_rounds = int(payload["round"])
         self.elapsed = float(payload["elapsed"])
         self.bytes_sent = int(payload["bytes_sent"])
@@ -194,13 +369,19 @@ class RunFolder:
         return line
 
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        """Atomically save ``state`` (the federation's) with the folder's running totals."""
+        """Atomically save ``state`` (the federation's) with the folder's running totals,
+        the package version and (after :meth:`write_setup`) the configuration's identity."""
+        identity: dict[str, Any] = {"fedalign_version": fedalign.__version__}
+        if self.config is not None:
+            identity["config_fingerprint"] = config_fingerprint(self.config)
+            identity["config_identity"] = config_identity(self.config)
         self.recorder.save_checkpoint(
             {
                 **state,
                 "elapsed": self.elapsed,
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
+                **identity,
             }
         )
 

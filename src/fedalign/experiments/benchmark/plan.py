@@ -68,6 +68,9 @@ class BenchmarkOptions:
         Keep each finished run's checkpoint and final parameters.
     dry_run : bool
         Only list the planned runs and their status.
+    overwrite : bool, default False
+        Replace run folders that hold a run of another configuration (status
+        ``"differs"``); without it such a folder stops the benchmark before anything runs.
     """
 
     suite: str = "main"
@@ -87,6 +90,7 @@ class BenchmarkOptions:
     reports: bool = True
     keep_states: bool = False
     dry_run: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -181,16 +185,18 @@ def same_experiment(a: ExperimentConfig, b: ExperimentConfig) -> bool:
 
 
 def run_status(run: PlannedRun) -> str:
-    """``"finished"`` (reuse), ``"resume"`` (interrupted, same config) or ``"new"``."""
+    """``"finished"`` (reuse), ``"resume"`` (interrupted, same config), ``"new"`` (nothing
+    there, or the same config that never checkpointed) or ``"differs"`` (the folder holds a
+    run of another or an unreadable configuration: replaced only with ``overwrite``)."""
     config_path = run.folder / "config.toml"
     if not config_path.exists():
-        return "new"
+        return "differs" if (run.folder / "metrics.jsonl").exists() else "new"
     try:
         saved = ExperimentConfig.from_toml(config_path)
     except ConfigError:
-        return "new"
+        return "differs"
     if not same_experiment(saved, run.config):
-        return "new"
+        return "differs"
     if (run.folder / "summary.json").exists():
         return "finished"
     if (run.folder / "checkpoint" / "state.pt").exists():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedalign.config import ExperimentConfig
+from fedalign.errors import RunFolderError
 from fedalign.experiments.benchmark.page import write_command, write_results
 from fedalign.experiments.benchmark.plan import (
     BenchmarkOptions,
@@ -59,7 +60,15 @@ def _run_one(
         if stale.exists():
             stale.unlink()  # a different configuration finished here before
         log(f"{where}: running")
-    summary = run_experiment(run.config, run.folder, prepared=prepared, resume=status == "resume")
+    # "new" may be a folder of the same config that never checkpointed, or (with
+    # --overwrite, checked by run_benchmark) one of another config: replaced either way
+    summary = run_experiment(
+        run.config,
+        run.folder,
+        prepared=prepared,
+        resume=status == "resume",
+        overwrite=status != "resume",
+    )
     log(
         f"{where}: final accuracy {summary.final_accuracy:.4f} "
         f"({summary.seconds:.1f}s, {summary.seconds_per_round:.1f}s/round)"
@@ -79,6 +88,7 @@ def execute_plan(
     prepared: dict[tuple[float, int], Any] = {}
     for index, run in enumerate(runs, start=1):
         status = run_status(run)
+        status = "new" if status == "differs" else status  # run_benchmark allowed it
         counts[status] += 1
         where = f"[{index}/{len(runs)}] alpha={run.alpha:g} seed={run.seed} {run.label}"
         if status == "finished":
@@ -108,6 +118,13 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
         for run in runs:
             log(f"{run_status(run):>8}  {run.folder}")
         return out
+    conflicts = [run.folder for run in runs if run_status(run) == "differs"]
+    if conflicts and options.execute and not options.overwrite:
+        raise RunFolderError(
+            f"{len(conflicts)} run folder(s) of this benchmark hold runs of another "
+            f"configuration, e.g. {str(conflicts[0])!r}; give --overwrite to replace them "
+            "or --out for another results folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(suite.path, out / "suite.toml")
     atomic_write_text(out / "base_config.toml", base.to_toml())

@@ -18,12 +18,11 @@ way (``fedalign:consistency`` or the run label ``fedalign-consistency``).
 from __future__ import annotations
 
 import copy
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedalign.config import ConfigError, ExperimentConfig, run_label
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedalign.config import ConfigError, run_label
 from fedalign.records import read_jsonl
