@@ -12,6 +12,7 @@ medians over repeats and their ratio (the machines are noisy: read ratios, not s
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -147,6 +148,166 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
     return rows
 
 
+# ------------------------------------------------------------------------ backbone suite
+BACKBONE_VARIANTS = ("moefication", "copy")
+
+
+def matmul_flop_rate(size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a float32 ``size``-cubed matrix product on this process's threads."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    seconds = _median_seconds(lambda: a @ b, repeats)
+    return 2.0 * size**3 / seconds
+
+
+def router_grad_norm(model: Any, batch: Any) -> float:
+    """L2 norm over all routers of the task loss's gradient (the model is left unchanged)."""
+    import torch.nn.functional as F
+
+    from fedalign.training import forward_logits
+
+    params = dict(model.model.named_parameters())
+    routers = [params[n] for n in sorted(model.full_layout.router_param_names()) if n in params]
+    model.model.eval()  # no dropout: the same numbers for every variant
+    logits = forward_logits(model, batch)
+    loss = F.cross_entropy(logits.float(), batch.labels)
+    grads = torch.autograd.grad(loss, routers, allow_unused=True)
+    squares = [float((g.float() ** 2).sum()) for g in grads if g is not None]
+    return float(sum(squares) ** 0.5)
+
+
+@torch.no_grad()
+def routing_entropy(model: Any, data: Any, batch_size: int = 128) -> float:
+    """Mean per-token entropy of the routing softmax over real tokens and layers, in nats."""
+    from fedalign.models import RoutingCapture
+    from fedalign.training import forward_logits
+
+    model.model.eval()
+    total, count = 0.0, 0
+    with RoutingCapture(model.taps, detach=True) as capture:
+        for start in range(0, len(data), batch_size):
+            batch = data.select(torch.arange(start, min(start + batch_size, len(data))))
+            capture.set_token_mask(batch.attention_mask)
+            forward_logits(model, batch)
+            for logits, _hidden in capture.pop().values():
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                total += float(-(logp.exp() * logp).sum())
+                count += int(logits.shape[0])
+    return total / max(count, 1)
+
+
+def central_accuracy(
+    config: ExperimentConfig, expert_init: str, top_k: int, steps: int, prepared: Any = None
+) -> tuple[float, Any]:
+    """Test accuracy after ``steps`` centralised steps on the pooled training data.
+
+    Returns the accuracy and the prepared data (reused by the next variant).
+    """
+    from fedalign.simulation import Simulation
+    from fedalign.strategies.base import TrainInstructions
+    from fedalign.training import evaluate, train_local
+
+    variant = config.copy()
+    variant.model.expert_init = expert_init
+    variant.model.top_k = top_k
+    variant.train.local_steps = steps
+    simulation = Simulation(variant, Path("runs/bench/central"), prepared=prepared, log=None)
+    model, data = simulation.model, simulation.data
+    train_local(
+        model,
+        data.train,
+        TrainInstructions(),
+        variant.train,
+        global_parameters=simulation.global_parameters,
+        seed=variant.federated.seed,
+    )
+    return evaluate(model, data.test).accuracy, data
+
+
+def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, float]:
+    """One round of ``config`` with ``expert_init``: every federated row of the suite."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedalign.simulation import Simulation
+    from fedalign.strategies.base import TrainInstructions
+
+    variant = config.copy()
+    variant.model.expert_init = expert_init
+    variant.federated.rounds = 1
+    variant.run.progress = False
+    simulation = Simulation(variant, Path(f"runs/bench/backbone-{expert_init}"), log=None)
+    model, data = simulation.model, simulation.data
+    probe = data.test.select(torch.arange(min(128, len(data.test))))
+    row: dict[str, float] = {"router_grad_init": router_grad_norm(model, probe)}
+    line = simulation.run_round(1)
+    model.load_trainable_state(simulation.global_parameters)
+    row["router_grad_round1"] = router_grad_norm(model, probe)
+    row["entropy"] = routing_entropy(model, data.test)
+    js = [v["mean_js"] for v in line["routing_divergence"].values()]
+    row["js"] = float(sum(js) / len(js))
+    usage = [v["mean_usage_js"] for v in line["routing_divergence"].values()]
+    row["usage_js"] = float(sum(usage) / len(usage))
+    row["round_s"] = float(line["seconds"])
+    row["train_s"] = float(line["train_seconds"])
+    received = [v["received"] for v in line["bytes_per_client"].values()]
+    row["upload_mib"] = float(sum(received) / len(received)) / 2**20
+    # achieved FLOP rate of one client's local epoch: FLOPs counted on one untimed pass,
+    # time from a second, uncounted pass of the same work (same seed, same batches)
+    client = int(max(range(data.num_clients), key=lambda c: len(data.client_train[c])))
+    with FlopCounterMode(display=False) as counter:
+        simulation._train_client(2, client, TrainInstructions())
+    started = time.perf_counter()
+    simulation._train_client(2, client, TrainInstructions())
+    row["flop_rate"] = counter.get_total_flops() / (time.perf_counter() - started)
+    return row
+
+
+def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> str:
+    """The backbone table (issue 10): MoEfied vs copy-upcycled, measured in one run."""
+    matmul = matmul_flop_rate()
+    rows = {init: backbone_variant(config, init) for init in BACKBONE_VARIANTS}
+    experts = config.model.num_experts
+    dense, prepared = central_accuracy(config, "moefication", experts, central_steps)
+    moefied, _ = central_accuracy(config, "moefication", config.model.top_k, central_steps, prepared)
+    copied, _ = central_accuracy(config, "copy", config.model.top_k, central_steps, prepared)
+    m, c = rows["moefication"], rows["copy"]
+    k = config.model.top_k
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    lines = [
+        f"| what | MoEfied (top-{k}) | copy-upcycled (top-{k}) | MoEfied / copy |",
+        "|---|---|---|---|",
+        f"| router grad norm from task loss, at init | {m['router_grad_init']:.3g} | "
+        f"{c['router_grad_init']:.3g} | {ratio(m['router_grad_init'], c['router_grad_init'])} |",
+        f"| router grad norm, after round 1 (one local epoch a client) | "
+        f"{m['router_grad_round1']:.3g} | {c['router_grad_round1']:.3g} | "
+        f"{ratio(m['router_grad_round1'], c['router_grad_round1'])} |",
+        f"| per-token routing entropy after round 1 (nats; uniform = "
+        f"{math.log(experts):.3f}) | {m['entropy']:.3f} | {c['entropy']:.3f} | "
+        f"{ratio(m['entropy'], c['entropy'])} |",
+        f"| between-client JS of routing distributions, round 1 (alpha "
+        f"{config.partition.alpha}) | {m['js']:.3g} | {c['js']:.3g} | {ratio(m['js'], c['js'])} |",
+        f"| between-client JS of top-k usage shares, round 1 | {m['usage_js']:.3g} | "
+        f"{c['usage_js']:.3g} | {ratio(m['usage_js'], c['usage_js'])} |",
+        f"| round time (s, train + eval + records) | {m['round_s']:.2f} | {c['round_s']:.2f} | "
+        f"{ratio(m['round_s'], c['round_s'])} |",
+        f"| local training time of the round (s) | {m['train_s']:.2f} | {c['train_s']:.2f} | "
+        f"{ratio(m['train_s'], c['train_s'])} |",
+        f"| upload per client per round (MiB) | {m['upload_mib']:.2f} | {c['upload_mib']:.2f} | "
+        f"{ratio(m['upload_mib'], c['upload_mib'])} |",
+        f"| local training FLOP rate / float32 2048^3 matmul rate ({matmul / 1e9:.0f} GFLOP/s) | "
+        f"{m['flop_rate'] / matmul:.1%} | {c['flop_rate'] / matmul:.1%} | "
+        f"{ratio(m['flop_rate'], c['flop_rate'])} |",
+        f"| centralised test accuracy, {central_steps} steps (dense MiniLM FFN = "
+        f"MoEfied top-{experts}: {dense:.3f}) | {moefied:.3f} | {copied:.3f} | "
+        f"{ratio(moefied, copied)} |",
+    ]
+    return "\n".join(lines)
+
+
 def _token_ids_for(simulation: Any, indices: torch.Tensor) -> torch.Tensor:
     """Token ids of pooled-train rows (tokenized again; the simulation keeps only the cache)."""
     from fedalign.data import build_federated_data, tokenize_dataset
@@ -180,8 +341,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fedalign.cli import config_from_args
 
     config = config_from_args(args)
-    rows = run_bench(config, repeats=args.repeats)
-    table = format_table(rows)
+    if args.suite == "backbone":
+        table = run_backbone_suite(config, central_steps=args.central_steps)
+    else:
+        table = format_table(run_bench(config, repeats=args.repeats))
     print(table)
     if args.out_table:
         Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
@@ -200,5 +363,17 @@ def register_cli(subparsers: Any) -> None:
     )
     add_experiment_options(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument(
+        "--suite",
+        choices=("design", "backbone"),
+        default="design",
+        help="design: the simulator's choices (default); backbone: MoEfied vs copy-upcycled",
+    )
+    parser.add_argument(
+        "--central-steps",
+        type=int,
+        default=300,
+        help="backbone suite: steps of the centralised quality comparison",
+    )
     parser.add_argument("--out-table", type=Path, help="also write the table (Markdown) here")
     parser.set_defaults(handler=_cmd_bench)

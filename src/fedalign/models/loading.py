@@ -212,7 +212,7 @@ def _supported_message() -> str:
 
 
 # ------------------------------------------------------------------------------- builders
-SAMPLE_TEXTS = 256
+SAMPLE_TEXTS = 128
 """Glosses of the embedded WordNet text that MoEfication clusters and fits its router on."""
 
 

@@ -88,13 +88,14 @@ def balanced_kmeans(
     Tensor
         ``(n,)`` int64 labels, each cluster of size ``n / num_clusters``.
     """
-    points = points.detach().double()
+    points = points.detach().float()
     generator = torch.Generator().manual_seed(seed)
     first = torch.randperm(points.shape[0], generator=generator)[:num_clusters]
     centroids = points[first].clone()  # (k, d)
     labels = torch.full((points.shape[0],), -1, dtype=torch.int64)
     for _ in range(iterations):
-        distances = torch.cdist(points, centroids)  # (n, k)
+        # squared distance up to the per-point constant |x|^2 (ranks are what matter)
+        distances = (centroids * centroids).sum(dim=1) - 2.0 * points @ centroids.T  # (n, k)
         new_labels = balanced_assign(distances)
         if torch.equal(new_labels, labels):
             break
