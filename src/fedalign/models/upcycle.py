@@ -254,6 +254,79 @@ def upcycle_bert_layer(
     output.dense = nn.Identity()
 
 
+def _packable(layer: Any) -> bool:
+    attention = getattr(layer, "attention", None)
+    return (
+        attention is not None
+        and hasattr(attention, "self")
+        and hasattr(attention.self, "query")
+        and not getattr(layer, "is_decoder", False)
+        and getattr(layer, "chunk_size_feed_forward", 0) == 0
+    )
+
+
+def packed_bert_layer(layer: Any, hidden: Tensor, mask: Tensor | None, index: Tensor) -> Tensor:
+    """``BertLayer.forward`` with every per-token operation on the real tokens only.
+
+    The linear maps, LayerNorms and the FFN / MoE run on the ``n`` rows ``index`` of the
+    flattened ``(B*T, H)`` hidden states; the attention product and every dropout run on
+    the padded ``(B, T, ...)`` shapes, so they draw the same random numbers as the plain
+    layer. Real tokens get the plain layer's numbers; padded rows come out as zeros (the
+    attention mask hides them from real tokens and pooling ignores them).
+
+    Parameters
+    ----------
+    layer : BertLayer
+    hidden : Tensor
+        ``(B, T, H)``.
+    mask : Tensor or None
+        The attention mask the plain layer gets.
+    index : Tensor
+        ``(n,)`` rows of the real tokens in ``hidden.reshape(B*T, H)``.
+    """
+    from transformers.models.bert.modeling_bert import (
+        ALL_ATTENTION_FUNCTIONS,
+        eager_attention_forward,
+    )
+
+    batch, length, width = hidden.shape
+    rows = batch * length
+
+    def spread(values: Tensor) -> Tensor:  # (n, D) -> (B, T, D), zeros at padding
+        full = values.new_zeros(rows, values.shape[-1]).index_copy(0, index, values)
+        return full.reshape(batch, length, -1)
+
+    def gather(values: Tensor) -> Tensor:  # (B, T, D) -> (n, D)
+        return values.reshape(rows, -1).index_select(0, index)
+
+    attention = layer.attention
+    self_attention = attention.self
+    real = gather(hidden)  # (n, H)
+    heads = (batch, length, -1, self_attention.attention_head_size)
+    query = spread(self_attention.query(real)).view(heads).transpose(1, 2)  # (B, h, T, d)
+    key = spread(self_attention.key(real)).view(heads).transpose(1, 2)
+    value = spread(self_attention.value(real)).view(heads).transpose(1, 2)
+    interface: Any = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self_attention.config._attn_implementation, eager_attention_forward
+    )
+    context, _ = interface(
+        self_attention,
+        query,
+        key,
+        value,
+        mask,
+        dropout=0.0 if not self_attention.training else self_attention.dropout.p,
+        scaling=self_attention.scaling,
+    )
+    context = gather(context.reshape(batch, length, -1))  # (n, H)
+    self_output = attention.output
+    projected = gather(self_output.dropout(spread(self_output.dense(context))))
+    attended = self_output.LayerNorm(projected + real)  # (n, H)
+    ffn = layer.output.dense(layer.intermediate(attended))  # (n, H)
+    ffn = gather(layer.output.dropout(spread(ffn)))
+    return spread(layer.output.LayerNorm(ffn + attended))  # (B, T, H)
+
+
 class EncoderClassifier(nn.Module):
     """Mean-pooled linear classification head on a BERT-style or Switch encoder.
 
@@ -281,6 +354,8 @@ class EncoderClassifier(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
         self.prefix_layers = 0
+        # run the layers after the prefix on real tokens only (see packed_bert_layer)
+        self.pack_tokens = True
 
     # --- pooling and head -------------------------------------------------
     def _head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -321,9 +396,15 @@ class EncoderClassifier(nn.Module):
         moe_layers = [m for m in self.modules() if isinstance(m, UpcycledMoE)]
         for moe in moe_layers:
             moe.token_mask = attention_mask.reshape(-1).bool()
+        keep = attention_mask.reshape(-1).bool()  # (B*T,)
+        packed = self.pack_tokens and not bool(keep.all())
+        index = torch.nonzero(keep).reshape(-1)  # (n,) real-token rows
         try:
             for layer in self._layers()[start:]:
-                hidden = layer(hidden, mask)
+                if packed and _packable(layer):
+                    hidden = packed_bert_layer(layer, hidden, mask, index)
+                else:
+                    hidden = layer(hidden, mask)
         finally:
             for moe in moe_layers:
                 moe.token_mask = None
