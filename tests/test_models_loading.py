@@ -256,7 +256,7 @@ def test_saved_dense_bert_folder_is_upcycled(
     dense.save_pretrained(tmp_path)
     minilm_tokenizer.save_pretrained(tmp_path)
 
-    moe = _load(str(tmp_path), num_experts=4, top_k=2, upcycle_layers=3)
+    moe = _load(str(tmp_path), num_experts=4, top_k=2, upcycle_layers=3, expert_init="copy")
     assert moe.architecture == "bert"
     assert [layer.name for layer in moe.full_layout.layers] == [
         f"encoder.encoder.layer.{i}.intermediate" for i in (1, 2, 3)

@@ -251,3 +251,30 @@ def test_expert_init_is_validated_naming_the_key() -> None:
 def test_moefication_needs_a_divisible_width() -> None:
     with pytest.raises(ConfigError, match="divisible"):
         load_moe_model(ModelConfig(name="tiny-upcycled", num_experts=3, top_k=2), num_labels=3)
+
+
+@pytest.mark.parametrize("init", ["moefication", "copy"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_packed_layers_give_the_plain_layers_numbers(
+    init: str, train_mode: bool, minilm_batch: dict[str, Tensor]
+) -> None:
+    """Real tokens only after the prefix: same logits and gradients, dropout draws included."""
+    moe = load_moe_model(ModelConfig(name="tiny-upcycled", expert_init=init), num_labels=3)
+    model = moe.model
+    assert isinstance(model, EncoderClassifier) and model.pack_tokens
+    ids, mask = minilm_batch["input_ids"], minilm_batch["attention_mask"]
+    model.train(train_mode)
+    results = []
+    for pack in (True, False):
+        model.pack_tokens = pack
+        model.zero_grad()
+        torch.manual_seed(5)
+        logits = moe.classify(ids, mask)
+        logits.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logits.detach(), grads))
+    (packed, packed_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-6)
+    assert len(packed_grads) == len(plain_grads) > 0
+    for a, b in zip(packed_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,13 @@ medians over repeats and their ratio (the machines are noisy: read ratios, not s
 * the upcycled MoE with padding tokens skipping the experts vs every token routed;
 * FedAlign-MoE's server aggregation vs FedAvg's on the same client results;
 * the bytes kept per client (optimizer state on) vs one copy of the model.
+
+``--suite backbone`` (issue 10) compares the MoEfied backbone with the copy-upcycled one on
+the given configuration, everything in one run: the router's task gradient at init and
+after one round, per-token routing entropy and between-client JS divergence of routing after
+one round, round time, upload bytes per client, the achieved FLOP rate of local training as
+a fraction of a float32 matrix product measured in the same run, and a short centralised
+accuracy comparison with the dense FFN (MoEfied at top-k = E, which is the dense FFN).
 """
 
 from __future__ import annotations
