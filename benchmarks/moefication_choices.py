@@ -32,17 +32,27 @@ def main() -> None:
     fit_texts = [texts[i] for i in range(0, step * 256, 2 * step)]
     held_texts = [texts[i] for i in range(step, step * 256, 2 * step)]
     E = 8
-    print("| layer | clustering | router | top-k | oracle mass share | oracle rel. error "
-          "| router top-k overlap (chance k/E) | router rel. error |")
+    print(
+        "| layer | clustering | router | top-k | oracle mass share | oracle rel. error "
+        "| router top-k overlap (chance k/E) | router rel. error |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for layer in (4, 5):
         batches = []
         for chosen in (fit_texts, held_texts):
-            enc = tokenizer(chosen, padding=True, truncation=True, max_length=48, return_tensors="pt")
-            batches.append(ffn_inputs(encoder, [layer], enc["input_ids"], enc["attention_mask"])[layer])
+            enc = tokenizer(
+                chosen, padding=True, truncation=True, max_length=48, return_tensors="pt"
+            )
+            batches.append(
+                ffn_inputs(encoder, [layer], enc["input_ids"], enc["attention_mask"])[layer]
+            )
         fit_x, held_x = batches
         ffn = encoder.encoder.layer[layer]
-        fc_in, act, fc_out = ffn.intermediate.dense, ffn.intermediate.intermediate_act_fn, ffn.output.dense
+        fc_in, act, fc_out = (
+            ffn.intermediate.dense,
+            ffn.intermediate.intermediate_act_fn,
+            ffn.output.dense,
+        )
         with torch.no_grad():
             fit_a = act(fc_in(fit_x))
             held_a = act(fc_in(held_x))  # (N, I)
@@ -65,16 +75,22 @@ def main() -> None:
                 }
                 for k in (1, 2, 4):
                     true_top = mass.topk(k, dim=1).indices
-                    oracle = contrib.gather(1, true_top[:, :, None].expand(-1, -1, contrib.shape[2])).sum(1)
+                    oracle = contrib.gather(
+                        1, true_top[:, :, None].expand(-1, -1, contrib.shape[2])
+                    ).sum(1)
                     share = float((mass.gather(1, true_top).sum(1) / mass.sum(1)).mean())
                     oracle_err = float((oracle - dense).norm() / dense.norm())
                     for rname, weight in routers.items():
                         top = (held_x @ weight.T).topk(k, dim=1).indices
                         hit = (top[:, :, None] == true_top[:, None, :]).any(-1).float().mean()
-                        out = contrib.gather(1, top[:, :, None].expand(-1, -1, contrib.shape[2])).sum(1)
+                        out = contrib.gather(
+                            1, top[:, :, None].expand(-1, -1, contrib.shape[2])
+                        ).sum(1)
                         err = float((out - dense).norm() / dense.norm())
-                        print(f"| {layer} | {clustering} | {rname} | {k} | {share:.3f} | "
-                              f"{oracle_err:.3f} | {float(hit):.3f} ({k / E:.3f}) | {err:.3f} |")
+                        print(
+                            f"| {layer} | {clustering} | {rname} | {k} | {share:.3f} | "
+                            f"{oracle_err:.3f} | {float(hit):.3f} ({k / E:.3f}) | {err:.3f} |"
+                        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ def main() -> None:
     torch.set_num_threads(1)
     base = ExperimentConfig.from_toml("configs/demo.toml")
     base.run.progress = False
-    print("| gating | top-k | load-balance coef | central acc (300 steps) | router grad init "
-          "| router grad round 1 | entropy | JS | round s |")
+    print(
+        "| gating | top-k | load-balance coef | central acc (300 steps) | router grad init "
+        "| router grad round 1 | entropy | JS | round s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     prepared = None
     for gating, top_k, balance in VARIANTS:
@@ -38,9 +40,12 @@ def main() -> None:
         config.model.load_balance_coef = balance
         accuracy, prepared = central_accuracy(config, "moefication", top_k, 300, prepared)
         row = backbone_variant(config, "moefication")
-        print(f"| {gating} | {top_k} | {balance} | {accuracy:.3f} | {row['router_grad_init']:.3g} "
-              f"| {row['router_grad_round1']:.3g} | {row['entropy']:.3f} | {row['js']:.3g} "
-              f"| {row['round_s']:.2f} |", flush=True)
+        print(
+            f"| {gating} | {top_k} | {balance} | {accuracy:.3f} | {row['router_grad_init']:.3g} "
+            f"| {row['router_grad_round1']:.3g} | {row['entropy']:.3f} | {row['js']:.3g} "
+            f"| {row['round_s']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

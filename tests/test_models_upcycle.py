@@ -120,8 +120,12 @@ def test_experts_start_identical_copies_of_the_dense_ffn(name: str) -> None:
 
 def test_router_init_std() -> None:
     """router_noise_std sets the router's init; 0 gives a zero router (uniform routing)."""
-    zero = load_moe_model(ModelConfig(name="tiny-upcycled", router_noise_std=0.0, expert_init="copy"), 3)
-    wide = load_moe_model(ModelConfig(name="tiny-upcycled", router_noise_std=0.5, expert_init="copy"), 3)
+    zero = load_moe_model(
+        ModelConfig(name="tiny-upcycled", router_noise_std=0.0, expert_init="copy"), 3
+    )
+    wide = load_moe_model(
+        ModelConfig(name="tiny-upcycled", router_noise_std=0.5, expert_init="copy"), 3
+    )
     for layer in zero.full_layout.layers:
         assert torch.count_nonzero(zero.model.get_submodule(layer.name).router.weight) == 0
     for layer in wide.full_layout.layers:

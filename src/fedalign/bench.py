@@ -276,7 +276,9 @@ def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> st
     rows = {init: backbone_variant(config, init) for init in BACKBONE_VARIANTS}
     experts = config.model.num_experts
     dense, prepared = central_accuracy(config, "moefication", experts, central_steps)
-    moefied, _ = central_accuracy(config, "moefication", config.model.top_k, central_steps, prepared)
+    moefied, _ = central_accuracy(
+        config, "moefication", config.model.top_k, central_steps, prepared
+    )
     copied, _ = central_accuracy(config, "copy", config.model.top_k, central_steps, prepared)
     m, c = rows["moefication"], rows["copy"]
     k = config.model.top_k

@@ -216,7 +216,9 @@ SAMPLE_TEXTS = 128
 """Glosses of the embedded WordNet text that MoEfication clusters and fits its router on."""
 
 
-def sample_text(tokenizer: Any, max_length: int, count: int = SAMPLE_TEXTS) -> tuple[Tensor, Tensor]:
+def sample_text(
+    tokenizer: Any, max_length: int, count: int = SAMPLE_TEXTS
+) -> tuple[Tensor, Tensor]:
     """``count`` glosses spread evenly over the embedded WordNet file, tokenized.
 
     Unlabelled text only (the labels are never read); returns ``input_ids`` and

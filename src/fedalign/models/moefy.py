@@ -158,8 +158,10 @@ def centroid_router(fc_in_weight: Tensor, labels: Tensor, num_groups: int) -> Te
 
 
 # -------------------------------------------------------------------------- layer builders
-def split_expert(fc_in: nn.Linear, activation: nn.Module, fc_out: nn.Linear, neurons: Tensor) -> UpcycledExpert:
-    """The sub-FFN on ``neurons``: rows of ``fc_in`` (with bias), columns of ``fc_out`` (no bias)."""
+def split_expert(
+    fc_in: nn.Linear, activation: nn.Module, fc_out: nn.Linear, neurons: Tensor
+) -> UpcycledExpert:
+    """The sub-FFN on ``neurons``: rows of ``fc_in`` (and bias), columns of ``fc_out``."""
     width = int(neurons.numel())
     part_in = nn.Linear(fc_in.in_features, width, bias=fc_in.bias is not None)
     part_out = nn.Linear(width, fc_out.out_features, bias=False)
@@ -218,7 +220,9 @@ def moefy_ffn(
             profiles = activations.T - activations.T.mean(dim=1, keepdim=True)  # (I, N)
             profiles = profiles / profiles.norm(dim=1, keepdim=True).clamp(min=1e-12)
             labels = balanced_kmeans(profiles, num_experts, seed=seed)
-            router = fit_router(sample_hidden, group_activation_mass(activations, labels, num_experts))
+            router = fit_router(
+                sample_hidden, group_activation_mass(activations, labels, num_experts)
+            )
         else:
             rows = fc_in.weight / fc_in.weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
             labels = balanced_kmeans(rows, num_experts, seed=seed)
@@ -228,9 +232,7 @@ def moefy_ffn(
         for e in range(num_experts)
     ]
     bias = fc_out.bias.detach() if fc_out.bias is not None else None
-    moe = UpcycledMoE.from_experts(
-        experts, top_k, gating, router_weight=router, output_bias=bias
-    )
+    moe = UpcycledMoE.from_experts(experts, top_k, gating, router_weight=router, output_bias=bias)
     return moe, labels
 
 
@@ -243,7 +245,7 @@ def drop_upcycle_expert(
     normal distributions with the mean and std of the original tensors (Nakamura et al.).
     """
     width = expert.fc_in.out_features
-    count = int(round(fraction * width))
+    count = round(fraction * width)
     if count == 0:
         return
     neurons = torch.randperm(width, generator=generator)[:count]

@@ -249,7 +249,9 @@ def upcycle_bert_layer(
                 assert isinstance(expert, UpcycledExpert)
                 moefy.drop_upcycle_expert(expert, drop_fraction)
     else:
-        raise ValueError(f"expert_init must be one of {list(moefy.EXPERT_INITS)} (got {expert_init!r})")
+        raise ValueError(
+            f"expert_init must be one of {list(moefy.EXPERT_INITS)} (got {expert_init!r})"
+        )
     layer.intermediate = moe
     output.dense = nn.Identity()
 
@@ -289,7 +291,7 @@ def packed_bert_layer(layer: Any, hidden: Tensor, mask: Tensor | None, index: Te
         eager_attention_forward,
     )
 
-    batch, length, width = hidden.shape
+    batch, length, _width = hidden.shape
     rows = batch * length
 
     def spread(values: Tensor) -> Tensor:  # (n, D) -> (B, T, D), zeros at padding
