@@ -29,6 +29,8 @@ from fedalign.models.upcycle import UpcycledExpert, UpcycledMoE
 Tensor = torch.Tensor
 
 EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
+ROUTER_LOGIT_STD = 1.0
+"""Spread (std) of the fitted router's logits on the sample text (:func:`fit_router`)."""
 
 
 # ------------------------------------------------------------------------------ pure math
@@ -125,11 +127,11 @@ def group_activation_mass(activations: Tensor, labels: Tensor, num_groups: int) 
     return mass.index_add_(1, labels, activations.clamp(min=0))
 
 
-def fit_router(hidden: Tensor, mass: Tensor, ridge: float = 1e-3) -> Tensor:
+def fit_router(hidden: Tensor, mass: Tensor, ridge: float = 1e-3, logit_std: float = 1.0) -> Tensor:
     """Least-squares router ``W`` (``(E, H)``) with ``hidden @ W.T`` ~ standardised ``mass``.
 
-    The targets are centred per token (softmax ignores a per-token shift) and divided by
-    their overall std, so the fitted logits spread by about one unit.
+    The targets are centred per token (softmax ignores a per-token shift) and scaled to
+    std ``logit_std``, which sets how peaked the initial routing distributions are.
 
     Parameters
     ----------
@@ -139,11 +141,12 @@ def fit_router(hidden: Tensor, mass: Tensor, ridge: float = 1e-3) -> Tensor:
         ``(N, E)`` per-group activation mass (:func:`group_activation_mass`).
     ridge : float, default 1e-3
         Ridge term, relative to the mean diagonal of ``hidden.T @ hidden``.
+    logit_std : float, default 1.0
     """
     x = hidden.double()
     y = mass.double()
     y = y - y.mean(dim=1, keepdim=True)
-    y = y / y.std().clamp(min=1e-12)
+    y = logit_std * y / y.std().clamp(min=1e-12)
     gram = x.T @ x  # (H, H)
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     weight = torch.linalg.solve(gram, x.T @ y)  # (H, E)
@@ -220,9 +223,8 @@ def moefy_ffn(
             profiles = activations.T - activations.T.mean(dim=1, keepdim=True)  # (I, N)
             profiles = profiles / profiles.norm(dim=1, keepdim=True).clamp(min=1e-12)
             labels = balanced_kmeans(profiles, num_experts, seed=seed)
-            router = fit_router(
-                sample_hidden, group_activation_mass(activations, labels, num_experts)
-            )
+            mass = group_activation_mass(activations, labels, num_experts)
+            router = fit_router(sample_hidden, mass, logit_std=ROUTER_LOGIT_STD)
         else:
             rows = fc_in.weight / fc_in.weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
             labels = balanced_kmeans(rows, num_experts, seed=seed)
