@@ -73,7 +73,7 @@ def test_backbone_suite_prints_one_table_moefied_vs_copy(
     assert code == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| what | MoEfied (top-2) | copy-upcycled (top-2)")
-    assert len(lines) == 1 + 10
+    assert len(lines) == 1 + 12
     assert "router grad norm from task loss, at init" in lines[1]
     init = lines[1].split("|")
     assert float(init[2]) > 1e-4 > float(init[3])  # MoEfied router learns, copies' does not

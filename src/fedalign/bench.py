@@ -232,10 +232,17 @@ def central_accuracy(
     return evaluate(model, data.test).accuracy, data
 
 
-def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, float]:
-    """One round of ``config`` with ``expert_init``: every federated row of the suite."""
+def backbone_variant(
+    config: ExperimentConfig, expert_init: str, pack_tokens: bool = True
+) -> dict[str, float]:
+    """One round of ``config`` with ``expert_init``: every federated row of the suite.
+
+    ``pack_tokens=False`` runs the layers after the prefix on padded batches (the code path
+    before issue 10).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fedalign.models import EncoderClassifier
     from fedalign.simulation import Simulation
     from fedalign.strategies.base import TrainInstructions
 
@@ -245,6 +252,8 @@ def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, fl
     variant.run.progress = False
     simulation = Simulation(variant, Path(f"runs/bench/backbone-{expert_init}"), log=None)
     model, data = simulation.model, simulation.data
+    if isinstance(model.model, EncoderClassifier):
+        model.model.pack_tokens = pack_tokens
     probe = data.test.select(torch.arange(min(128, len(data.test))))
     row: dict[str, float] = {"router_grad_init": router_grad_norm(model, probe)}
     line = simulation.run_round(1)
@@ -274,6 +283,7 @@ def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> st
     """The backbone table (issue 10): MoEfied vs copy-upcycled, measured in one run."""
     matmul = matmul_flop_rate()
     rows = {init: backbone_variant(config, init) for init in BACKBONE_VARIANTS}
+    old = backbone_variant(config, "copy", pack_tokens=False)
     experts = config.model.num_experts
     dense, prepared = central_accuracy(config, "moefication", experts, central_steps)
     moefied, _ = central_accuracy(
@@ -305,6 +315,10 @@ def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> st
         f"{ratio(m['round_s'], c['round_s'])} |",
         f"| local training time of the round (s) | {m['train_s']:.2f} | {c['train_s']:.2f} | "
         f"{ratio(m['train_s'], c['train_s'])} |",
+        f"| round time (s), copy on the padded path before issue 10 | {m['round_s']:.2f} | "
+        f"{old['round_s']:.2f} | {ratio(m['round_s'], old['round_s'])} |",
+        f"| local training time (s), copy on the padded path before issue 10 | "
+        f"{m['train_s']:.2f} | {old['train_s']:.2f} | {ratio(m['train_s'], old['train_s'])} |",
         f"| upload per client per round (MiB) | {m['upload_mib']:.2f} | {c['upload_mib']:.2f} | "
         f"{ratio(m['upload_mib'], c['upload_mib'])} |",
         f"| local training FLOP rate / float32 2048^3 matmul rate ({matmul / 1e9:.0f} GFLOP/s) | "
