@@ -51,6 +51,8 @@ def test_backbone_suite_prints_one_table_moefied_vs_copy(
             "backbone",
             "--central-steps",
             "3",
+            "--repeats",
+            "1",
             "--model",
             "tiny-upcycled",
             "--max-train-examples",

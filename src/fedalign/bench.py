@@ -156,9 +156,6 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
 
 
 # ------------------------------------------------------------------------ backbone suite
-BACKBONE_VARIANTS = ("moefication", "copy")
-
-
 def matmul_flop_rate(size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a float32 ``size``-cubed matrix product on this process's threads."""
     generator = torch.Generator().manual_seed(0)
@@ -232,58 +229,115 @@ def central_accuracy(
     return evaluate(model, data.test).accuracy, data
 
 
-def backbone_variant(
-    config: ExperimentConfig, expert_init: str, pack_tokens: bool = True
-) -> dict[str, float]:
-    """One round of ``config`` with ``expert_init``: every federated row of the suite.
-
-    ``pack_tokens=False`` runs the layers after the prefix on padded batches (the code path
-    before issue 10).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _variant_simulation(
+    config: ExperimentConfig, expert_init: str, pack_tokens: bool, rounds: int
+) -> Any:
     from fedalign.models import EncoderClassifier
     from fedalign.simulation import Simulation
-    from fedalign.strategies.base import TrainInstructions
 
     variant = config.copy()
     variant.model.expert_init = expert_init
-    variant.federated.rounds = 1
+    variant.federated.rounds = rounds
+    variant.federated.eval_every = 1
     variant.run.progress = False
-    simulation = Simulation(variant, Path(f"runs/bench/backbone-{expert_init}"), log=None)
-    model, data = simulation.model, simulation.data
-    if isinstance(model.model, EncoderClassifier):
-        model.model.pack_tokens = pack_tokens
-    probe = data.test.select(torch.arange(min(128, len(data.test))))
-    row: dict[str, float] = {"router_grad_init": router_grad_norm(model, probe)}
-    line = simulation.run_round(1)
-    model.load_trainable_state(simulation.global_parameters)
-    row["router_grad_round1"] = router_grad_norm(model, probe)
-    row["entropy"] = routing_entropy(model, data.test)
-    js = [v["mean_js"] for v in line["routing_divergence"].values()]
-    row["js"] = float(sum(js) / len(js))
-    usage = [v["mean_usage_js"] for v in line["routing_divergence"].values()]
-    row["usage_js"] = float(sum(usage) / len(usage))
-    row["round_s"] = float(line["seconds"])
-    row["train_s"] = float(line["train_seconds"])
-    received = [v["received"] for v in line["bytes_per_client"].values()]
-    row["upload_mib"] = float(sum(received) / len(received)) / 2**20
-    # achieved FLOP rate of one client's local epoch: FLOPs counted on one untimed pass,
-    # time from a second, uncounted pass of the same work (same seed, same batches)
+    out = Path(f"runs/bench/backbone-{expert_init}-{'packed' if pack_tokens else 'padded'}")
+    simulation = Simulation(variant, out, log=None)
+    if isinstance(simulation.model.model, EncoderClassifier):
+        simulation.model.model.pack_tokens = pack_tokens
+    return simulation
+
+
+def _client_flops_and_seconds(simulation: Any) -> tuple[float, float]:
+    """FLOPs of the largest client's local epoch (counted on an untimed pass) and the
+    seconds of a second, uncounted pass of the same work (same seed, same batches)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedalign.strategies.base import TrainInstructions
+
+    data = simulation.data
     client = int(max(range(data.num_clients), key=lambda c: len(data.client_train[c])))
     with FlopCounterMode(display=False) as counter:
-        simulation._train_client(2, client, TrainInstructions())
+        simulation._train_client(1, client, TrainInstructions())
     started = time.perf_counter()
-    simulation._train_client(2, client, TrainInstructions())
-    row["flop_rate"] = counter.get_total_flops() / (time.perf_counter() - started)
-    return row
+    simulation._train_client(1, client, TrainInstructions())
+    return float(counter.get_total_flops()), time.perf_counter() - started
 
 
-def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> str:
+def backbone_measurements(
+    config: ExperimentConfig, variants: dict[str, tuple[str, bool]], repeats: int = 3
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Every federated row of the suite for each variant, timings interleaved.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+    variants : dict of str to (expert_init, pack_tokens)
+    repeats : int, default 3
+        Rounds run per variant, variants interleaved round by round; times are medians
+        over them (the machine is shared: one slow spell then hits every variant alike).
+        Routing and gradient rows come from round 1.
+
+    Returns
+    -------
+    rows : dict of str to dict
+        Per variant: ``router_grad_init``, ``router_grad_round1``, ``entropy``, ``js``,
+        ``usage_js``, ``upload_mib``, ``round_s``, ``train_s``, ``flop_rate``.
+    matmul : float
+        Median float32 matrix-product FLOP/s measured between the repeats.
+    """
+    sims = {name: _variant_simulation(config, *v, rounds=repeats) for name, v in variants.items()}
+    rows: dict[str, dict[str, float]] = {name: {} for name in sims}
+    probes = {}
+    for name, sim in sims.items():
+        probes[name] = sim.data.test.select(torch.arange(min(128, len(sim.data.test))))
+        rows[name]["router_grad_init"] = router_grad_norm(sim.model, probes[name])
+    rounds: dict[str, list[float]] = {name: [] for name in sims}
+    trains: dict[str, list[float]] = {name: [] for name in sims}
+    clients: dict[str, list[float]] = {name: [] for name in sims}
+    flops: dict[str, float] = {}
+    matmuls = []
+    for server_round in range(1, repeats + 1):
+        matmuls.append(matmul_flop_rate())
+        for name, sim in sims.items():
+            line = sim.run_round(server_round)
+            rounds[name].append(float(line["seconds"]))
+            trains[name].append(float(line["train_seconds"]))
+            if server_round == 1:
+                row = rows[name]
+                sim.model.load_trainable_state(sim.global_parameters)
+                row["router_grad_round1"] = router_grad_norm(sim.model, probes[name])
+                row["entropy"] = routing_entropy(sim.model, sim.data.test)
+                divergence = line["routing_divergence"].values()
+                row["js"] = statistics.mean(v["mean_js"] for v in divergence)
+                row["usage_js"] = statistics.mean(v["mean_usage_js"] for v in divergence)
+                received = [v["received"] for v in line["bytes_per_client"].values()]
+                row["upload_mib"] = statistics.mean(received) / 2**20
+        for name, sim in sims.items():
+            counted, seconds = _client_flops_and_seconds(sim)
+            flops[name] = counted
+            clients[name].append(seconds)
+    for name in sims:
+        rows[name]["round_s"] = statistics.median(rounds[name])
+        rows[name]["train_s"] = statistics.median(trains[name])
+        rows[name]["flop_rate"] = flops[name] / statistics.median(clients[name])
+    return rows, statistics.median(matmuls)
+
+
+def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, float]:
+    """The federated rows of one variant alone (one round; for design-choice scripts)."""
+    rows, _matmul = backbone_measurements(config, {expert_init: (expert_init, True)}, 1)
+    return rows[expert_init]
+
+
+def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300, repeats: int = 3) -> str:
     """The backbone table (issue 10): MoEfied vs copy-upcycled, measured in one run."""
-    matmul = matmul_flop_rate()
-    rows = {init: backbone_variant(config, init) for init in BACKBONE_VARIANTS}
-    old = backbone_variant(config, "copy", pack_tokens=False)
+    variants = {
+        "moefication": ("moefication", True),
+        "copy": ("copy", True),
+        "copy-padded": ("copy", False),
+    }
+    rows, matmul = backbone_measurements(config, variants, repeats)
+    old = rows["copy-padded"]
     experts = config.model.num_experts
     dense, prepared = central_accuracy(config, "moefication", experts, central_steps)
     moefied, _ = central_accuracy(
@@ -311,7 +365,8 @@ def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300) -> st
         f"{config.partition.alpha}) | {m['js']:.3g} | {c['js']:.3g} | {ratio(m['js'], c['js'])} |",
         f"| between-client JS of top-k usage shares, round 1 | {m['usage_js']:.3g} | "
         f"{c['usage_js']:.3g} | {ratio(m['usage_js'], c['usage_js'])} |",
-        f"| round time (s, train + eval + records) | {m['round_s']:.2f} | {c['round_s']:.2f} | "
+        f"| round time (s, train + eval + records; median of {repeats} rounds) | "
+        f"{m['round_s']:.2f} | {c['round_s']:.2f} | "
         f"{ratio(m['round_s'], c['round_s'])} |",
         f"| local training time of the round (s) | {m['train_s']:.2f} | {c['train_s']:.2f} | "
         f"{ratio(m['train_s'], c['train_s'])} |",
@@ -365,7 +420,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.suite == "backbone":
-        table = run_backbone_suite(config, central_steps=args.central_steps)
+        table = run_backbone_suite(config, central_steps=args.central_steps, repeats=args.repeats)
     else:
         table = format_table(run_bench(config, repeats=args.repeats))
     print(table)
@@ -385,7 +440,12 @@ def register_cli(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_experiment_options(parser)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed repeats (median); the backbone suite: rounds per variant, interleaved",
+    )
     parser.add_argument(
         "--suite",
         choices=("design", "backbone"),
