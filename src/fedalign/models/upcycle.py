@@ -1,14 +1,20 @@
-"""Sparse upcycling of a dense BERT-style encoder into an MoE classifier.
+"""Dense BERT-style encoder into an MoE classifier: the MoE layer and the classifier.
 
-Each chosen FFN (``intermediate.dense`` -> activation -> ``output.dense``) is copied into
-``E`` experts and a fresh router with top-k routing is added (Komatsuzaki et al. 2023,
-"Sparse Upcycling"). Because the top-k weights are renormalised to sum to one and every
-expert starts identical, the upcycled model reproduces the dense model's hidden states at
-initialisation. The residual connection, dropout and LayerNorm of ``BertOutput`` stay shared
-(``output.dense`` becomes the identity and its weights move into the experts).
+The expert initialisations other than copying (MoEfication, Drop-Upcycling) live in
+:mod:`fedalign.models.moefy`; :func:`upcycle_encoder` dispatches on ``expert_init``.
+
+With ``copy``, each chosen FFN (``intermediate.dense`` -> activation -> ``output.dense``)
+is copied into ``E`` experts and a fresh router with top-k routing is added
+(Komatsuzaki et al. 2023, "Sparse Upcycling"). Because the top-k weights are renormalised
+to sum to one and every expert starts identical, the upcycled model reproduces the dense
+model's hidden states at initialisation. The residual connection, dropout and LayerNorm of
+``BertOutput`` stay shared (``output.dense`` becomes the identity and its weights move into
+the experts).
 
 :class:`EncoderClassifier` adds mean pooling and a linear head, and splits the forward pass
-at the first trainable layer so the simulator can cache the frozen prefix's outputs.
+at the first trainable layer so the simulator can cache the frozen prefix's outputs; the
+layers after the prefix run their per-token work on real tokens only
+(:func:`packed_bert_layer`).
 """
 
 from __future__ import annotations
