@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 # The options every case shares: a tiny upcycled encoder on WordNet glosses.
 BASE = {
     "model.name": "tiny-upcycled",
+    "model.expert-init": "copy",
     "model.max-length": 24,
     "model.load-balance-coef": 0.0,
     "model.router-noise-std": 0.02,

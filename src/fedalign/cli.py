@@ -7,7 +7,7 @@ Subcommands:
   results table and a convergence plot;
 * ``fedalign benchmark``: the paper's grid of strategies x alphas x seeds;
 * ``fedalign report``: figures of routers and experts for a run folder;
-* ``fedalign bench`` (registered by :mod:`fedalign.bench`).
+* ``fedalign bench``: speed, memory and backbone measurements (:mod:`fedalign.experiments.bench`).
 
 This is the only module that sees argparse: the subcommands turn their options into typed
 arguments of :mod:`fedalign.experiments` (e.g. :class:`~fedalign.experiments.BenchmarkOptions`).
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from fedalign import experiments
-from fedalign.bench import register_cli as register_bench
 from fedalign.config import (
     ConfigError,
     ExperimentConfig,
@@ -35,6 +34,7 @@ from fedalign.config import (
     strategy_options,
 )
 from fedalign.errors import FedAlignError
+from fedalign.experiments import bench
 from fedalign.experiments.run import run_experiment
 
 # option name -> (config key, type, help)
@@ -355,6 +355,52 @@ def _register_report(sub: Any) -> None:
     parser.set_defaults(handler=_cmd_report)
 
 
+# ----------------------------------------------------------------------------- bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.suite == "backbone":
+        table = bench.run_backbone_suite(
+            config, central_steps=args.central_steps, repeats=args.repeats
+        )
+    else:
+        table = bench.format_table(bench.run_bench(config, repeats=args.repeats))
+    print(table)
+    if args.out_table:
+        Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_table).write_text(table + "\n")
+    return 0
+
+
+def _register_bench(sub: Any) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="speed and memory ratios of the design choices; the backbone comparison",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_experiment_options(parser)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed repeats (median); the backbone suite: rounds per variant, interleaved",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=("design", "backbone"),
+        default="design",
+        help="design: the simulator's choices (default); backbone: MoEfied vs copy-upcycled",
+    )
+    parser.add_argument(
+        "--central-steps",
+        type=int,
+        default=300,
+        help="backbone suite: steps of the centralised quality comparison",
+    )
+    parser.add_argument("--out-table", type=Path, help="also write the table (Markdown) here")
+    parser.set_defaults(handler=_cmd_bench)
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -388,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_cmd_run)
 
-    for register in (_register_compare, _register_benchmark, _register_report, register_bench):
+    for register in (_register_compare, _register_benchmark, _register_report, _register_bench):
         register(sub)
     return parser
 

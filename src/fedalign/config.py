@@ -115,6 +115,8 @@ PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 FAULT_KINDS = ("raise", "vanish", "hang")
 """Kinds of injected client faults (``federated.fault-kinds``)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
+EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
+GATINGS = ("auto", "renormalize", "scaled", "straight-through")
 
 
 @dataclass
@@ -124,7 +126,8 @@ class ModelConfig:
     Parameters
     ----------
     name : str, default "upcycled-minilm"
-        ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, sparsely upcycled), a tiny
+        ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, its top FFNs turned into MoE
+        layers per ``expert_init``), a tiny
         test configuration (``tiny-qwen3moe``, ``tiny-qwen2moe``, ``tiny-mixtral``,
         ``tiny-switch``, ``tiny-upcycled``), a Hugging Face model id or a local folder.
     num_experts : int, default 8
@@ -149,6 +152,19 @@ class ModelConfig:
     cache_prefix : bool, default True
         For upcycled encoders whose lower layers are frozen, run the frozen prefix once per
         example and reuse its outputs every round (same numbers, far less compute).
+    expert_init : str, default "moefication"
+        How a dense encoder's FFN becomes experts (upcycled encoders only):
+        ``moefication`` (split the FFN's neurons into ``num_experts`` balanced groups, each
+        expert ``1/num_experts`` of the FFN, router fitted on sample text), ``copy`` (every
+        expert a full copy, fresh router; sparse upcycling) or ``drop-upcycling`` (copies
+        with a fraction ``drop_fraction`` of each copy's neurons re-initialised).
+    drop_fraction : float, default 0.5
+        Fraction of each copy's intermediate neurons re-initialised by ``drop-upcycling``.
+    gating : str, default "auto"
+        Weights of the selected experts' outputs: ``renormalize`` (top-k probabilities
+        renormalised to sum to one), ``scaled`` (the same times ``top_k``),
+        ``straight-through`` (exactly one in value, the probability's gradient) or ``auto``
+        (``straight-through`` for ``moefication``, ``renormalize`` otherwise).
     """
 
     name: str = "upcycled-minilm"
@@ -163,6 +179,15 @@ class ModelConfig:
     load_balance_coef: float = 0.0
     router_noise_std: float = 0.02
     cache_prefix: bool = True
+    expert_init: str = "moefication"
+    drop_fraction: float = 0.5
+    gating: str = "auto"
+
+    def resolved_gating(self) -> str:
+        """The gating ``auto`` stands for with this ``expert_init``."""
+        if self.gating != "auto":
+            return self.gating
+        return "straight-through" if self.expert_init == "moefication" else "renormalize"
 
 
 @dataclass
@@ -471,6 +496,10 @@ class ExperimentConfig:
         s.validate()
         _one_of("partition.method", p.method, PARTITION_METHODS)
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
+        _one_of("model.expert-init", m.expert_init, EXPERT_INITS)
+        _one_of("model.gating", m.gating, GATINGS)
+        if not 0.0 <= m.drop_fraction <= 1.0:
+            raise ConfigError(f"model.drop-fraction must be in [0, 1] (got {m.drop_fraction})")
         _positive("partition.num-clients", p.num_clients)
         if p.alpha <= 0:
             raise ConfigError(f"partition.alpha must be > 0 (got {p.alpha})")

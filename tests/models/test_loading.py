@@ -49,11 +49,13 @@ MOE_HEAD_PATTERNS = {
         r"|classifier\.(weight|bias)",
         2 * (1 + 4 * 2) + 2,
     ),
+    # MoEfied (the default): experts' fc_out has no bias; the FFN's output bias is counted
+    # once per layer (output_bias), trained with its block but not a routed expert
     "tiny-upcycled": (
         r"encoder\.encoder\.layer\.[23]\.intermediate\."
-        r"(router\.weight|experts\.[0-7]\.fc_(in|out)\.(weight|bias))"
+        r"(router\.weight|output_bias|experts\.[0-7]\.(fc_in\.(weight|bias)|fc_out\.weight))"
         r"|classifier\.(weight|bias)",
-        2 * (1 + 8 * 4) + 2,
+        2 * (1 + 1 + 8 * 3) + 2,
     ),
 }
 
@@ -256,7 +258,7 @@ def test_saved_dense_bert_folder_is_upcycled(
     dense.save_pretrained(tmp_path)
     minilm_tokenizer.save_pretrained(tmp_path)
 
-    moe = _load(str(tmp_path), num_experts=4, top_k=2, upcycle_layers=3)
+    moe = _load(str(tmp_path), num_experts=4, top_k=2, upcycle_layers=3, expert_init="copy")
     assert moe.architecture == "bert"
     assert [layer.name for layer in moe.full_layout.layers] == [
         f"encoder.encoder.layer.{i}.intermediate" for i in (1, 2, 3)
@@ -368,8 +370,8 @@ def test_moe_plus_head_trains_exactly_routers_experts_and_head(name: str) -> Non
     layout_names = moe.layout.router_param_names() | moe.layout.expert_param_names()
     head = _head_names(moe.model)
     # the always-on shared expert trains with its block but is not a routed expert
-    shared = {n for n in grads if ".shared_expert" in n}
-    assert bool(shared) == (name == "tiny-qwen2moe")
+    shared = {n for n in grads if ".shared_expert" in n or n.endswith(".output_bias")}
+    assert bool(shared) == (name in ("tiny-qwen2moe", "tiny-upcycled"))
     assert head and set(grads) == layout_names | head | shared
     assert not shared & layout_names
     assert moe.layout == moe.full_layout  # every MoE tensor trains here

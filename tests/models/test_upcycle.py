@@ -61,7 +61,7 @@ def _assert_matches_dense(moe: MoEModel, dense: Any, batch: dict[str, Tensor]) -
 
 def test_upcycled_minilm_reproduces_dense_hidden_states(minilm_batch: dict[str, Tensor]) -> None:
     """The real all-MiniLM-L6-v2, upcycled (E=8, top-2), equals the dense model at init."""
-    moe = load_moe_model(ModelConfig(name="upcycled-minilm"), num_labels=4)
+    moe = load_moe_model(ModelConfig(name="upcycled-minilm", expert_init="copy"), num_labels=4)
     assert [layer.name for layer in moe.full_layout.layers] == [
         "encoder.encoder.layer.4.intermediate",
         "encoder.encoder.layer.5.intermediate",
@@ -74,7 +74,8 @@ def test_tiny_upcycled_reproduces_dense_hidden_states(
     seed: int, minilm_batch: dict[str, Tensor]
 ) -> None:
     """tiny-upcycled equals the dense tiny BERT it was made from."""
-    moe = load_moe_model(ModelConfig(name="tiny-upcycled"), num_labels=3, seed=seed)
+    config = ModelConfig(name="tiny-upcycled", expert_init="copy")
+    moe = load_moe_model(config, num_labels=3, seed=seed)
     dense = _dense_tiny_bert(seed)
     # check the reconstruction: every dense tensor outside the FFNs is the same
     params = dict(moe.model.named_parameters())
@@ -88,7 +89,7 @@ def test_tiny_upcycled_reproduces_dense_hidden_states(
 @pytest.mark.parametrize("name", ["tiny-upcycled", "upcycled-minilm"])
 def test_experts_start_identical_copies_of_the_dense_ffn(name: str) -> None:
     """Each expert is a copy of the dense FFN; the router is (E, H) without bias."""
-    moe = load_moe_model(ModelConfig(name=name), num_labels=3)
+    moe = load_moe_model(ModelConfig(name=name, expert_init="copy"), num_labels=3)
     dense = _dense_tiny_bert(0) if name == "tiny-upcycled" else _dense_minilm()
     hidden = int(dense.config.hidden_size)
     state = {n: p.detach() for n, p in moe.model.named_parameters()}
@@ -119,8 +120,12 @@ def test_experts_start_identical_copies_of_the_dense_ffn(name: str) -> None:
 
 def test_router_init_std() -> None:
     """router_noise_std sets the router's init; 0 gives a zero router (uniform routing)."""
-    zero = load_moe_model(ModelConfig(name="tiny-upcycled", router_noise_std=0.0), 3)
-    wide = load_moe_model(ModelConfig(name="tiny-upcycled", router_noise_std=0.5), 3)
+    zero = load_moe_model(
+        ModelConfig(name="tiny-upcycled", router_noise_std=0.0, expert_init="copy"), 3
+    )
+    wide = load_moe_model(
+        ModelConfig(name="tiny-upcycled", router_noise_std=0.5, expert_init="copy"), 3
+    )
     for layer in zero.full_layout.layers:
         assert torch.count_nonzero(zero.model.get_submodule(layer.name).router.weight) == 0
     for layer in wide.full_layout.layers:

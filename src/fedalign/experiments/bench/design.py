@@ -1,4 +1,4 @@
-"""``fedalign bench``: speed and memory ratios of the simulator's design choices.
+"""``fedalign bench`` (design suite): ratios of the simulator's design choices, one run.
 
 Each row times two ways of doing the same work in one process, back to back, and reports
 medians over repeats and their ratio (the machines are noisy: read ratios, not seconds):
@@ -11,7 +11,6 @@ medians over repeats and their ratio (the machines are noisy: read ratios, not s
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -20,11 +19,16 @@ from typing import Any
 
 import torch
 
+from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
 from fedalign.config import ExperimentConfig
-from fedalign.protocol import tensor_bytes
+from fedalign.data import build_federated_data, tokenize_dataset
+from fedalign.experiments.run import Simulation
+from fedalign.models import UpcycledMoE
+from fedalign.protocol import TrainInstructions, tensor_bytes
+from fedalign.strategies import build_strategy
 
 
-def _median_seconds(work: Callable[[], object], repeats: int) -> float:
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
     work()  # warm-up
     times = []
     for _ in range(repeats):
@@ -36,12 +40,6 @@ def _median_seconds(work: Callable[[], object], repeats: int) -> float:
 
 def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]]:
     """Measure every row on ``config``'s model and data; returns the table rows."""
-    from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
-    from fedalign.experiments.run import Simulation
-    from fedalign.models import UpcycledMoE
-    from fedalign.protocol import TrainInstructions
-    from fedalign.strategies import build_strategy
-
     config = config.copy()
     config.run.progress = False
     config.federated.rounds = 1
@@ -71,8 +69,8 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
             labels=cached.labels,
             input_ids=input_ids[:, : cached.attention_mask.shape[1]],
         )
-        with_cache = _median_seconds(lambda: step(cached), repeats)
-        without = _median_seconds(lambda: step(recompute), repeats)
+        with_cache = median_seconds(lambda: step(cached), repeats)
+        without = median_seconds(lambda: step(recompute), repeats)
         rows.append(
             {
                 "what": f"training step, prefix of {prefix_layers} layers cached vs recomputed",
@@ -101,8 +99,8 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
             )
             forward_logits(model, full)
 
-        skip = _median_seconds(lambda: forward(True), repeats)
-        every = _median_seconds(lambda: forward(False), repeats)
+        skip = median_seconds(lambda: forward(True), repeats)
+        every = median_seconds(lambda: forward(False), repeats)
         real = float(batch.attention_mask.float().mean())
         rows.append(
             {
@@ -126,8 +124,8 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
     fedavg = build_strategy("fedavg", options, model.layout)
     fedalign = build_strategy("fedalign", options, model.layout)
     parameters = simulation.global_parameters
-    average = _median_seconds(lambda: fedavg.aggregate(1, parameters, results, {}), repeats)
-    aligned = _median_seconds(
+    average = median_seconds(lambda: fedavg.aggregate(1, parameters, results, {}), repeats)
+    aligned = median_seconds(
         lambda: fedalign.aggregate(1, parameters, results, fedalign.initial_state()), repeats
     )
     rows.append(
@@ -154,8 +152,6 @@ def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]
 
 def _token_ids_for(simulation: Any, indices: torch.Tensor) -> torch.Tensor:
     """Token ids of pooled-train rows (tokenized again; the simulation keeps only the cache)."""
-    from fedalign.data import build_federated_data, tokenize_dataset
-
     config = simulation.config
     federated = build_federated_data(config.data, config.partition, config.federated.seed)
     subset = federated.splits.train.subset(indices.numpy())
@@ -173,31 +169,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ours = "-" if row["ours_s"] is None else f"{row['ours_s']:.4f}"
         lines.append(f"| {row['what']} | {base} | {ours} | {row['speedup']:.2f}x |")
     return "\n".join(lines)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from fedalign.cli import config_from_args
-
-    config = config_from_args(args)
-    rows = run_bench(config, repeats=args.repeats)
-    table = format_table(rows)
-    print(table)
-    if args.out_table:
-        Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_table).write_text(table + "\n")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from fedalign.cli import add_experiment_options
-
-    parser = subparsers.add_parser(
-        "bench",
-        help="speed and memory ratios of the simulator's design choices",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_experiment_options(parser)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-    parser.add_argument("--out-table", type=Path, help="also write the table (Markdown) here")
-    parser.set_defaults(handler=_cmd_bench)

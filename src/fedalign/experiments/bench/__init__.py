@@ -1,0 +1,31 @@
+"""``fedalign bench``: speed, memory and backbone measurements, each table from one run.
+
+* :mod:`.design`: ratios of the simulator's design choices (prefix cache, padding skip,
+  aggregation cost, kept bytes per client);
+* :mod:`.backbone`: MoEfied vs copy-upcycled backbone (router gradient, routing entropy and
+  divergence, round time, upload bytes, FLOP rate, centralised accuracy).
+"""
+
+from fedalign.experiments.bench.backbone import (
+    backbone_measurements,
+    backbone_variant,
+    central_accuracy,
+    matmul_flop_rate,
+    router_grad_norm,
+    routing_entropy,
+    run_backbone_suite,
+)
+from fedalign.experiments.bench.design import format_table, median_seconds, run_bench
+
+__all__ = [
+    "backbone_measurements",
+    "backbone_variant",
+    "central_accuracy",
+    "format_table",
+    "matmul_flop_rate",
+    "median_seconds",
+    "router_grad_norm",
+    "routing_entropy",
+    "run_backbone_suite",
+    "run_bench",
+]
