@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedalign compare --config configs/demo.toml --out runs/demo
+	$(BIN)/fedalign compare --config configs/demo.toml --out runs/demo --overwrite \
+	  --strategies fedavg,fedprox,fedmoe,fedalign,fedalign:full-sound
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks
