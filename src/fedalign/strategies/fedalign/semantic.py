@@ -41,6 +41,53 @@ def cosine_gram(vectors: Tensor, eps: float = 1e-12) -> Tensor:
     return (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
 
 
+SKETCH_SEED = 14
+"""Seed of the update sketches' random signs (with the vector length; see :func:`sketch_signs`)."""
+
+
+def sketch_signs(size: int, seed: int = SKETCH_SEED) -> Tensor:
+    """The random ``+-1`` signs of :func:`sketch_vector` for vectors of ``size`` values.
+
+    Seeded by ``seed`` and ``size`` only, so every client (and the server) draws the same
+    signs for an expert without any message: a client could send its sketch alone.
+
+    Returns
+    -------
+    Tensor, shape (size,), float32
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + size)
+    return torch.randint(0, 2, (size,), generator=generator).float().mul_(2.0).sub_(1.0)
+
+
+def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
+    """Random-projection sketch of ``vector`` (a CountSketch with buckets ``p mod k``).
+
+    ``y_b = sum_{p = b mod k} s_p v_p`` with random signs ``s_p`` (:func:`sketch_signs`):
+    a linear map ``R^P -> R^k`` with ``E[<Sx, Sy>] = <x, y>`` and a standard deviation of
+    about ``|x| |y| / sqrt(k)`` for vectors whose energy is spread over many coordinates
+    (the sparse Johnson-Lindenstrauss transform with a fixed bucket map and random signs).
+    Costs two passes over ``vector`` and no ``(P, k)`` matrix.
+
+    Parameters
+    ----------
+    vector : Tensor, shape (P,)
+    signs : Tensor, shape (P,)
+    sketch_dim : int
+        ``k`` >= 1.
+
+    Returns
+    -------
+    Tensor, shape (k,), float32
+    """
+    signed = vector.float() * signs  # (P,)
+    size = signed.numel()
+    whole = size - size % sketch_dim
+    sketch = signed[:whole].view(-1, sketch_dim).sum(dim=0) if whole else torch.zeros(sketch_dim)
+    if whole < size:
+        sketch[: size - whole] += signed[whole:]
+    return sketch
+
+
 def semantic_centre_vector(mean_hidden: Tensor, token_count: Tensor) -> Tensor:
     """Token-count-weighted mean of all ``mu_i(e)`` of a layer over clients and experts.
 
