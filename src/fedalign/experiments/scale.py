@@ -1,0 +1,582 @@
+"""The server step at scale: synthetic rounds, time and peak memory, sketch accuracy, bytes.
+
+No model is trained here. :func:`synthetic_round` builds an :class:`MoELayout` of
+``num_layers`` MoE layers x ``num_experts`` experts (two matrices per expert, ``(I, H)``
+and ``(H, I)``, one tensor each, as an upcycled FFN has), random client parameters and
+random but valid :class:`LayerRoutingStatistics`; :func:`run_cell` times one strategy's
+``aggregate`` on it and reads the peak resident memory; :func:`run_cell_isolated` does that
+in a fresh Python process, so every cell's peak is its own.
+
+Client inputs: client ``i``'s tensors are those of client ``i mod pool`` (the same tensor
+objects), so building 200 clients of MiniLM-sized experts (60 GB as separate copies) takes
+``pool`` clients' memory. The aggregation reads every client's tensors as if they were
+distinct; the memory reported above the inputs (``working``) is what the server step
+itself allocates. ``held_inputs_gb`` says what holding every client's parameters would
+take (the transport's problem: stream or spill them, see docs/method.md's "Scale").
+
+Shapes: ``C`` clients, ``E`` experts, ``H`` hidden width, ``I`` expert FFN width, ``P_e``
+values in one expert, ``k`` sketch values.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics as pystats
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedalign.config import ModelConfig
+from fedalign.models.loading import load_moe_model
+from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.protocol import ClientResult, LayerRoutingStatistics, tensor_bytes
+from fedalign.strategies import build_strategy
+from fedalign.strategies.fedalign.semantic import (
+    cosine_gram,
+    hidden_similarities,
+    selection_weights,
+    semantic_alignment,
+    sketch_signs,
+    sketch_vector,
+)
+
+Tensor = torch.Tensor
+
+EXPERT_SIZES: dict[str, tuple[int, int]] = {
+    "full": (384, 1536),  # all-MiniLM-L6-v2's whole FFN per expert: 1,179,648 values
+    "eighth": (384, 192),  # 1/8 of it, as an 8-expert MoEfied FFN: 147,456 values
+}
+"""Expert shapes ``(H, I)`` by name."""
+
+GB = 1e9
+MB = 1e6
+
+
+# ------------------------------------------------------------------- synthetic rounds
+def synthetic_layout(
+    num_layers: int = 4, num_experts: int = 16, hidden: int = 384, top_k: int = 2
+) -> MoELayout:
+    """``num_layers`` MoE layers, each with a router ``(E, H)`` and per-expert ``w1``, ``w2``."""
+    layers = []
+    for index in range(num_layers):
+        prefix = f"layers.{index}.moe"
+        layers.append(
+            MoELayerLayout(
+                name=prefix,
+                num_experts=num_experts,
+                top_k=top_k,
+                hidden_size=hidden,
+                router_params=(f"{prefix}.router.weight",),
+                experts=tuple(
+                    (
+                        ExpertSlice(f"{prefix}.experts.{e}.w1"),
+                        ExpertSlice(f"{prefix}.experts.{e}.w2"),
+                    )
+                    for e in range(num_experts)
+                ),
+            )
+        )
+    return MoELayout(layers=tuple(layers))
+
+
+def synthetic_parameters(
+    layout: MoELayout, intermediate: int, generator: torch.Generator, scale: float = 0.02
+) -> dict[str, Tensor]:
+    """Random float32 parameters for every router and expert tensor of ``layout``."""
+    parameters: dict[str, Tensor] = {}
+    for layer in layout.layers:
+        hidden = layer.hidden_size
+        for name in layer.router_params:
+            parameters[name] = torch.randn(layer.num_experts, hidden, generator=generator) * scale
+        for slices in layer.experts:
+            w1, w2 = slices
+            parameters[w1.param] = torch.randn(intermediate, hidden, generator=generator).mul_(
+                scale
+            )
+            parameters[w2.param] = torch.randn(hidden, intermediate, generator=generator).mul_(
+                scale
+            )
+    return parameters
+
+
+def synthetic_statistics(
+    layer: MoELayerLayout, generator: torch.Generator, num_tokens: int = 512
+) -> LayerRoutingStatistics:
+    """Random but valid statistics of one layer: a softmax mean, top-k usage, margins, means.
+
+    About one expert in eight gets no token (``count = 0``, zero mean and margin), so
+    inactive clients occur as they do under label skew.
+    """
+    num_experts, hidden = layer.num_experts, layer.hidden_size
+    routing = torch.softmax(torch.randn(num_experts, generator=generator), dim=0)  # (E,)
+    routed = torch.rand(num_experts, generator=generator) > 0.125  # (E,)
+    share = torch.rand(num_experts, generator=generator) * routed  # (E,)
+    share = share / share.sum().clamp(min=1e-12) * layer.top_k  # sums to k: usage u_i(e)
+    usage = share.clamp(max=1.0)
+    token_count = (usage * num_tokens).round()
+    active = token_count > 0
+    return LayerRoutingStatistics(
+        routing_distribution=routing,
+        usage=usage * active,
+        margin=torch.rand(num_experts, generator=generator) * 0.5 * active,
+        mean_hidden=torch.randn(num_experts, hidden, generator=generator) * active[:, None],
+        token_count=token_count,
+        num_tokens=num_tokens,
+    )
+
+
+def synthetic_round(
+    num_clients: int,
+    expert_size: str = "full",
+    *,
+    num_layers: int = 4,
+    num_experts: int = 16,
+    pool: int = 8,
+    update_scale: float = 0.01,
+    seed: int = 0,
+) -> tuple[MoELayout, dict[str, Tensor], list[ClientResult]]:
+    """A round of ``num_clients`` synthetic results on the :data:`EXPERT_SIZES` shapes.
+
+    Returns
+    -------
+    layout, global_parameters, results
+        Client ``i`` holds ``global + update_scale * noise`` of pool member ``i mod pool``
+        (the same tensors for every client of a member), ``num_examples`` in [50, 500) and
+        its own :func:`synthetic_statistics` for every layer.
+    """
+    hidden, intermediate = EXPERT_SIZES[expert_size]
+    generator = torch.Generator().manual_seed(seed)
+    layout = synthetic_layout(num_layers, num_experts, hidden)
+    global_parameters = synthetic_parameters(layout, intermediate, generator)
+    members = []
+    for _ in range(min(pool, num_clients)):
+        member = {}
+        for name, tensor in global_parameters.items():
+            noise = torch.randn(tensor.shape, generator=generator).mul_(update_scale)
+            member[name] = noise.add_(tensor)
+        members.append(member)
+    results = []
+    for cid in range(num_clients):
+        statistics = {layer.name: synthetic_statistics(layer, generator) for layer in layout.layers}
+        examples = int(torch.randint(50, 500, (1,), generator=generator))
+        results.append(ClientResult(cid, examples, members[cid % len(members)], statistics))
+    return layout, global_parameters, results
+
+
+# ------------------------------------------------------------------ time and memory
+def resident_bytes() -> int:
+    """Resident set size of this process now (``/proc/self/statm``)."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage``; Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class CellResult:
+    """One cell of the server-step table (one strategy, client count, expert size)."""
+
+    strategy: str
+    sketch_dim: int
+    clients: int
+    expert_size: str
+    expert_values: int
+    repeats: int
+    times_s: list[float]
+    median_s: float
+    inputs_mb: float  # resident memory after building the inputs, before aggregating
+    peak_mb: float  # peak resident memory of the process
+    working_mb: float  # peak - inputs: what the server step allocates
+    held_inputs_gb: float  # every client's parameters as separate float32 copies
+    similarity_mb: float  # the (E, C, C) float32 similarity matrices of one layer, x2 (S, D)
+
+
+def run_cell(
+    strategy: str,
+    num_clients: int,
+    expert_size: str = "full",
+    *,
+    sketch_dim: int = 0,
+    repeats: int = 3,
+    num_layers: int = 4,
+    num_experts: int = 16,
+    seed: int = 0,
+) -> CellResult:
+    """Time ``repeats`` calls of one strategy's ``aggregate`` on a :func:`synthetic_round`.
+
+    Run it in a fresh process (:func:`run_cell_isolated`) for a peak that is the cell's own.
+    ``strategy`` is ``"fedavg"`` or ``"fedalign"`` (default options, plus ``sketch_dim``).
+    """
+    torch.set_num_threads(1)
+    layout, global_parameters, results = synthetic_round(
+        num_clients, expert_size, num_layers=num_layers, num_experts=num_experts, seed=seed
+    )
+    options: dict[str, Any] = {"sketch_dim": sketch_dim} if strategy == "fedalign" else {}
+    server = build_strategy(strategy, options, layout)
+    gc.collect()
+    inputs = resident_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outcome = server.aggregate(1, global_parameters, results, {})
+        times.append(time.perf_counter() - start)
+        del outcome
+        gc.collect()
+    peak = peak_resident_bytes()
+    hidden, intermediate = EXPERT_SIZES[expert_size]
+    model_bytes = tensor_bytes(global_parameters)
+    return CellResult(
+        strategy=strategy if not sketch_dim else f"{strategy}+sketch{sketch_dim}",
+        sketch_dim=sketch_dim,
+        clients=num_clients,
+        expert_size=expert_size,
+        expert_values=2 * hidden * intermediate,
+        repeats=repeats,
+        times_s=[round(t, 4) for t in times],
+        median_s=round(pystats.median(times), 4),
+        inputs_mb=round(inputs / MB, 1),
+        peak_mb=round(peak / MB, 1),
+        working_mb=round((peak - inputs) / MB, 1),
+        held_inputs_gb=round(num_clients * model_bytes / GB, 2),
+        similarity_mb=round(2 * num_experts * num_clients**2 * 4 / MB, 3),
+    )
+
+
+def run_cell_isolated(
+    strategy: str,
+    num_clients: int,
+    expert_size: str = "full",
+    *,
+    sketch_dim: int = 0,
+    repeats: int = 3,
+    timeout: float | None = None,
+) -> CellResult:
+    """:func:`run_cell` in a fresh Python process (one torch thread); its result back."""
+    arguments = json.dumps(
+        {
+            "strategy": strategy,
+            "num_clients": num_clients,
+            "expert_size": expert_size,
+            "sketch_dim": sketch_dim,
+            "repeats": repeats,
+        }
+    )
+    code = (
+        "import json, sys\n"
+        "from dataclasses import asdict\n"
+        "from fedalign.experiments.scale import run_cell\n"
+        "print(json.dumps(asdict(run_cell(**json.loads(sys.argv[1])))))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cell {arguments} failed:\n{done.stderr[-2000:]}")
+    return CellResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def server_step_table(rows: Sequence[CellResult]) -> str:
+    """Markdown table: per (expert size, clients) FedAvg, FedAlign and sketch columns + ratios."""
+    by_cell: dict[tuple[str, int], dict[str, CellResult]] = {}
+    for row in rows:
+        by_cell.setdefault((row.expert_size, row.clients), {})[row.strategy] = row
+    variants = sorted({row.strategy for row in rows}, key=lambda s: (s != "fedavg", s))
+    header = ["expert size", "clients"]
+    for variant in variants:
+        header += [f"{variant} s", f"{variant} working MB"]
+    ratio_variants = [v for v in variants if v != "fedavg"]
+    header += [f"{v} / fedavg time" for v in ratio_variants]
+    header += [f"{v} / fedavg memory" for v in ratio_variants]
+    header += ["inputs if held, GB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (size, clients), cell in sorted(
+        by_cell.items(), key=lambda item: (list(EXPERT_SIZES).index(item[0][0]), item[0][1])
+    ):
+        values = [size, str(clients)]
+        for variant in variants:
+            row = cell.get(variant)
+            values += (
+                ["-", "-"] if row is None else [f"{row.median_s:.2f}", f"{row.working_mb:.0f}"]
+            )
+        base = cell.get("fedavg")
+        for key in ("median_s", "working_mb"):
+            for variant in ratio_variants:
+                row = cell.get(variant)
+                if row is None or base is None or getattr(base, key) <= 0:
+                    values.append("-")
+                else:
+                    values.append(f"{getattr(row, key) / getattr(base, key):.2f}")
+        any_row = next(iter(cell.values()))
+        values.append(f"{any_row.held_inputs_gb:.1f}")
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- sketch accuracy
+@dataclass
+class SketchAccuracy:
+    """How a sketch dimension changes step D's decisions against the exact cosines."""
+
+    sketch_dim: int
+    expert_values: int
+    memberships: int  # (expert, active client) pairs compared
+    agreement: float  # fraction of them with the same aligned / not-aligned decision
+    max_abs_cosine_error: float  # over active client pairs i != j
+    mean_abs_cosine_error: float
+    max_weight_l1: float  # max over experts of sum_i |w_i(sketch) - w_i(exact)|
+    sketch_s: float  # time to sketch every update
+
+
+def structured_updates(
+    num_clients: int,
+    expert_values: int,
+    hidden: int,
+    groups: int,
+    outliers: int,
+    noise: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One expert's updates ``(C, P_e)``, routed means ``(C, H)`` and activity ``(C,)``.
+
+    Clients ``0 .. C - outliers - 1`` belong to ``groups`` groups (``i mod groups``): update
+    ``g + noise * z`` around their group's direction ``g`` (within-group cosine about
+    ``1 / (1 + noise^2)``), hidden mean likewise around a group mean. The last ``outliers``
+    clients have random directions. One client in ten routed no token (inactive).
+    """
+    directions = torch.randn(groups, expert_values, generator=generator)
+    centres = torch.randn(groups, hidden, generator=generator)
+    updates = torch.randn(num_clients, expert_values, generator=generator).mul_(noise)
+    means = torch.randn(num_clients, hidden, generator=generator).mul_(0.5)
+    for i in range(num_clients - outliers):
+        updates[i].add_(directions[i % groups])
+        means[i].add_(centres[i % groups])
+    active = torch.rand(num_clients, generator=generator) >= 0.1
+    return updates, means, active
+
+
+def sketch_accuracy(
+    sketch_dims: Sequence[int],
+    *,
+    num_clients: int = 50,
+    num_experts: int = 8,
+    expert_values: int = 2 * 384 * 192,
+    hidden: int = 384,
+    groups: int = 3,
+    outliers: int = 5,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> list[SketchAccuracy]:
+    """Step D's decisions (hard selection) from exact vs sketched update cosines.
+
+    Each expert gets fresh :func:`structured_updates`; ``S`` comes from the hidden means,
+    ``D`` from :func:`cosine_gram` of the updates (exact) or of their sketches.
+    """
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(seed)
+    signs = sketch_signs(expert_values)
+    experts = []
+    for _ in range(num_experts):
+        updates, means, active = structured_updates(
+            num_clients, expert_values, hidden, groups, outliers, noise, generator
+        )
+        counts = active.float() * 10.0
+        hidden_similarity = hidden_similarities(means[:, None, :], counts[:, None])[0]  # (C, C)
+        exact = cosine_gram(updates)
+        decision = semantic_alignment(hidden_similarity, exact, active)
+        num_examples = torch.randint(50, 500, (num_clients,), generator=generator).float()
+        usage = torch.rand(num_clients, generator=generator) * active
+        weights, _ = selection_weights(decision, active, num_examples, usage)
+        experts.append(
+            (updates, hidden_similarity, active, exact, decision, num_examples, usage, weights)
+        )
+    rows = []
+    for sketch_dim in sketch_dims:
+        agree = total = 0
+        errors: list[Tensor] = []
+        weight_l1 = 0.0
+        elapsed = 0.0
+        for (
+            updates,
+            hidden_similarity,
+            active,
+            exact,
+            decision,
+            num_examples,
+            usage,
+            weights,
+        ) in experts:
+            start = time.perf_counter()
+            sketches = torch.stack([sketch_vector(u, signs, sketch_dim) for u in updates])
+            elapsed += time.perf_counter() - start
+            approximate = cosine_gram(sketches)
+            sketched = semantic_alignment(hidden_similarity, approximate, active)
+            agree += int((sketched.aligned == decision.aligned)[active].sum())
+            total += int(active.sum())
+            pairs = active[:, None] & active[None, :] & ~torch.eye(num_clients, dtype=torch.bool)
+            errors.append((approximate - exact)[pairs].abs())
+            sketched_weights, _ = selection_weights(sketched, active, num_examples, usage)
+            weight_l1 = max(weight_l1, float((sketched_weights - weights).abs().sum()))
+        error = torch.cat(errors)
+        rows.append(
+            SketchAccuracy(
+                sketch_dim=sketch_dim,
+                expert_values=expert_values,
+                memberships=total,
+                agreement=round(agree / max(total, 1), 4),
+                max_abs_cosine_error=round(float(error.max()), 4),
+                mean_abs_cosine_error=round(float(error.mean()), 4),
+                max_weight_l1=round(weight_l1, 4),
+                sketch_s=round(elapsed, 3),
+            )
+        )
+    return rows
+
+
+def sketch_accuracy_table(rows: Sequence[SketchAccuracy]) -> str:
+    """Markdown table of :func:`sketch_accuracy`'s rows."""
+    header = (
+        "| sketch dim | expert values | memberships | agree with exact | max abs cos error "
+        "| mean abs cos error | max weight L1 | sketch time s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    return header + "".join(
+        f"| {r.sketch_dim} | {r.expert_values} | {r.memberships} | {r.agreement:.4f} | "
+        f"{r.max_abs_cosine_error:.4f} | {r.mean_abs_cosine_error:.4f} | {r.max_weight_l1:.4f} | "
+        f"{r.sketch_s:.2f} |\n"
+        for r in rows
+    )
+
+
+# ---------------------------------------------------------------------------- bytes
+PAYLOAD_STRATEGIES = ("fedavg", "fedprox", "fedmoe", "fedalign")
+
+
+@dataclass
+class PayloadBytes:
+    """Bytes one client sends and receives in one round (round 2 on: FedAlign's target set)."""
+
+    model: str
+    strategy: str
+    trainable_values: int
+    download_bytes: int  # global trainable parameters + the instructions' tensors
+    upload_bytes: int  # trainable parameters + routing statistics when asked for
+    statistics_bytes: int
+    statistics_share: float  # statistics / upload
+    instructions_bytes: int
+
+
+def statistics_like(layout: MoELayout) -> dict[str, LayerRoutingStatistics]:
+    """Zero statistics with the shapes a client of ``layout`` uploads."""
+    return {
+        layer.name: LayerRoutingStatistics(
+            routing_distribution=torch.zeros(layer.num_experts),
+            usage=torch.zeros(layer.num_experts),
+            margin=torch.zeros(layer.num_experts),
+            mean_hidden=torch.zeros(layer.num_experts, layer.hidden_size),
+            token_count=torch.zeros(layer.num_experts),
+            num_tokens=0,
+        )
+        for layer in layout.layers
+    }
+
+
+def payload_bytes(
+    layout: MoELayout,
+    parameters: Mapping[str, Tensor],
+    model: str,
+    strategies: Sequence[str] = PAYLOAD_STRATEGIES,
+) -> list[PayloadBytes]:
+    """Per strategy, a client's bytes per round, counted as :mod:`fedalign.client.round` does.
+
+    Download: ``tensor_bytes(global) + tensor_bytes([loss_terms, start_parameters])`` of the
+    round-2 instructions (after one aggregation, so FedAlign sends ``p_g`` and ``alpha``);
+    upload: ``tensor_bytes(parameters)`` plus the statistics' tensors when the strategy asks
+    for them (``to_tensors()``, ``num_tokens`` included).
+    """
+    statistics = statistics_like(layout)
+    stats_bytes = tensor_bytes([s.to_tensors() for s in statistics.values()])
+    rows = []
+    for name in strategies:
+        strategy = build_strategy(name, {}, layout)
+        results = []
+        for cid in range(2):
+            uniform = {
+                layer: LayerRoutingStatistics(
+                    routing_distribution=torch.full_like(s.usage, 1.0 / s.usage.numel()),
+                    usage=torch.full_like(s.usage, 0.25),
+                    margin=torch.full_like(s.usage, 0.1),
+                    mean_hidden=torch.ones_like(s.mean_hidden),
+                    token_count=torch.full_like(s.usage, 10.0),
+                    num_tokens=40,
+                )
+                for layer, s in statistics.items()
+            }
+            results.append(ClientResult(cid, 10, dict(parameters), uniform))
+        first = strategy.configure_train(1, [0, 1], {})[0]
+        state = strategy.aggregate(1, parameters, results, {}).state
+        instructions = strategy.configure_train(2, [0, 1], state)[0]
+        instruction_bytes = tensor_bytes(
+            [instructions.loss_terms, instructions.start_parameters or {}]
+        )
+        upload = tensor_bytes(parameters)
+        uploaded_stats = stats_bytes if first.collect_statistics else 0
+        rows.append(
+            PayloadBytes(
+                model=model,
+                strategy=name,
+                trainable_values=sum(int(t.numel()) for t in parameters.values()),
+                download_bytes=tensor_bytes(parameters) + instruction_bytes,
+                upload_bytes=upload + uploaded_stats,
+                statistics_bytes=uploaded_stats,
+                statistics_share=round(uploaded_stats / (upload + uploaded_stats), 5),
+                instructions_bytes=instruction_bytes,
+            )
+        )
+    return rows
+
+
+def model_payload_bytes(model_name: str, num_labels: int = 8) -> list[PayloadBytes]:
+    """:func:`payload_bytes` for a model of :func:`fedalign.models.loading.load_moe_model`.
+
+    ``num_labels`` sizes the classifier (8: the default WordNet supersense task).
+    """
+    model = load_moe_model(ModelConfig(name=model_name), num_labels, seed=0)
+    return payload_bytes(model.layout, model.trainable_state(), model_name)
+
+
+def payload_table(rows: Sequence[PayloadBytes]) -> str:
+    """Markdown table of :func:`payload_bytes` rows."""
+    header = (
+        "| model | strategy | trainable values | download B/client/round | upload B/client/round "
+        "| statistics B | statistics share of upload | instruction tensors B |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    return header + "".join(
+        f"| {r.model} | {r.strategy} | {r.trainable_values:,} | {r.download_bytes:,} | "
+        f"{r.upload_bytes:,} | {r.statistics_bytes:,} | {100 * r.statistics_share:.3f}% | "
+        f"{r.instructions_bytes:,} |\n"
+        for r in rows
+    )
+
+
+def rows_as_dicts(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """Dataclass rows as plain dictionaries (for JSON)."""
+    return [asdict(row) for row in rows]
