@@ -210,6 +210,7 @@ def run_cell(
     *,
     sketch_dim: int = 0,
     repeats: int = 3,
+    budget_s: float = 60.0,
     num_layers: int = 4,
     num_experts: int = 16,
     seed: int = 0,
@@ -218,8 +219,8 @@ def run_cell(
 
     Run it in a fresh process (:func:`run_cell_isolated`) for a peak that is the cell's own.
     ``strategy`` is ``"fedavg"`` or ``"fedalign"`` (default options, plus ``sketch_dim``).
+    Stops repeating once the calls so far took ``budget_s`` (at least one call).
     """
-    torch.set_num_threads(1)
     layout, global_parameters, results = synthetic_round(
         num_clients, expert_size, num_layers=num_layers, num_experts=num_experts, seed=seed
     )
@@ -234,6 +235,8 @@ def run_cell(
         times.append(time.perf_counter() - start)
         del outcome
         gc.collect()
+        if sum(times) >= budget_s:
+            break
     peak = peak_resident_bytes()
     hidden, intermediate = EXPERT_SIZES[expert_size]
     model_bytes = tensor_bytes(global_parameters)
@@ -243,7 +246,7 @@ def run_cell(
         clients=num_clients,
         expert_size=expert_size,
         expert_values=2 * hidden * intermediate,
-        repeats=repeats,
+        repeats=len(times),
         times_s=[round(t, 4) for t in times],
         median_s=round(pystats.median(times), 4),
         inputs_mb=round(inputs / MB, 1),
@@ -261,6 +264,7 @@ def run_cell_isolated(
     *,
     sketch_dim: int = 0,
     repeats: int = 3,
+    budget_s: float = 60.0,
     timeout: float | None = None,
 ) -> CellResult:
     """:func:`run_cell` in a fresh Python process (one torch thread); its result back."""
@@ -271,10 +275,13 @@ def run_cell_isolated(
             "expert_size": expert_size,
             "sketch_dim": sketch_dim,
             "repeats": repeats,
+            "budget_s": budget_s,
         }
     )
     code = (
         "import json, sys\n"
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
         "from dataclasses import asdict\n"
         "from fedalign.experiments.scale import run_cell\n"
         "print(json.dumps(asdict(run_cell(**json.loads(sys.argv[1])))))\n"
@@ -389,7 +396,6 @@ def sketch_accuracy(
     Each expert gets fresh :func:`structured_updates`; ``S`` comes from the hidden means,
     ``D`` from :func:`cosine_gram` of the updates (exact) or of their sketches.
     """
-    torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(seed)
     signs = sketch_signs(expert_values)
     experts = []
