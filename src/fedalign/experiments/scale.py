@@ -319,18 +319,20 @@ def server_step_table(rows: Sequence[CellResult]) -> str:
     ):
         values = [size, str(clients)]
         for variant in variants:
-            row = cell.get(variant)
+            found = cell.get(variant)
             values += (
-                ["-", "-"] if row is None else [f"{row.median_s:.2f}", f"{row.working_mb:.0f}"]
+                ["-", "-"]
+                if found is None
+                else [f"{found.median_s:.2f}", f"{found.working_mb:.0f}"]
             )
         base = cell.get("fedavg")
         for key in ("median_s", "working_mb"):
             for variant in ratio_variants:
-                row = cell.get(variant)
-                if row is None or base is None or getattr(base, key) <= 0:
+                other = cell.get(variant)
+                if other is None or base is None or getattr(base, key) <= 0:
                     values.append("-")
                 else:
-                    values.append(f"{getattr(row, key) / getattr(base, key):.2f}")
+                    values.append(f"{getattr(other, key) / getattr(base, key):.2f}")
         any_row = next(iter(cell.values()))
         values.append(f"{any_row.held_inputs_gb:.1f}")
         lines.append("| " + " | ".join(values) + " |")
