@@ -59,6 +59,29 @@ def sketch_signs(size: int, seed: int = SKETCH_SEED) -> Tensor:
     return torch.randint(0, 2, (size,), generator=generator).float().mul_(2.0).sub_(1.0)
 
 
+def fold_sketch(signed: Tensor, sketch_dim: int) -> Tensor:
+    """``y_b = sum_{p = b mod k} signed_p``: the bucket sums of :func:`sketch_vector`.
+
+    Parameters
+    ----------
+    signed : Tensor, shape (P,)
+        The vector already multiplied by its signs.
+    sketch_dim : int
+        ``k`` >= 1.
+
+    Returns
+    -------
+    Tensor, shape (k,), float32
+    """
+    signed = signed.float()
+    size = signed.numel()
+    whole = size - size % sketch_dim
+    sketch = signed[:whole].view(-1, sketch_dim).sum(dim=0) if whole else torch.zeros(sketch_dim)
+    if whole < size:
+        sketch[: size - whole] += signed[whole:]
+    return sketch
+
+
 def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
     """Random-projection sketch of ``vector`` (a CountSketch with buckets ``p mod k``).
 
@@ -79,13 +102,7 @@ def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
     -------
     Tensor, shape (k,), float32
     """
-    signed = vector.float() * signs  # (P,)
-    size = signed.numel()
-    whole = size - size % sketch_dim
-    sketch = signed[:whole].view(-1, sketch_dim).sum(dim=0) if whole else torch.zeros(sketch_dim)
-    if whole < size:
-        sketch[: size - whole] += signed[whole:]
-    return sketch
+    return fold_sketch(vector.float() * signs, sketch_dim)
 
 
 def semantic_centre_vector(mean_hidden: Tensor, token_count: Tensor) -> Tensor:

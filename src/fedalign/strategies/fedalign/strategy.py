@@ -47,12 +47,12 @@ from fedalign.strategies.fedalign.options import (
 from fedalign.strategies.fedalign.semantic import (
     SemanticDecision,
     cosine_gram,
+    fold_sketch,
     hidden_similarities,
     personal_region_weights,
     selection_weights,
     semantic_alignment,
     sketch_signs,
-    sketch_vector,
 )
 from fedalign.strategies.fedalign.weights import (
     consistency_signal,
@@ -595,12 +595,14 @@ class FedAlignMoE(Strategy):
     ) -> None:
         """Step D for one layer in bounded memory (``sketch_dim > 0``); same records.
 
-        Per expert, two passes over the clients: (1) each active client's update
-        ``theta_i(e) - theta(e)`` is read into one ``(P_e,)`` buffer and sketched to
-        ``k`` values, so ``D`` is the cosine Gram of a ``(C, k)`` matrix; (2) after the
-        decision, ``theta(e) + sum_i w_i dtheta_i(e)`` is accumulated client by client,
-        skipping zero weights. Memory: ``O(C k + P_e)`` per expert (plus ``O(C P_e)`` for
-        personalised experts, which are ``C`` outputs).
+        Per expert, two passes over the clients' tensors: (1) each active client's signed
+        update ``(theta_i(e) - theta(e)) * s`` is written into one ``(P_e,)`` buffer (one
+        fused pass per slice) and folded to ``k`` values (:func:`fold_sketch`), so ``D`` is
+        the cosine Gram of a ``(C, k)`` matrix; (2) after the decision,
+        ``sum_i w_i theta_i(e) + (1 - sum_i w_i) theta(e)`` (``= theta(e) + sum_i w_i
+        dtheta_i(e)``) is accumulated client by client, skipping zero weights. Memory:
+        ``O(C k + P_e)`` per expert (plus ``O(C P_e)`` for personalised experts, which are
+        ``C`` outputs).
         """
         client_ids = [r.client_id for r in results]
         counts = example_counts(results)  # (C,)
@@ -627,12 +629,25 @@ class FedAlignMoE(Strategy):
             size = previous.numel()
             if size not in signs_by_size:
                 signs_by_size[size] = sketch_signs(size)
+            signs = signs_by_size[size]
+            # pass 1: (theta_i - theta) * s in one fused pass per slice, then bucket sums
+            negative_signed_previous = previous * signs
+            negative_signed_previous.neg_()  # (P_e,)
             buffer = torch.empty(size)  # (P_e,)
             sketches = torch.zeros(len(results), self.sketch_dim)  # (C, k); inactive rows 0
             for row, result in enumerate(results):
-                if active[row]:
-                    read_update_into(layer, result.parameters, expert, previous, buffer)
-                    sketches[row] = sketch_vector(buffer, signs_by_size[size], self.sketch_dim)
+                if not active[row]:
+                    continue
+                for start, part in expert_parts(layer, result.parameters, expert):
+                    stop = start + part.numel()
+                    torch.addcmul(
+                        negative_signed_previous[start:stop],
+                        part,
+                        signs[start:stop],
+                        out=buffer[start:stop],
+                    )
+                sketches[row] = fold_sketch(buffer, self.sketch_dim)
+            del negative_signed_previous
             decision = semantic_alignment(
                 hidden_similarity[expert],
                 cosine_gram(sketches),
@@ -644,31 +659,34 @@ class FedAlignMoE(Strategy):
             aggregation_weights, membership = selection_weights(
                 decision, active, counts, usage[:, expert], self.selection, self.eps
             )  # (C,)
-            region_weights = (
-                personal_region_weights(
-                    decision, active, self.personalize_include_self, self.consensus_tolerance
-                )
-                if self.personalized_experts
-                else None
-            )  # (C, C)
+            # pass 2: theta + sum_i w_i (theta_i - theta) = sum_i w_i theta_i + (1 - sum w) theta,
+            # accumulated client by client over the clients with a weight
             merged = torch.zeros(size)  # (P_e,)
-            personal = torch.zeros(len(results), size) if region_weights is not None else None
             for row, result in enumerate(results):
                 weight = float(aggregation_weights[row])
-                pulls = region_weights is not None and bool(region_weights[:, row].any())
-                if weight == 0.0 and not pulls:
+                if weight == 0.0:
                     continue
-                read_update_into(layer, result.parameters, expert, previous, buffer)
-                if weight != 0.0:
-                    merged.add_(buffer, alpha=weight)
-                if personal is not None and region_weights is not None and pulls:
-                    personal.addr_(region_weights[:, row], buffer)
-            write_expert_vector_in_place(layer, parameters, expert, merged.add_(previous))
+                for start, part in expert_parts(layer, result.parameters, expert):
+                    merged[start : start + part.numel()].add_(part, alpha=weight)
+            remainder = 1.0 - float(aggregation_weights.double().sum())
+            if remainder != 0.0:
+                merged.add_(previous, alpha=remainder)
+            write_expert_vector_in_place(layer, parameters, expert, merged)
+            personal = None
+            region_weights = None
+            if self.personalized_experts:
+                region_weights = personal_region_weights(
+                    decision, active, self.personalize_include_self, self.consensus_tolerance
+                )  # (C, C)
+                personal = previous.expand(len(results), size).clone()  # (C, P_e)
+                for row, result in enumerate(results):
+                    if region_weights[:, row].any():
+                        read_update_into(layer, result.parameters, expert, previous, buffer)
+                        personal.addr_(region_weights[:, row], buffer)
             self._fill_expert_record(
                 expert_record, client_ids, decision, active, aggregation_weights, membership
             )
             if personal is not None and region_weights is not None:
-                personal.add_(previous)
                 has_region = region_weights.sum(dim=1) > 0  # (C,)
                 for index, cid in enumerate(client_ids):
                     if has_region[index]:
@@ -712,3 +730,19 @@ def read_update_into(
         out[offset : offset + part.numel()].copy_(part)
         offset += part.numel()
     return out.sub_(previous)
+
+
+def expert_parts(
+    layer: MoELayerLayout, state: Mapping[str, Tensor], expert: int
+) -> list[tuple[int, Tensor]]:
+    """``(offset, flat view)`` of each slice of ``expert`` in ``state``: no copy, any dtype.
+
+    Offsets are positions in :meth:`MoELayerLayout.expert_vector`'s order.
+    """
+    parts = []
+    offset = 0
+    for expert_slice in layer.experts[expert]:
+        part = expert_slice.read(state).reshape(-1)
+        parts.append((offset, part))
+        offset += part.numel()
+    return parts
