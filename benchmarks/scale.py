@@ -5,8 +5,9 @@ Usage (one torch thread; every server-step cell in a fresh process)::
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/scale.py --out benchmarks/results/scale
     python benchmarks/scale.py --parts step --sizes eighth --clients 10,50   # a quick look
 
-Writes ``server_step.{md,json}``, ``sketch_accuracy.{md,json}``, ``bytes.{md,json}`` and
-``COMMAND.txt`` under ``--out`` (each part only when run).
+Writes ``server_step.{md,json}``, ``sketch_accuracy.{md,json}``, ``bytes.{md,json}``,
+``compression.{md,json}`` (part ``compression``, from ``--run-folder`` folders of ``fedalign
+run``) and appends to ``COMMAND.txt`` under ``--out`` (each part only when run).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import torch
 
 from fedalign.experiments.scale import (
     EXPERT_SIZES,
+    compression_table,
+    delta_compression,
     model_payload_bytes,
     payload_table,
     rows_as_dicts,
     run_cell_isolated,
+    run_folder_update,
     server_step_table,
     sketch_accuracy,
     sketch_accuracy_table,
@@ -45,6 +49,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell after")
     parser.add_argument("--accuracy-dims", default="32,64,128,256,1024,4096")
     parser.add_argument("--models", default="tiny-upcycled,upcycled-minilm")
+    parser.add_argument(
+        "--run-folder", action="append", default=[], help="part compression: a fedalign run folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -104,6 +111,17 @@ def main() -> None:
             payload += model_payload_bytes(model)
         (out / "bytes.md").write_text(payload_table(payload))
         (out / "bytes.json").write_text(json.dumps(rows_as_dicts(payload), indent=1))
+
+    if "compression" in parts:
+        text = ""
+        data = {}
+        for folder in args.run_folder:
+            initial, final = run_folder_update(folder)
+            rows = delta_compression(initial, final)
+            text += f"### {folder}\n\n" + compression_table(rows) + "\n"
+            data[folder] = rows_as_dicts(rows)
+        (out / "compression.md").write_text(text)
+        (out / "compression.json").write_text(json.dumps(data, indent=1))
 
     command = "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(
         [sys.argv[0], *sys.argv[1:]]

@@ -7,6 +7,8 @@ import torch
 
 from fedalign.experiments.scale import (
     CellResult,
+    compression_table,
+    delta_compression,
     payload_bytes,
     payload_table,
     run_cell,
@@ -96,3 +98,19 @@ def test_payload_bytes_count_parameters_statistics_and_instructions() -> None:
     assert fedalign.download_bytes == model + 16
     assert fedalign.statistics_share == pytest.approx(statistics / (model + statistics), abs=1e-5)
     assert "| toy | fedalign |" in payload_table(list(rows.values()))
+
+
+def test_delta_compression_bytes_and_errors() -> None:
+    initial = {"a": torch.full((4, 8), 100.0), "b": torch.zeros(16)}
+    delta = {"a": torch.linspace(-0.01, 0.01, 32).view(4, 8), "b": torch.linspace(0, 1, 16)}
+    final = {n: initial[n] + delta[n] for n in initial}
+    rows = {r.encoding: r for r in delta_compression(initial, final, top_fraction=0.25)}
+    count = 48
+    assert rows["float32 delta"].bytes == 4 * count and rows["float32 delta"].relative_error < 1e-6
+    assert rows["bf16 delta"].bytes == 2 * count and rows["bf16 delta"].relative_error < 1e-2
+    assert rows["int8 delta (per tensor)"].bytes == count + 2 * 4
+    assert rows["int8 delta (per row)"].bytes == count + 4 * 4 + 4
+    assert rows["top-25% delta (one shot)"].bytes == 8 * (8 + 4)
+    # bf16 of values near 100 has a step of 0.5: the small update of "a" is lost
+    assert rows["bf16 full values"].relative_error > 10 * rows["bf16 delta"].relative_error
+    assert "| bf16 delta |" in compression_table(list(rows.values()))
