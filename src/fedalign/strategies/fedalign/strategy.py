@@ -635,8 +635,8 @@ class FedAlignMoE(Strategy):
             negative_signed_previous.neg_()  # (P_e,)
             buffer = torch.empty(size)  # (P_e,)
             sketches = torch.zeros(len(results), self.sketch_dim)  # (C, k); inactive rows 0
-            for row, result in enumerate(results):
-                if not active[row]:
+            for row, (result, is_active) in enumerate(zip(results, active.tolist(), strict=True)):
+                if not is_active:
                     continue
                 for start, part in expert_parts(layer, result.parameters, expert):
                     stop = start + part.numel()
@@ -662,8 +662,7 @@ class FedAlignMoE(Strategy):
             # pass 2: theta + sum_i w_i (theta_i - theta) = sum_i w_i theta_i + (1 - sum w) theta,
             # accumulated client by client over the clients with a weight
             merged = torch.zeros(size)  # (P_e,)
-            for row, result in enumerate(results):
-                weight = float(aggregation_weights[row])
+            for result, weight in zip(results, aggregation_weights.tolist(), strict=True):
                 if weight == 0.0:
                     continue
                 for start, part in expert_parts(layer, result.parameters, expert):
