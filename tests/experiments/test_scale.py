@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from fedalign.experiments.scale import (
     payload_bytes,
     payload_table,
     run_cell,
+    run_scale_benchmark,
     server_step_table,
     sketch_accuracy,
     synthetic_layout,
@@ -114,3 +117,13 @@ def test_delta_compression_bytes_and_errors() -> None:
     # bf16 of values near 100 has a step of 0.5: the small update of "a" is lost
     assert rows["bf16 full values"].relative_error > 10 * rows["bf16 delta"].relative_error
     assert "| bf16 delta |" in compression_table(list(rows.values()))
+
+
+def test_run_scale_benchmark_bytes_part_and_unknown_parts(tmp_path: Path) -> None:
+    lines: list[str] = []
+    run_scale_benchmark(tmp_path, ["bytes"], models=["tiny-upcycled"], log=lines.append)
+    text = (tmp_path / "bytes.md").read_text()
+    assert "| tiny-upcycled | fedalign |" in text and "| tiny-upcycled | fedavg |" in text
+    assert not (tmp_path / "server_step.md").exists()
+    with pytest.raises(ValueError, match="unknown parts"):
+        run_scale_benchmark(tmp_path, ["steps"])

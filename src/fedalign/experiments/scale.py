@@ -703,3 +703,93 @@ def run_folder_update(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, 
             return initial, final
         num_labels = int(final[wrong[0]].shape[0])
     raise ValueError(f"cannot rebuild the initial model of {folder}: shapes differ")
+
+
+# ------------------------------------------------------------------------ all parts
+SCALE_PARTS = ("step", "accuracy", "bytes", "compression")
+"""Parts of :func:`run_scale_benchmark`."""
+
+
+def run_scale_benchmark(
+    out: str | Path,
+    parts: Sequence[str] = ("step", "accuracy", "bytes"),
+    *,
+    sizes: Sequence[str] = ("eighth", "full"),
+    clients: Sequence[int] = (10, 50, 100, 200),
+    sketch_dim: int = 1024,
+    repeats: int = 3,
+    budget_s: float = 60.0,
+    accuracy_dims: Sequence[int] = (32, 64, 128, 256, 1024, 4096),
+    models: Sequence[str] = ("tiny-upcycled", "upcycled-minilm"),
+    run_folders: Sequence[str | Path] = (),
+    log: Any = print,
+) -> None:
+    """Every part of issue 14's measurement, written under ``out``.
+
+    * ``step``: :func:`run_cell_isolated` for FedAvg, FedAlign-MoE and FedAlign-MoE with
+      ``sketch_dim`` per expert size x client count -> ``server_step.{md,json}``;
+    * ``accuracy``: :func:`sketch_accuracy` for ``accuracy_dims`` in three settings ->
+      ``sketch_accuracy.{md,json}``;
+    * ``bytes``: :func:`model_payload_bytes` of ``models`` -> ``bytes.{md,json}``;
+    * ``compression``: :func:`delta_compression` of each of ``run_folders`` ->
+      ``compression.{md,json}``.
+
+    ``log`` receives one line per finished cell or setting.
+    """
+    unknown = set(parts) - set(SCALE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; accepted: {list(SCALE_PARTS)}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if "step" in parts:
+        rows: list[CellResult] = []
+        variants = [("fedavg", 0), ("fedalign", 0), ("fedalign", sketch_dim)]
+        for size in sizes:
+            if size not in EXPERT_SIZES:
+                raise ValueError(f"unknown expert size {size!r}; accepted: {list(EXPERT_SIZES)}")
+            for count in clients:
+                for strategy, dim in variants:
+                    row = run_cell_isolated(
+                        strategy, count, size, sketch_dim=dim, repeats=repeats, budget_s=budget_s
+                    )
+                    rows.append(row)
+                    log(
+                        f"{size} C={count} {row.strategy}: {row.times_s} s, "
+                        f"working {row.working_mb} MB, peak {row.peak_mb} MB"
+                    )
+                    (folder / "server_step.json").write_text(
+                        json.dumps(rows_as_dicts(rows), indent=1)
+                    )
+        (folder / "server_step.md").write_text(server_step_table(rows))
+    if "accuracy" in parts:
+        settings: list[tuple[str, dict[str, Any]]] = [
+            ("eighth, within-group cos ~0.5", {"noise": 1.0}),
+            ("eighth, within-group cos ~0.1", {"noise": 3.0}),
+            (
+                "full, within-group cos ~0.1",
+                {"noise": 3.0, "expert_values": 2 * 384 * 1536, "num_experts": 2},
+            ),
+        ]
+        text, data = "", {}
+        for title, options in settings:
+            accuracy = sketch_accuracy(accuracy_dims, **options)
+            text += f"### {title}\n\n" + sketch_accuracy_table(accuracy) + "\n"
+            data[title] = rows_as_dicts(accuracy)
+            log(f"sketch accuracy: {title}")
+        (folder / "sketch_accuracy.md").write_text(text)
+        (folder / "sketch_accuracy.json").write_text(json.dumps(data, indent=1))
+    if "bytes" in parts:
+        payload: list[PayloadBytes] = []
+        for model in models:
+            payload += model_payload_bytes(model)
+        (folder / "bytes.md").write_text(payload_table(payload))
+        (folder / "bytes.json").write_text(json.dumps(rows_as_dicts(payload), indent=1))
+    if "compression" in parts:
+        text, data = "", {}
+        for run_folder in run_folders:
+            initial, final = run_folder_update(run_folder)
+            compression = delta_compression(initial, final)
+            text += f"### {run_folder}\n\n" + compression_table(compression) + "\n"
+            data[str(run_folder)] = rows_as_dicts(compression)
+        (folder / "compression.md").write_text(text)
+        (folder / "compression.json").write_text(json.dumps(data, indent=1))
