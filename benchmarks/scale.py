@@ -30,7 +30,7 @@ from fedalign.experiments.scale import run_scale_benchmark
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/scale")
-    parser.add_argument("--parts", default="step,accuracy,bytes")
+    parser.add_argument("--parts", default="step,accuracy,real,bytes")
     parser.add_argument("--sizes", default="eighth,full")
     parser.add_argument("--clients", default="10,50,100,200")
     parser.add_argument("--sketch-dim", type=int, default=1024)

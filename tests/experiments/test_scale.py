@@ -13,6 +13,7 @@ from fedalign.experiments.scale import (
     delta_compression,
     payload_bytes,
     payload_table,
+    round_agreement,
     run_cell,
     run_scale_benchmark,
     server_step_table,
@@ -127,3 +128,16 @@ def test_run_scale_benchmark_bytes_part_and_unknown_parts(tmp_path: Path) -> Non
     assert not (tmp_path / "server_step.md").exists()
     with pytest.raises(ValueError, match="unknown parts"):
         run_scale_benchmark(tmp_path, ["steps"])
+
+
+def test_round_agreement_counts_memberships_of_active_clients() -> None:
+    def record(aligned: list[int], consensus: dict[str, float]) -> dict:
+        expert = {"active": [0, 1, 2], "aligned": aligned, "consensus": consensus}
+        idle = {"active": [], "aligned": None, "consensus": None}
+        return {"layers": {"moe": {"experts": [expert, idle]}}}
+
+    exact = record([0, 1], {"0": 0.5, "1": 0.4, "2": 0.1})
+    sketched = record([0, 2], {"0": 0.45, "1": 0.2, "2": 0.3})
+    agree, total, worst = round_agreement(exact, sketched)
+    assert (agree, total) == (1, 3)  # client 0 in both; 1 and 2 swap
+    assert worst == pytest.approx(0.2)

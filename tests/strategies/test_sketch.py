@@ -13,7 +13,13 @@ from fedalign.errors import OptionError
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult
 from fedalign.strategies import FedAlignMoE, build_strategy
-from fedalign.strategies.fedalign.semantic import cosine_gram, sketch_signs, sketch_vector
+from fedalign.strategies.fedalign.semantic import (
+    cosine_gram,
+    fold_sketch,
+    sketch_buckets,
+    sketch_signs,
+    sketch_vector,
+)
 from tests.strategies.test_fedalign import (
     FUSED,
     LAYOUTS,
@@ -183,3 +189,16 @@ def test_sketch_dim_validation_and_config() -> None:
     config.apply_overrides(["strategy.sketch-dim=-4"])
     with pytest.raises(ConfigError, match=r"strategy\.sketch-dim"):
         config.validate()
+
+
+def test_prime_buckets_spread_a_column_over_every_bucket() -> None:
+    # An update living in one column of a (2048, 384) matrix (an outlier hidden dimension),
+    # flattened row by row: with 1024 buckets (gcd 128 with the row length) it lands in 8
+    # buckets; with sketch_buckets(1024) = 1021 (prime) in all of them.
+    assert [sketch_buckets(k) for k in (1, 2, 8, 64, 1024, 4096)] == [1, 2, 7, 61, 1021, 4093]
+    update = torch.zeros(2048, 384)
+    update[:, 0] = torch.randn(2048, generator=torch.Generator().manual_seed(0))
+    flat = update.reshape(-1)
+    signed = flat * sketch_signs(flat.numel())
+    assert int((fold_sketch(signed, 1024) != 0).sum()) == 8
+    assert int((sketch_vector(flat, sketch_signs(flat.numel()), 1024) != 0).sum()) == 1021

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedalign.config import ExperimentConfig, ModelConfig
+from fedalign.experiments.run import run_experiment
 from fedalign.models.loading import load_moe_model
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics, tensor_bytes
@@ -47,6 +48,7 @@ from fedalign.strategies.fedalign.semantic import (
     hidden_similarities,
     selection_weights,
     semantic_alignment,
+    sketch_buckets,
     sketch_signs,
     sketch_vector,
 )
@@ -705,14 +707,103 @@ def run_folder_update(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, 
     raise ValueError(f"cannot rebuild the initial model of {folder}: shapes differ")
 
 
+# ------------------------------------------------------------ sketch on real updates
+TINY_RUN = (
+    "model.name=tiny-upcycled",
+    "model.max-length=24",
+    "data.max-train-examples=600",
+    "run.threads=1",
+)
+"""Overrides of the small real run whose round-1 decisions :func:`real_sketch_agreement` uses."""
+
+
+def round_agreement(
+    exact: Mapping[str, Any], sketched: Mapping[str, Any]
+) -> tuple[int, int, float]:
+    """``(agreeing, memberships, max |c_i difference|)`` of two decision records' step D.
+
+    A membership is an (expert, active client) pair; it agrees when the client is in both
+    aligned sets or in neither.
+    """
+    agree = total = 0
+    worst = 0.0
+    for name, layer in exact["layers"].items():
+        other = sketched["layers"][name]["experts"]
+        for first, second in zip(layer["experts"], other, strict=True):
+            aligned = set(first["aligned"] or []), set(second["aligned"] or [])
+            for cid in first["active"] or []:
+                total += 1
+                agree += (cid in aligned[0]) == (cid in aligned[1])
+            for cid, value in (first["consensus"] or {}).items():
+                worst = max(worst, abs(value - (second["consensus"] or {}).get(cid, value)))
+    return agree, total, worst
+
+
+def real_sketch_agreement(
+    out: str | Path,
+    sketch_dims: Sequence[int],
+    overrides: Sequence[str] = TINY_RUN,
+) -> list[dict[str, Any]]:
+    """Round-1 step-D decisions of one real run with exact and with sketched cosines.
+
+    Runs ``fedalign run`` (one round, ``overrides``) once per ``sketch_dim`` in ``0`` and
+    ``sketch_dims`` under ``out/k<dim>``: same seed, partition and client training, so
+    round 1's client updates are identical and only step D's cosines differ. Also counts
+    how close the exact consensus values lie to the threshold.
+    """
+    records = {}
+    for dim in (0, *sketch_dims):
+        config = ExperimentConfig()
+        config.apply_overrides([*overrides, "federated.rounds=1", f"strategy.sketch-dim={dim}"])
+        folder = Path(out) / f"k{dim}"
+        run_experiment(config, folder, log=None)
+        with (folder / "decisions.jsonl").open(encoding="utf-8") as handle:
+            records[dim] = json.loads(handle.readline())
+    gaps = [
+        abs(value - expert["tau"])
+        for layer in records[0]["layers"].values()
+        for expert in layer["experts"]
+        if expert["tau"] is not None
+        for value in expert["consensus"].values()
+    ]
+    near = sum(gap < 0.01 for gap in gaps) / max(len(gaps), 1)
+    rows = []
+    for dim in sketch_dims:
+        agree, total, worst = round_agreement(records[0], records[dim])
+        rows.append(
+            {
+                "sketch_dim": dim,
+                "buckets": sketch_buckets(dim),
+                "memberships": total,
+                "agreement": round(agree / max(total, 1), 4),
+                "max_abs_consensus_difference": round(worst, 4),
+                "exact_within_0.01_of_tau": round(near, 4),
+            }
+        )
+    return rows
+
+
+def real_agreement_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of :func:`real_sketch_agreement`'s rows."""
+    header = (
+        "| sketch dim | buckets | memberships | agree with exact | max abs consensus diff "
+        "| exact memberships within 0.01 of tau |\n|---|---|---|---|---|---|\n"
+    )
+    return header + "".join(
+        f"| {r['sketch_dim']} | {r['buckets']} | {r['memberships']} | {r['agreement']:.4f} | "
+        f"{r['max_abs_consensus_difference']:.4f} | {r['exact_within_0.01_of_tau']:.2%} |\n"
+        for r in rows
+    )
+
+
 # ------------------------------------------------------------------------ all parts
-SCALE_PARTS = ("step", "accuracy", "bytes", "compression")
+SCALE_PARTS = ("step", "accuracy", "real", "bytes", "compression")
 """Parts of :func:`run_scale_benchmark`."""
 
 
 def run_scale_benchmark(
     out: str | Path,
-    parts: Sequence[str] = ("step", "accuracy", "bytes"),
+    parts: Sequence[str] = ("step", "accuracy", "real", "bytes"),
     *,
     sizes: Sequence[str] = ("eighth", "full"),
     clients: Sequence[int] = (10, 50, 100, 200),
@@ -730,6 +821,8 @@ def run_scale_benchmark(
       ``sketch_dim`` per expert size x client count -> ``server_step.{md,json}``;
     * ``accuracy``: :func:`sketch_accuracy` for ``accuracy_dims`` in three settings ->
       ``sketch_accuracy.{md,json}``;
+    * ``real``: :func:`real_sketch_agreement` for ``accuracy_dims`` on a small real run
+      (under ``out/real-runs``) -> ``sketch_real.{md,json}``;
     * ``bytes``: :func:`model_payload_bytes` of ``models`` -> ``bytes.{md,json}``;
     * ``compression``: :func:`delta_compression` of each of ``run_folders`` ->
       ``compression.{md,json}``.
@@ -778,6 +871,11 @@ def run_scale_benchmark(
             log(f"sketch accuracy: {title}")
         (folder / "sketch_accuracy.md").write_text(text)
         (folder / "sketch_accuracy.json").write_text(json.dumps(data, indent=1))
+    if "real" in parts:
+        real = real_sketch_agreement(folder / "real-runs", accuracy_dims)
+        (folder / "sketch_real.md").write_text(real_agreement_table(real))
+        (folder / "sketch_real.json").write_text(json.dumps(real, indent=1))
+        log("sketch agreement on a real run")
     if "bytes" in parts:
         payload: list[PayloadBytes] = []
         for model in models:

@@ -59,6 +59,23 @@ def sketch_signs(size: int, seed: int = SKETCH_SEED) -> Tensor:
     return torch.randint(0, 2, (size,), generator=generator).float().mul_(2.0).sub_(1.0)
 
 
+def sketch_buckets(sketch_dim: int) -> int:
+    """Buckets of a ``sketch_dim`` sketch: the largest prime ``<= sketch_dim`` (1 for 1).
+
+    The bucket of value ``p`` is ``p mod buckets``. Weight matrices are flattened row by
+    row, so with a bucket count that shares a factor with the row length (``1024`` and
+    ``H = 384``) a whole column lands in a few buckets, and updates whose energy sits in a few
+    columns (outlier hidden dimensions) are sketched far worse. A prime count is coprime with
+    every row length below it: a column is spread over all buckets.
+    """
+    if sketch_dim < 2:
+        return max(sketch_dim, 1)
+    for candidate in range(sketch_dim, 1, -1):
+        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            return candidate
+    return 2  # pragma: no cover - 2 is prime
+
+
 def fold_sketch(signed: Tensor, sketch_dim: int) -> Tensor:
     """``y_b = sum_{p = b mod k} signed_p``: the bucket sums of :func:`sketch_vector`.
 
@@ -85,7 +102,8 @@ def fold_sketch(signed: Tensor, sketch_dim: int) -> Tensor:
 def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
     """Random-projection sketch of ``vector`` (a CountSketch with buckets ``p mod k``).
 
-    ``y_b = sum_{p = b mod k} s_p v_p`` with random signs ``s_p`` (:func:`sketch_signs`):
+    ``y_b = sum_{p = b mod k} s_p v_p`` with ``k = sketch_buckets(sketch_dim)`` (a prime)
+    and random signs ``s_p`` (:func:`sketch_signs`):
     a linear map ``R^P -> R^k`` with ``E[<Sx, Sy>] = <x, y>`` and a standard deviation of
     about ``|x| |y| / sqrt(k)`` for vectors whose energy is spread over many coordinates
     (the sparse Johnson-Lindenstrauss transform with a fixed bucket map and random signs).
@@ -96,13 +114,13 @@ def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
     vector : Tensor, shape (P,)
     signs : Tensor, shape (P,)
     sketch_dim : int
-        ``k`` >= 1.
+        >= 1; the sketch has ``sketch_buckets(sketch_dim)`` values.
 
     Returns
     -------
     Tensor, shape (k,), float32
     """
-    return fold_sketch(vector.float() * signs, sketch_dim)
+    return fold_sketch(vector.float() * signs, sketch_buckets(sketch_dim))
 
 
 def semantic_centre_vector(mean_hidden: Tensor, token_count: Tensor) -> Tensor:

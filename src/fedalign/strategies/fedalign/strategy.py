@@ -52,6 +52,7 @@ from fedalign.strategies.fedalign.semantic import (
     personal_region_weights,
     selection_weights,
     semantic_alignment,
+    sketch_buckets,
     sketch_signs,
 )
 from fedalign.strategies.fedalign.weights import (
@@ -611,6 +612,7 @@ class FedAlignMoE(Strategy):
         mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
         hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
         signs_by_size: dict[int, Tensor] = {}
+        buckets = sketch_buckets(self.sketch_dim)  # a prime <= sketch_dim
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
@@ -634,7 +636,7 @@ class FedAlignMoE(Strategy):
             negative_signed_previous = previous * signs
             negative_signed_previous.neg_()  # (P_e,)
             buffer = torch.empty(size)  # (P_e,)
-            sketches = torch.zeros(len(results), self.sketch_dim)  # (C, k); inactive rows 0
+            sketches = torch.zeros(len(results), buckets)  # (C, k); inactive rows 0
             for row, (result, is_active) in enumerate(zip(results, active.tolist(), strict=True)):
                 if not is_active:
                     continue
@@ -646,7 +648,7 @@ class FedAlignMoE(Strategy):
                         signs[start:stop],
                         out=buffer[start:stop],
                     )
-                sketches[row] = fold_sketch(buffer, self.sketch_dim)
+                sketches[row] = fold_sketch(buffer, buckets)
             del negative_signed_previous
             decision = semantic_alignment(
                 hidden_similarity[expert],
