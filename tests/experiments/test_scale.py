@@ -70,7 +70,7 @@ def test_server_step_table_ratios() -> None:
 
 def test_sketch_as_long_as_the_updates_agrees_exactly() -> None:
     rows = sketch_accuracy(
-        [64, 8], num_clients=8, num_experts=2, expert_values=64, hidden=4, outliers=1
+        [128, 8], num_clients=8, num_experts=2, expert_values=64, hidden=4, outliers=1
     )
     exact, coarse = rows
     assert exact.agreement == 1.0 and exact.max_abs_cosine_error < 1e-5
