@@ -28,6 +28,7 @@ import resource
 import statistics as pystats
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -822,7 +823,7 @@ def run_scale_benchmark(
     * ``accuracy``: :func:`sketch_accuracy` for ``accuracy_dims`` in three settings ->
       ``sketch_accuracy.{md,json}``;
     * ``real``: :func:`real_sketch_agreement` for ``accuracy_dims`` on a small real run
-      (under ``out/real-runs``) -> ``sketch_real.{md,json}``;
+      (run folders in a temporary directory) -> ``sketch_real.{md,json}``;
     * ``bytes``: :func:`model_payload_bytes` of ``models`` -> ``bytes.{md,json}``;
     * ``compression``: :func:`delta_compression` of each of ``run_folders`` ->
       ``compression.{md,json}``.
@@ -872,7 +873,8 @@ def run_scale_benchmark(
         (folder / "sketch_accuracy.md").write_text(text)
         (folder / "sketch_accuracy.json").write_text(json.dumps(data, indent=1))
     if "real" in parts:
-        real = real_sketch_agreement(folder / "real-runs", accuracy_dims)
+        with tempfile.TemporaryDirectory(prefix="fedalign-scale-") as runs:
+            real = real_sketch_agreement(runs, accuracy_dims)
         (folder / "sketch_real.md").write_text(real_agreement_table(real))
         (folder / "sketch_real.json").write_text(json.dumps(real, indent=1))
         log("sketch agreement on a real run")
