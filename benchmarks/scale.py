@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--parts", default="step,accuracy,real,bytes")
     parser.add_argument("--sizes", default="eighth,full")
     parser.add_argument("--clients", default="10,50,100,200")
-    parser.add_argument("--sketch-dim", type=int, default=1024)
+    parser.add_argument("--sketch-dim", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a cell after")
     parser.add_argument("--accuracy-dims", default="32,64,128,256,1024,4096")

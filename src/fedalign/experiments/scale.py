@@ -808,7 +808,7 @@ def run_scale_benchmark(
     *,
     sizes: Sequence[str] = ("eighth", "full"),
     clients: Sequence[int] = (10, 50, 100, 200),
-    sketch_dim: int = 1024,
+    sketch_dim: int = 4096,
     repeats: int = 3,
     budget_s: float = 60.0,
     accuracy_dims: Sequence[int] = (32, 64, 128, 256, 1024, 4096),
