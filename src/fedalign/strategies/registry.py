@@ -69,6 +69,7 @@ REGISTRY: dict[str, StrategyEntry] = {
                 count_weighted=o.count_weighted,
                 semantic_centre=o.semantic_centre,
                 selection=o.selection,
+                sketch_dim=o.sketch_dim,
             ),
         ),
         StrategyEntry(

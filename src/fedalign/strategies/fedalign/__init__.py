@@ -39,13 +39,18 @@ from fedalign.strategies.fedalign.options import (
     resolve_method_options,
 )
 from fedalign.strategies.fedalign.semantic import (
+    SKETCH_SEED,
     SemanticDecision,
     cosine_gram,
+    fold_sketch,
     hidden_similarities,
     personal_region_weights,
     selection_weights,
     semantic_alignment,
     semantic_centre_vector,
+    sketch_buckets,
+    sketch_signs,
+    sketch_vector,
     soft_selection_factors,
 )
 from fedalign.strategies.fedalign.strategy import (
@@ -70,6 +75,7 @@ __all__ = [
     "ROUTING_TERM",
     "SELECTIONS",
     "SEMANTIC_CENTRES",
+    "SKETCH_SEED",
     "THRESHOLD_STD_CHOICES",
     "FedAlignMoE",
     "FedAlignOptions",
@@ -78,6 +84,7 @@ __all__ = [
     "consistency_signal",
     "consistency_weights",
     "cosine_gram",
+    "fold_sketch",
     "global_routing_distribution",
     "hidden_similarities",
     "personal_region_weights",
@@ -85,5 +92,8 @@ __all__ = [
     "selection_weights",
     "semantic_alignment",
     "semantic_centre_vector",
+    "sketch_buckets",
+    "sketch_signs",
+    "sketch_vector",
     "soft_selection_factors",
 ]

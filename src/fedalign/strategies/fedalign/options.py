@@ -203,6 +203,13 @@ class FedAlignOptions:
     selection : str, default "hard"
         Step D: ``hard`` merges the aligned set ``A_e`` only; ``soft`` keeps every active
         client with weight ``n_i u_i(e) sigmoid((c_i(e) - tau_e) / max(Sigma(e), eps))``.
+    sketch_dim : int, default 0
+        Step D's update cosines ``D_ij(e)``: ``0`` computes them exactly from the stacked
+        ``(C, P_e)`` updates; ``k > 0`` estimates them from seeded ``k``-value random-
+        projection sketches of each client's update (see
+        :func:`~fedalign.strategies.fedalign.semantic.sketch_vector`) and merges the experts
+        in a second pass over the clients, so the server never stacks the clients' updates
+        (memory ``O(C k)`` per expert plus one model). Decisions are then approximate.
     """
 
     ablation: str = "full"
@@ -216,6 +223,7 @@ class FedAlignOptions:
     count_weighted: bool = False
     semantic_centre: str = "uncentred"
     selection: str = "hard"
+    sketch_dim: int = 0
 
     def __post_init__(self) -> None:
         check_choice("ablation", self.ablation, ABLATIONS)
@@ -227,6 +235,9 @@ class FedAlignOptions:
         check_choice("routing_signal", self.routing_signal, ROUTING_SIGNALS)
         check_choice("semantic_centre", self.semantic_centre, SEMANTIC_CENTRES)
         check_choice("selection", self.selection, SELECTIONS)
+        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int):
+            raise OptionError("sketch_dim", self.sketch_dim, "must be an integer")
+        check_option("sketch_dim", self.sketch_dim, minimum=0)
         if self.personalized_experts and ABLATION_LEVEL[self.ablation] < ABLATION_LEVEL["full"]:
             raise OptionError(
                 "personalized_experts",

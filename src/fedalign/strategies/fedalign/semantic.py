@@ -41,6 +41,88 @@ def cosine_gram(vectors: Tensor, eps: float = 1e-12) -> Tensor:
     return (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
 
 
+SKETCH_SEED = 14
+"""Seed of the update sketches' random signs (with the vector length; see :func:`sketch_signs`)."""
+
+
+def sketch_signs(size: int, seed: int = SKETCH_SEED) -> Tensor:
+    """The random ``+-1`` signs of :func:`sketch_vector` for vectors of ``size`` values.
+
+    Seeded by ``seed`` and ``size`` only, so every client (and the server) draws the same
+    signs for an expert without any message: a client could send its sketch alone.
+
+    Returns
+    -------
+    Tensor, shape (size,), float32
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + size)
+    return torch.randint(0, 2, (size,), generator=generator).float().mul_(2.0).sub_(1.0)
+
+
+def sketch_buckets(sketch_dim: int) -> int:
+    """Buckets of a ``sketch_dim`` sketch: the largest prime ``<= sketch_dim`` (1 for 1).
+
+    The bucket of value ``p`` is ``p mod buckets``. Weight matrices are flattened row by
+    row, so with a bucket count that shares a factor with the row length (``1024`` and
+    ``H = 384``) a whole column lands in a few buckets, and updates whose energy sits in a few
+    columns (outlier hidden dimensions) are sketched far worse. A prime count is coprime with
+    every row length below it: a column is spread over all buckets.
+    """
+    if sketch_dim < 2:
+        return max(sketch_dim, 1)
+    for candidate in range(sketch_dim, 1, -1):
+        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            return candidate
+    return 2  # pragma: no cover - 2 is prime
+
+
+def fold_sketch(signed: Tensor, sketch_dim: int) -> Tensor:
+    """``y_b = sum_{p = b mod k} signed_p``: the bucket sums of :func:`sketch_vector`.
+
+    Parameters
+    ----------
+    signed : Tensor, shape (P,)
+        The vector already multiplied by its signs.
+    sketch_dim : int
+        ``k`` >= 1.
+
+    Returns
+    -------
+    Tensor, shape (k,), float32
+    """
+    signed = signed.float()
+    size = signed.numel()
+    whole = size - size % sketch_dim
+    sketch = signed[:whole].view(-1, sketch_dim).sum(dim=0) if whole else torch.zeros(sketch_dim)
+    if whole < size:
+        sketch[: size - whole] += signed[whole:]
+    return sketch
+
+
+def sketch_vector(vector: Tensor, signs: Tensor, sketch_dim: int) -> Tensor:
+    """Random-projection sketch of ``vector`` (a CountSketch with buckets ``p mod k``).
+
+    ``y_b = sum_{p = b mod k} s_p v_p`` with ``k = sketch_buckets(sketch_dim)`` (a prime)
+    and random signs ``s_p`` (:func:`sketch_signs`):
+    a linear map ``R^P -> R^k`` with ``E[<Sx, Sy>] = <x, y>`` and a standard deviation of
+    about ``|x| |y| / sqrt(k)`` for vectors whose energy is spread over many coordinates
+    (the sparse Johnson-Lindenstrauss transform with a fixed bucket map and random signs).
+    Costs two passes over ``vector`` and no ``(P, k)`` matrix.
+
+    Parameters
+    ----------
+    vector : Tensor, shape (P,)
+    signs : Tensor, shape (P,)
+    sketch_dim : int
+        >= 1; the sketch has ``sketch_buckets(sketch_dim)`` values.
+
+    Returns
+    -------
+    Tensor, shape (k,), float32
+    """
+    return fold_sketch(vector.float() * signs, sketch_buckets(sketch_dim))
+
+
 def semantic_centre_vector(mean_hidden: Tensor, token_count: Tensor) -> Tensor:
     """Token-count-weighted mean of all ``mu_i(e)`` of a layer over clients and experts.
 

@@ -45,11 +45,15 @@ from fedalign.strategies.fedalign.options import (
     resolve_method_options,
 )
 from fedalign.strategies.fedalign.semantic import (
+    SemanticDecision,
     cosine_gram,
+    fold_sketch,
     hidden_similarities,
     personal_region_weights,
     selection_weights,
     semantic_alignment,
+    sketch_buckets,
+    sketch_signs,
 )
 from fedalign.strategies.fedalign.weights import (
     consistency_signal,
@@ -108,6 +112,13 @@ class FedAlignMoE(Strategy):
     selection : {"hard", "soft"}, default "hard"
         Step D's merge over the aligned set only, or over every active client with
         sigmoid weights (see :func:`selection_weights`).
+    sketch_dim : int, default 0
+        ``0``: step D's update cosines ``D_ij(e)`` are exact (the clients' updates of one
+        expert stacked, ``(C, P_e)``). ``k > 0``: bounded memory; ``D_ij(e)`` are the cosines
+        of ``k``-value sketches of the updates (:func:`sketch_vector`, seeded, computed client
+        by client), the merge is accumulated in a second pass over the clients (zero-weight
+        clients skipped), and the experts are not FedAvg'd first. Needs ``"full"``-level
+        ablations to matter; the record then holds ``"sketch_dim"``.
 
     Notes
     -----
@@ -157,6 +168,7 @@ class FedAlignMoE(Strategy):
         count_weighted: bool = False,
         semantic_centre: str = "uncentred",
         selection: str = "hard",
+        sketch_dim: int = 0,
     ) -> None:
         super().__init__(layout)
         FedAlignOptions(
@@ -171,6 +183,7 @@ class FedAlignMoE(Strategy):
             bool(count_weighted),
             semantic_centre,
             selection,
+            sketch_dim,
         )
         check_choice("threshold_std", threshold_std, THRESHOLD_STD_CHOICES)
         options = resolve_method_options(
@@ -199,6 +212,7 @@ class FedAlignMoE(Strategy):
         self.consensus_tolerance = float(consensus_tolerance)
         self.personalize_include_self = bool(personalize_include_self)
         self.needs_routing_statistics = ablation != "fedavg"
+        self.sketch_dim = int(sketch_dim)
 
     @property
     def ablation_level(self) -> int:
@@ -311,13 +325,19 @@ class FedAlignMoE(Strategy):
         check_results(global_parameters, results)
         layout = trainable_layout(self.layout, global_parameters)
         weights = example_weights(results)  # (C,)
-        parameters = weighted_average(global_parameters, results, weights)
+        if self.sketch_dim > 0 and self.semantic_aggregation:
+            # step D rewrites every expert: FedAvg only the rest (one pass less over experts)
+            parameters = self._average_outside_experts(layout, global_parameters, results, weights)
+        else:
+            parameters = weighted_average(global_parameters, results, weights)
         record = base_record(self.name, server_round, results, weights)
         record["ablation"] = self.ablation
         record["routing_lambda"] = self.routing_lambda
         options = self.method_options()
         if any(options[key] != METHOD_OPTION_DEFAULTS[key] for key in RECORDED_OPTIONS):
             record["method_options"] = options
+        if self.sketch_dim > 0:
+            record["sketch_dim"] = self.sketch_dim
         if self.ablation == "fedavg":
             record["layers"] = {}
             record.update(routing_metrics(results, None))
@@ -391,7 +411,12 @@ class FedAlignMoE(Strategy):
             ]
             # D. semantic-aware expert aggregation (full method only; else experts stay FedAvg).
             if self.semantic_aggregation:
-                self._aggregate_experts(
+                aggregate_experts = (
+                    self._aggregate_experts_sketched
+                    if self.sketch_dim > 0
+                    else self._aggregate_experts
+                )
+                aggregate_experts(
                     layer,
                     global_parameters,
                     results,
@@ -488,43 +513,181 @@ class FedAlignMoE(Strategy):
             new_vector = previous + aggregation_weights @ updates  # (P_e,)
             write_expert_vector_in_place(layer, parameters, expert, new_vector)
 
-            expert_record["consensus"] = {
-                str(cid): rounded(c)
-                for cid, c, a in zip(
-                    client_ids, decision.consensus.tolist(), active.tolist(), strict=True
-                )
-                if a and not math.isnan(c)  # NaN: no consensus defined (< 2 active)
-            }
-            expert_record["tau"] = (
-                None if decision.threshold is None else rounded(decision.threshold)
+            self._fill_expert_record(
+                expert_record, client_ids, decision, active, aggregation_weights, membership
             )
-            expert_record["aligned"] = [
-                cid for cid, a in zip(client_ids, decision.aligned.tolist(), strict=True) if a
-            ]
-            merged = decision.aligned if self.selection == "hard" else active
-            expert_record["aggregation_weights"] = {
-                str(cid): rounded(w)
-                for cid, w, a in zip(
-                    client_ids, aggregation_weights.tolist(), merged.tolist(), strict=True
-                )
-                if a
-            }
-            expert_record["fallback"] = decision.fallback
-            if self.selection == "soft":
-                expert_record["selection"] = "soft"
-                expert_record["soft_membership"] = {
-                    str(cid): rounded(m)
-                    for cid, m, a in zip(
-                        client_ids, membership.tolist(), active.tolist(), strict=True
-                    )
-                    if a
-                }
 
             if self.personalized_experts:
                 region_weights = personal_region_weights(
                     decision, active, self.personalize_include_self, self.consensus_tolerance
                 )  # (C, C)
                 personal = previous + region_weights @ updates  # (C, P_e)
+                has_region = region_weights.sum(dim=1) > 0  # (C,)
+                for index, cid in enumerate(client_ids):
+                    if has_region[index]:
+                        personal_vectors[cid].append((layer, expert, personal[index]))
+
+    def _fill_expert_record(
+        self,
+        expert_record: dict[str, Any],
+        client_ids: Sequence[int],
+        decision: SemanticDecision,
+        active: Tensor,
+        aggregation_weights: Tensor,
+        membership: Tensor,
+    ) -> None:
+        """Step D's decision for one expert into its record (consensus, tau, aligned, ...)."""
+        expert_record["consensus"] = {
+            str(cid): rounded(c)
+            for cid, c, a in zip(
+                client_ids, decision.consensus.tolist(), active.tolist(), strict=True
+            )
+            if a and not math.isnan(c)  # NaN: no consensus defined (< 2 active)
+        }
+        expert_record["tau"] = None if decision.threshold is None else rounded(decision.threshold)
+        expert_record["aligned"] = [
+            cid for cid, a in zip(client_ids, decision.aligned.tolist(), strict=True) if a
+        ]
+        merged = decision.aligned if self.selection == "hard" else active
+        expert_record["aggregation_weights"] = {
+            str(cid): rounded(w)
+            for cid, w, a in zip(
+                client_ids, aggregation_weights.tolist(), merged.tolist(), strict=True
+            )
+            if a
+        }
+        expert_record["fallback"] = decision.fallback
+        if self.selection == "soft":
+            expert_record["selection"] = "soft"
+            expert_record["soft_membership"] = {
+                str(cid): rounded(m)
+                for cid, m, a in zip(client_ids, membership.tolist(), active.tolist(), strict=True)
+                if a
+            }
+
+    @staticmethod
+    def _average_outside_experts(
+        layout: MoELayout,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        weights: Tensor,
+    ) -> dict[str, Tensor]:
+        """FedAvg of the non-expert tensors; expert tensors start as copies of the global ones.
+
+        For step D paths that write every expert themselves (``sketch_dim > 0``).
+        """
+        expert_names = layout.expert_param_names()
+        rest = {n: t for n, t in global_parameters.items() if n not in expert_names}
+        parameters = weighted_average(rest, results, weights)
+        for name in global_parameters:
+            if name in expert_names:
+                parameters[name] = global_parameters[name].clone()
+        return {name: parameters[name] for name in global_parameters}
+
+    def _aggregate_experts_sketched(
+        self,
+        layer: MoELayerLayout,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        statistics: Sequence[LayerRoutingStatistics],
+        parameters: dict[str, Tensor],
+        expert_records: list[dict[str, Any]],
+        personal_vectors: dict[int, list[tuple[MoELayerLayout, int, Tensor]]],
+    ) -> None:
+        """Step D for one layer in bounded memory (``sketch_dim > 0``); same records.
+
+        Per expert, two passes over the clients' tensors: (1) each active client's signed
+        update ``(theta_i(e) - theta(e)) * s`` is written into one ``(P_e,)`` buffer (one
+        fused pass per slice) and folded to ``k`` values (:func:`fold_sketch`), so ``D`` is
+        the cosine Gram of a ``(C, k)`` matrix; (2) after the decision,
+        ``sum_i w_i theta_i(e) + (1 - sum_i w_i) theta(e)`` (``= theta(e) + sum_i w_i
+        dtheta_i(e)``) is accumulated client by client, skipping zero weights. Memory:
+        ``O(C k + P_e)`` per expert (plus ``O(C P_e)`` for personalised experts, which are
+        ``C`` outputs).
+        """
+        client_ids = [r.client_id for r in results]
+        counts = example_counts(results)  # (C,)
+        usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
+        token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
+        mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
+        hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
+        signs_by_size: dict[int, Tensor] = {}
+        buckets = sketch_buckets(self.sketch_dim)  # a prime <= sketch_dim
+
+        for expert in range(layer.num_experts):
+            expert_record = expert_records[expert]
+            active = token_count[:, expert] > 0  # (C,)
+            expert_record["active"] = [
+                cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a
+            ]
+            if not layer.experts[expert]:
+                expert_record["fallback"] = "no-trainable-parameters"
+                continue
+            previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
+            if not active.any():
+                expert_record["fallback"] = "no-active-client"
+                write_expert_vector_in_place(layer, parameters, expert, previous)
+                continue
+            size = previous.numel()
+            if size not in signs_by_size:
+                signs_by_size[size] = sketch_signs(size)
+            signs = signs_by_size[size]
+            # pass 1: (theta_i - theta) * s in one fused pass per slice, then bucket sums
+            negative_signed_previous = previous * signs
+            negative_signed_previous.neg_()  # (P_e,)
+            buffer = torch.empty(size)  # (P_e,)
+            sketches = torch.zeros(len(results), buckets)  # (C, k); inactive rows 0
+            for row, (result, is_active) in enumerate(zip(results, active.tolist(), strict=True)):
+                if not is_active:
+                    continue
+                for start, part in expert_parts(layer, result.parameters, expert):
+                    stop = start + part.numel()
+                    torch.addcmul(
+                        negative_signed_previous[start:stop],
+                        part,
+                        signs[start:stop],
+                        out=buffer[start:stop],
+                    )
+                sketches[row] = fold_sketch(buffer, buckets)
+            del negative_signed_previous
+            decision = semantic_alignment(
+                hidden_similarity[expert],
+                cosine_gram(sketches),
+                active,
+                beta=self.beta,
+                threshold_std=self.threshold_std,
+                tolerance=self.consensus_tolerance,
+            )
+            aggregation_weights, membership = selection_weights(
+                decision, active, counts, usage[:, expert], self.selection, self.eps
+            )  # (C,)
+            # pass 2: theta + sum_i w_i (theta_i - theta) = sum_i w_i theta_i + (1 - sum w) theta,
+            # accumulated client by client over the clients with a weight
+            merged = torch.zeros(size)  # (P_e,)
+            for result, weight in zip(results, aggregation_weights.tolist(), strict=True):
+                if weight == 0.0:
+                    continue
+                for start, part in expert_parts(layer, result.parameters, expert):
+                    merged[start : start + part.numel()].add_(part, alpha=weight)
+            remainder = 1.0 - float(aggregation_weights.double().sum())
+            if remainder != 0.0:
+                merged.add_(previous, alpha=remainder)
+            write_expert_vector_in_place(layer, parameters, expert, merged)
+            personal = None
+            region_weights = None
+            if self.personalized_experts:
+                region_weights = personal_region_weights(
+                    decision, active, self.personalize_include_self, self.consensus_tolerance
+                )  # (C, C)
+                personal = previous.expand(len(results), size).clone()  # (C, P_e)
+                for row, result in enumerate(results):
+                    if region_weights[:, row].any():
+                        read_update_into(layer, result.parameters, expert, previous, buffer)
+                        personal.addr_(region_weights[:, row], buffer)
+            self._fill_expert_record(
+                expert_record, client_ids, decision, active, aggregation_weights, membership
+            )
+            if personal is not None and region_weights is not None:
                 has_region = region_weights.sum(dim=1) > 0  # (C,)
                 for index, cid in enumerate(client_ids):
                     if has_region[index]:
@@ -548,3 +711,39 @@ class FedAlignMoE(Strategy):
                 write_expert_vector_in_place(layer, own, expert, vector)
             client_parameters[cid] = cast_like_reference(own, global_parameters)
         return client_parameters
+
+
+def read_update_into(
+    layer: MoELayerLayout,
+    state: Mapping[str, Tensor],
+    expert: int,
+    previous: Tensor,
+    out: Tensor,
+) -> Tensor:
+    """``expert_vector(state, expert) - previous`` written into ``out`` (float32, ``(P_e,)``).
+
+    Copies the expert's slices straight into the preallocated buffer (no concatenation,
+    no new ``(P_e,)`` tensor per client).
+    """
+    offset = 0
+    for expert_slice in layer.experts[expert]:
+        part = expert_slice.read(state).reshape(-1)
+        out[offset : offset + part.numel()].copy_(part)
+        offset += part.numel()
+    return out.sub_(previous)
+
+
+def expert_parts(
+    layer: MoELayerLayout, state: Mapping[str, Tensor], expert: int
+) -> list[tuple[int, Tensor]]:
+    """``(offset, flat view)`` of each slice of ``expert`` in ``state``: no copy, any dtype.
+
+    Offsets are positions in :meth:`MoELayerLayout.expert_vector`'s order.
+    """
+    parts = []
+    offset = 0
+    for expert_slice in layer.experts[expert]:
+        part = expert_slice.read(state).reshape(-1)
+        parts.append((offset, part))
+        offset += part.numel()
+    return parts
