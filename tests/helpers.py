@@ -56,3 +56,29 @@ def tiny_config(**overrides: object) -> ExperimentConfig:
     for key, value in overrides.items():
         config.set(key.replace("__", "."), value)
     return config
+
+
+TINY_CLI = [
+    "--model",
+    "tiny-upcycled",
+    "--max-train-examples",
+    "200",
+    "--max-test-examples",
+    "80",
+    "--clients",
+    "3",
+    "--alpha",
+    "0.5",
+    "--local-steps",
+    "2",
+    "--rounds",
+    "2",
+    "--no-progress",
+    "--set",
+    "model.max-length=24",
+    "--set",
+    "strategy.stats-max-examples=16",
+    "--set",
+    "partition.min-client-size=5",
+]
+"""Command-line options of a tiny run (3 clients, 2 rounds of 2 local steps)."""

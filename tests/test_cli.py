@@ -8,30 +8,7 @@ import pytest
 
 from fedalign.cli import build_parser, main, parse_strategy_list
 from fedalign.records import read_jsonl
-
-TINY = [
-    "--model",
-    "tiny-upcycled",
-    "--max-train-examples",
-    "200",
-    "--max-test-examples",
-    "80",
-    "--clients",
-    "3",
-    "--alpha",
-    "0.5",
-    "--local-steps",
-    "2",
-    "--rounds",
-    "2",
-    "--no-progress",
-    "--set",
-    "model.max-length=24",
-    "--set",
-    "strategy.stats-max-examples=16",
-    "--set",
-    "partition.min-client-size=5",
-]
+from tests.helpers import TINY_CLI as TINY
 
 
 def test_help_lists_subcommands_and_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,30 +9,7 @@ import pytest
 from fedalign.cli import main
 from fedalign.experiments.compare import comparison_table
 from fedalign.records import RunSummary
-
-TINY = [
-    "--model",
-    "tiny-upcycled",
-    "--max-train-examples",
-    "200",
-    "--max-test-examples",
-    "80",
-    "--clients",
-    "3",
-    "--alpha",
-    "0.5",
-    "--local-steps",
-    "2",
-    "--rounds",
-    "2",
-    "--no-progress",
-    "--set",
-    "model.max-length=24",
-    "--set",
-    "strategy.stats-max-examples=16",
-    "--set",
-    "partition.min-client-size=5",
-]
+from tests.helpers import TINY_CLI as TINY
 
 
 def _summary(strategy: str, final: float) -> RunSummary:
