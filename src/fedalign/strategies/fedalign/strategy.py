@@ -485,18 +485,12 @@ class FedAlignMoE(Strategy):
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
-            active = token_count[:, expert] > 0  # (C,)
-            expert_record["active"] = [
-                cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a
-            ]
-            if not layer.experts[expert]:
-                expert_record["fallback"] = "no-trainable-parameters"
+            opening = _expert_start(
+                layer, expert, global_parameters, parameters, client_ids, token_count, expert_record
+            )
+            if opening is None:
                 continue
-            previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
-            if not active.any():
-                expert_record["fallback"] = "no-active-client"
-                write_expert_vector_in_place(layer, parameters, expert, previous)
-                continue
+            active, previous = opening  # (C,), (P_e,)
             updates = client_expert_matrix(results, layer, expert).sub_(previous)  # (C, P_e)
             update_similarity = cosine_gram(updates)  # (C, C)
             decision = semantic_alignment(
@@ -616,18 +610,12 @@ class FedAlignMoE(Strategy):
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
-            active = token_count[:, expert] > 0  # (C,)
-            expert_record["active"] = [
-                cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a
-            ]
-            if not layer.experts[expert]:
-                expert_record["fallback"] = "no-trainable-parameters"
+            opening = _expert_start(
+                layer, expert, global_parameters, parameters, client_ids, token_count, expert_record
+            )
+            if opening is None:
                 continue
-            previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
-            if not active.any():
-                expert_record["fallback"] = "no-active-client"
-                write_expert_vector_in_place(layer, parameters, expert, previous)
-                continue
+            active, previous = opening  # (C,), (P_e,)
             size = previous.numel()
             if size not in signs_by_size:
                 signs_by_size[size] = sketch_signs(size)
@@ -747,3 +735,28 @@ def expert_parts(
         parts.append((offset, part))
         offset += part.numel()
     return parts
+
+
+def _expert_start(
+    layer: MoELayerLayout,
+    expert: int,
+    global_parameters: Mapping[str, Tensor],
+    parameters: dict[str, Tensor],
+    client_ids: Sequence[int],
+    token_count: Tensor,
+    expert_record: dict[str, Any],
+) -> tuple[Tensor, Tensor] | None:
+    """Step D's start for one expert: its active clients ``(C,)`` and previous value
+    ``(P_e,)``; ``None`` (with the record's fallback written) when there is nothing to merge:
+    no trainable parameters, or no active client (the previous value is kept)."""
+    active = token_count[:, expert] > 0  # (C,)
+    expert_record["active"] = [cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a]
+    if not layer.experts[expert]:
+        expert_record["fallback"] = "no-trainable-parameters"
+        return None
+    previous = layer.expert_vector(global_parameters, expert).float()  # (P_e,)
+    if not active.any():
+        expert_record["fallback"] = "no-active-client"
+        write_expert_vector_in_place(layer, parameters, expert, previous)
+        return None
+    return active, previous
