@@ -115,6 +115,12 @@ PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 FAULT_KINDS = ("raise", "vanish", "hang")
 """Kinds of injected client faults (``federated.fault-kinds``)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
+LORA_ROUTER_CHOICES = ("full", "lora", "frozen")
+"""``model.lora-router``: how the routers train when ``model.trainable = "lora"``."""
+LORA_AGGREGATIONS = ("factors", "product-svd")
+"""``model.lora-aggregation``: FedIT factor means, or the exact product mean re-factorised."""
+QUANTIZE_CHOICES = ("none", "4bit")
+"""``model.quantize``: base weights as loaded, or 4-bit NF4 (bitsandbytes, CUDA only)."""
 EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
 GATINGS = ("auto", "renormalize", "scaled", "straight-through")
 
@@ -142,6 +148,23 @@ class ModelConfig:
     lora_rank : int, default 8
     lora_alpha : int, default 16
     lora_targets : list of str, default ["query", "value"]
+        Modules (e.g. attention projections) that get LoRA adapters.
+    lora_experts : bool, default False
+        With ``trainable = "lora"``: LoRA on the routed experts too, one rank-``lora_rank``
+        adapter per expert (peft ``target_parameters`` on fused ``(E, ., .)`` expert tensors,
+        rank stacked per expert; ``target_modules`` on per-expert linear layers). The
+        strategies then compare and merge each expert's update ``s B_e A_e``.
+    lora_router : str, default "full"
+        With ``trainable = "lora"``: ``full`` (routers train fully), ``lora`` (routers get
+        LoRA adapters; FedAlign-MoE's row-wise router step then does not apply) or
+        ``frozen``.
+    lora_aggregation : str, default "factors"
+        How the server aggregates LoRA pairs: ``factors`` (weighted means of ``A`` and of
+        ``B``, FedIT; inexact) or ``product-svd`` (the weighted mean of the products
+        ``B A``, exact, re-factorised to rank ``lora_rank`` by truncated SVD).
+    quantize : str, default "none"
+        ``4bit``: load the base weights in 4-bit NF4 (bitsandbytes; needs CUDA and
+        ``trainable = "lora"``; hub or folder models only).
     max_length : int, default 64
         Tokens per example after truncation.
     load_balance_coef : float, default 0.0
@@ -175,6 +198,10 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lora_experts: bool = False
+    lora_router: str = "full"
+    lora_aggregation: str = "factors"
+    quantize: str = "none"
     max_length: int = 64
     load_balance_coef: float = 0.0
     router_noise_std: float = 0.02
@@ -498,6 +525,22 @@ class ExperimentConfig:
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _one_of("model.expert-init", m.expert_init, EXPERT_INITS)
         _one_of("model.gating", m.gating, GATINGS)
+        _one_of("model.lora-router", m.lora_router, LORA_ROUTER_CHOICES)
+        _one_of("model.lora-aggregation", m.lora_aggregation, LORA_AGGREGATIONS)
+        _one_of("model.quantize", m.quantize, QUANTIZE_CHOICES)
+        _positive("model.lora-rank", m.lora_rank)
+        if m.trainable != "lora":
+            for key, value, default in (
+                ("lora-experts", m.lora_experts, False),
+                ("lora-router", m.lora_router, "full"),
+                ("lora-aggregation", m.lora_aggregation, "factors"),
+                ("quantize", m.quantize, "none"),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"model.{key} = {value!r} needs model.trainable = 'lora' "
+                        f"(got {m.trainable!r})"
+                    )
         if not 0.0 <= m.drop_fraction <= 1.0:
             raise ConfigError(f"model.drop-fraction must be in [0, 1] (got {m.drop_fraction})")
         _positive("partition.num-clients", p.num_clients)

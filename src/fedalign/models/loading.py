@@ -29,6 +29,7 @@ from fedalign.config import ConfigError, ModelConfig
 from fedalign.data.tokenize import pad_token_id
 from fedalign.models.adapters import scan_moe
 from fedalign.models.capture import RouterTap
+from fedalign.models.lora import lora_view, quantization_kwargs, rewrap_taps, wrap_with_lora
 from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
 from fedalign.moe.layout import MoELayout
 
@@ -293,13 +294,18 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
     if model_type in SEQUENCE_CLASSIFICATION_TYPES:
         # a saved classifier may have another number of classes: its head is then re-initialised
         model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, ignore_mismatched_sizes=True
+            name, num_labels=num_labels, ignore_mismatched_sizes=True, **quantization_kwargs(config)
         )
         if model.config.pad_token_id is None:
             # the id the data pipeline pads with (pad, else eos, else unk): the head pools
             # the last token that is not this id, and needs one for batches > 1
             model.config.pad_token_id = pad_token_id(tokenizer)
         return model, tokenizer, model_type
+    if config.quantize != "none":
+        raise ConfigError(
+            f"model.quantize = {config.quantize!r} works for model types "
+            f"{list(SEQUENCE_CLASSIFICATION_TYPES)} only (got {model_type!r})"
+        )
     if model_type == "switch_transformers":
         from transformers import SwitchTransformersEncoderModel
 
@@ -339,6 +345,13 @@ def build_classifier(config: ModelConfig, num_labels: int, seed: int) -> tuple[n
     """The bare classifier, its tokenizer and model type (no trainable selection yet)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(seed)
+    if config.quantize != "none" and (
+        config.name in EMBEDDED_MODELS or config.name.startswith("tiny-")
+    ):
+        raise ConfigError(
+            f"model.quantize = {config.quantize!r} needs a hub id or a saved folder "
+            f"(model.name {config.name!r} is built in full precision)"
+        )
     if config.name == "upcycled-minilm":
         from transformers import BertModel
 
@@ -378,27 +391,21 @@ def select_trainable(model: nn.Module, config: ModelConfig, full_layout: MoELayo
             param.requires_grad_(name in keep or name.startswith(blocks))
         return model
     if config.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            target_modules=list(config.lora_targets),
-        )
-        router_names = full_layout.router_param_names()
-        head_names = set(_head_names(model))
-        try:
-            wrapped = get_peft_model(model, lora)
-        except ValueError as error:
-            raise ConfigError(f"model.lora-targets {config.lora_targets!r}: {error}") from error
-        # routers and the head train fully next to the adapters
-        for name, param in wrapped.named_parameters():
-            if any(name.endswith(r) for r in router_names | head_names):
-                param.requires_grad_(True)
+        wrapped, _ = _wrap_lora(model, config, full_layout)
         return wrapped
     raise ConfigError(
         f"model.trainable must be one of ['all', 'moe+head', 'lora'] (got {config.trainable!r})"
     )
+
+
+def _wrap_lora(
+    model: nn.Module, config: ModelConfig, full_layout: MoELayout
+) -> tuple[nn.Module, dict[str, str]]:
+    """peft-wrapped ``model``; routers (``lora-router = "full"``) and the head train fully."""
+    extra = list(_head_names(model))
+    if config.lora_router == "full":
+        extra += sorted(full_layout.router_param_names())
+    return wrap_with_lora(model, config, full_layout, extra)
 
 
 def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEModel:
@@ -415,10 +422,17 @@ def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEMo
     if num_labels < 2:
         raise ConfigError(f"the dataset must have at least 2 classes (got {num_labels})")
     bare_model, tokenizer, model_type = build_classifier(config, num_labels, seed)
-    full_layout, _ = scan_moe(bare_model)
-    model = select_trainable(bare_model, config, full_layout)
-    # scan again: LoRA wrapping renames modules
-    full_layout, taps = scan_moe(model)
+    full_layout, taps = scan_moe(bare_model)
+    if config.trainable == "lora" and config.lora_experts:
+        # peft hides fused expert tensors inside ParamWrappers: rename the bare view
+        model, names = _wrap_lora(bare_model, config, full_layout)
+        full_layout, taps = full_layout.rename(names), rewrap_taps(model, taps)
+    else:
+        model = select_trainable(bare_model, config, full_layout)
+        # scan again: LoRA wrapping renames modules
+        full_layout, taps = scan_moe(model)
+    if config.trainable == "lora":
+        full_layout = lora_view(model, full_layout)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if isinstance(model, EncoderClassifier) and config.trainable == "moe+head":
         first_moe = _first_trainable_layer(model, set(trainable_names))
