@@ -153,9 +153,7 @@ def wrap_with_lora(
         wrapped = get_peft_model(model, lora_config(model, config, layout))
     except ValueError as error:
         raise ConfigError(f"{_error_key(config)} {config.lora_targets!r}: {error}") from error
-    names = {
-        bare_names[id(p)]: n for n, p in wrapped.named_parameters() if id(p) in bare_names
-    }
+    names = {bare_names[id(p)]: n for n, p in wrapped.named_parameters() if id(p) in bare_names}
     # a tensor peft adapted (moved under ``base_layer``) stays frozen: its adapter trains
     extra = {names[n] for n in trainable_extra if n in names and ".base_layer." not in names[n]}
     for name, param in wrapped.named_parameters():

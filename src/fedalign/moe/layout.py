@@ -112,8 +112,10 @@ class MoELayerLayout:
 
     def has_lora_expert(self, expert: int) -> bool:
         """Whether expert ``expert`` is adapted by LoRA and has no trainable base slice."""
-        return bool(self.lora_experts) and bool(self.lora_experts[expert]) and not (
-            self.experts[expert]
+        return (
+            bool(self.lora_experts)
+            and bool(self.lora_experts[expert])
+            and not (self.experts[expert])
         )
 
     def lora_delta_vector(self, state: Mapping[str, Tensor], expert: int) -> Tensor:
@@ -256,7 +258,8 @@ class MoELayout:
                             position[s.factors] = len(modules)
                             modules.append(s.factors)
                 entry["lora_experts"] = [
-                    [[position[s.factors], s.index] for s in slices] for slices in layer.lora_experts
+                    [[position[s.factors], s.index] for s in slices]
+                    for slices in layer.lora_experts
                 ]
             layers.append(entry)
         data: dict[str, Any] = {"layers": layers}

@@ -136,7 +136,11 @@ def refactorise(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     b = u * root  # (out, k)
     a = root[:, None] * vh  # (k, in)
     largest = float(s[0]) if s.numel() else 0.0
-    dead = s <= DEAD_DIRECTION_TOLERANCE * largest if largest > 0 else torch.ones_like(s, dtype=torch.bool)
+    dead = (
+        s <= DEAD_DIRECTION_TOLERANCE * largest
+        if largest > 0
+        else torch.ones_like(s, dtype=torch.bool)
+    )
     if bool(dead.any()):
         b[:, dead] = 0.0
         a[dead] = vh[dead]
