@@ -66,9 +66,9 @@ def expert_targets(model: nn.Module, layout: MoELayout) -> tuple[list[str], list
                     continue
                 module_name, _, leaf = expert_slice.param.rpartition(".")
                 module = modules.get(module_name)
-                if leaf == "weight" and isinstance(module, nn.Linear):
-                    if module_name not in linears:
-                        linears.append(module_name)
+                linear = leaf == "weight" and isinstance(module, nn.Linear)
+                if linear and module_name not in linears:
+                    linears.append(module_name)
     if not parameters and not linears:
         raise ConfigError(
             "model.lora-experts = true, but no expert tensor of this model can take LoRA "
