@@ -134,9 +134,9 @@ def test_fused_blocks_follow_peft_stacking() -> None:
     state = _fused_state()
     a, b = state["up.lora_A"], state["up.lora_B"]
     # peft's ParamWrapper.get_delta_weight for (E, out, in) tensors
-    peft_delta = torch.einsum(
-        "ore,eri->eoi", b.reshape(OUT, R, E), a.reshape(E, R, IN)
-    ) * factors.scaling  # (E, out, in)
+    peft_delta = (
+        torch.einsum("ore,eri->eoi", b.reshape(OUT, R, E), a.reshape(E, R, IN)) * factors.scaling
+    )  # (E, out, in)
     for e in range(E):
         assert torch.equal(factors.a(state, e), a[e * R : (e + 1) * R])
         assert torch.equal(factors.b(state, e), b[:, e::E])

@@ -71,8 +71,13 @@ def shared_subspace(generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
     subspaces = [(torch.randn(OUT, R, generator=generator), torch.randn(IN, R, generator=generator))
                  for _ in BLOCKS]  # fmt: skip
     return [
-        [(u @ torch.randn(R, R, generator=generator), torch.randn(R, R, generator=generator) @ v.T)
-         for u, v in subspaces]  # fmt: skip
+        [
+            (
+                u @ torch.randn(R, R, generator=generator),
+                torch.randn(R, R, generator=generator) @ v.T,
+            )
+            for u, v in subspaces
+        ]  # fmt: skip
         for _ in range(C)
     ]
 

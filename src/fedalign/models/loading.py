@@ -425,8 +425,11 @@ def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEMo
     full_layout, taps = scan_moe(bare_model)
     if config.trainable == "lora" and config.lora_experts:
         # peft hides fused expert tensors inside ParamWrappers: rename the bare view
+        bare_modules = {id(m): n for n, m in bare_model.named_modules()}
         model, names = _wrap_lora(bare_model, config, full_layout)
-        full_layout, taps = full_layout.rename(names), rewrap_taps(model, taps)
+        blocks = {bare_modules[id(m)]: n for n, m in model.named_modules() if id(m) in bare_modules}
+        full_layout = full_layout.rename(names, blocks)
+        taps = rewrap_taps(model, taps, blocks)
     else:
         model = select_trainable(bare_model, config, full_layout)
         # scan again: LoRA wrapping renames modules

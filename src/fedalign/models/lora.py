@@ -162,8 +162,11 @@ def wrap_with_lora(
     return wrapped, names
 
 
-def rewrap_taps(model: nn.Module, taps: Sequence[RouterTap]) -> list[RouterTap]:
-    """Taps on the bare routers moved to their outermost peft wrapper, if any.
+def rewrap_taps(
+    model: nn.Module, taps: Sequence[RouterTap], layer_names: Mapping[str, str]
+) -> list[RouterTap]:
+    """Taps on the bare routers moved to their outermost peft wrapper, if any, and their
+    layers renamed by ``layer_names`` (bare module path -> wrapped module path).
 
     A LoRA ``nn.Linear`` wrapper adds its update after calling the base router, so a hook
     on the base module would miss it.
@@ -180,7 +183,12 @@ def rewrap_taps(model: nn.Module, taps: Sequence[RouterTap]) -> list[RouterTap]:
         id(m.get_base_layer()): m for m in wrappers if id(m) not in inner
     }  # base module -> outermost wrapper
     return [
-        dataclasses.replace(tap, module=outermost.get(id(tap.module), tap.module)) for tap in taps
+        dataclasses.replace(
+            tap,
+            layer=layer_names.get(tap.layer, tap.layer),
+            module=outermost.get(id(tap.module), tap.module),
+        )
+        for tap in taps
     ]
 
 

@@ -205,9 +205,13 @@ class MoELayout:
             lora_modules=tuple(f for f in self.lora_modules if kept(f)),
         )
 
-    def rename(self, names: Mapping[str, str]) -> MoELayout:
+    def rename(
+        self, names: Mapping[str, str], layer_names: Mapping[str, str] | None = None
+    ) -> MoELayout:
         """The same layout with every tensor name ``n`` in ``names`` replaced by ``names[n]``
-        (e.g. after peft wrapped the model and prefixed its parameter names)."""
+        and every layer name ``l`` in ``layer_names`` by ``layer_names[l]`` (e.g. after peft
+        wrapped the model and prefixed its parameter and module names)."""
+        layer_names = layer_names or {}
 
         def new(name: str) -> str:
             return names.get(name, name)
@@ -216,6 +220,7 @@ class MoELayout:
             layers=tuple(
                 dataclasses.replace(
                     layer,
+                    name=layer_names.get(layer.name, layer.name),
                     router_params=tuple(new(p) for p in layer.router_params),
                     experts=tuple(
                         tuple(dataclasses.replace(s, param=new(s.param)) for s in slices)
