@@ -153,9 +153,14 @@ def test_bad_values_name_the_key(key: str, value: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["model.lora-experts=true", "model.lora-router=lora", "model.quantize=4bit",
-            "model.lora-aggregation=product-svd"],
-)  # fmt: skip
+    "key",
+    [
+        "model.lora-experts=true",
+        "model.lora-router=lora",
+        "model.quantize=4bit",
+        "model.lora-aggregation=product-svd",
+    ],
+)
 def test_lora_keys_need_trainable_lora(key: str) -> None:
     config = ExperimentConfig()
     config.apply_overrides([key])
@@ -169,7 +174,7 @@ def test_4bit_without_cuda_says_why() -> None:
     with pytest.raises(ConfigError, match="CUDA"):
         quantization_kwargs(config)
     assert quantization_kwargs(ModelConfig()) == {}
-    with pytest.raises(ConfigError, match="model.quantize"):
+    with pytest.raises(ConfigError, match=r"model\.quantize"):
         _load(quantize="4bit")
 
 

@@ -116,8 +116,15 @@ E = 3
 
 
 def _fused_factors(transposed: bool = False) -> LoRAFactors:
-    return LoRAFactors("up.lora_A", "up.lora_B", rank=R, scaling=0.5, num_experts=E,
-                       transposed=transposed, base="up")  # fmt: skip
+    return LoRAFactors(
+        "up.lora_A",
+        "up.lora_B",
+        rank=R,
+        scaling=0.5,
+        num_experts=E,
+        transposed=transposed,
+        base="up",
+    )
 
 
 def _fused_state(seed: int = 0) -> dict[str, Tensor]:
@@ -183,8 +190,9 @@ def test_layout_lora_round_trip_restrict_and_rename() -> None:
     data = json.loads(json.dumps(layout.to_dict()))
     assert MoELayout.from_dict(data) == layout
     # a layout without LoRA serialises as before (no new keys)
-    plain = MoELayout(layers=(layout.layers[0].__class__(
-        "x", 1, 1, 2, ("g",), ((ExpertSlice("w"),),)),))  # fmt: skip
+    plain = MoELayout(
+        layers=(layout.layers[0].__class__("x", 1, 1, 2, ("g",), ((ExpertSlice("w"),),)),)
+    )
     assert set(plain.to_dict()) == {"layers"}
     assert "lora_experts" not in plain.to_dict()["layers"][0]
     # restrict to the travelling tensors: base experts frozen, LoRA pairs kept when whole

@@ -19,8 +19,9 @@ from tests.helpers import tiny_config
 
 Tensor = torch.Tensor
 E, R, OUT, IN, C = 2, 2, 6, 5, 3
-EXPERTS = LoRAFactors("moe.experts.lora_A", "moe.experts.lora_B", R, 0.5, num_experts=E,
-                      base="moe.experts.up")  # fmt: skip
+EXPERTS = LoRAFactors(
+    "moe.experts.lora_A", "moe.experts.lora_B", R, 0.5, num_experts=E, base="moe.experts.up"
+)
 ATTENTION = LoRAFactors("attn.lora_A", "attn.lora_B", R, 2.0, base="attn.weight")
 LAYOUT = MoELayout(
     layers=(
@@ -68,8 +69,10 @@ def state_from(blocks: Sequence[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
 
 def shared_subspace(generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
     """Per client and block ``(U M, N V^T)``: product means of rank <= R."""
-    subspaces = [(torch.randn(OUT, R, generator=generator), torch.randn(IN, R, generator=generator))
-                 for _ in BLOCKS]  # fmt: skip
+    subspaces = [
+        (torch.randn(OUT, R, generator=generator), torch.randn(IN, R, generator=generator))
+        for _ in BLOCKS
+    ]
     return [
         [
             (
@@ -77,7 +80,7 @@ def shared_subspace(generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
                 torch.randn(R, R, generator=generator) @ v.T,
             )
             for u, v in subspaces
-        ]  # fmt: skip
+        ]
         for _ in range(C)
     ]
 
@@ -140,8 +143,9 @@ def test_factor_averaging_is_inexact_and_recorded() -> None:
     assert min(errors) > 0.01
     assert outcome.record["lora"]["product_error_max"] == pytest.approx(max(errors), abs=1e-5)
     # the factors themselves are the plain weighted means (FedIT), as before
-    plain = build_strategy("fedavg", {}, MoELayout(layers=())).aggregate(1, global_parameters,
-                                                                            results, {})  # fmt: skip
+    plain = build_strategy("fedavg", {}, MoELayout(layers=())).aggregate(
+        1, global_parameters, results, {}
+    )
     for key, tensor in plain.parameters.items():
         assert torch.equal(outcome.parameters[key], tensor)
     assert "lora" not in plain.record
@@ -184,8 +188,11 @@ def test_fedalign_consensus_and_merge_use_expert_updates(aggregation: str) -> No
         assert all(c == pytest.approx(1.0, abs=1e-4) for c in expert_record["consensus"].values())
         assert expert_record["lora_update_size"] == OUT * IN
         merged = layer.lora_delta_vector(outcome.parameters, expert_record["expert"])
-        target = deltas[0] if expert_record["expert"] == 0 else layer.lora_delta_vector(
-            results[0].parameters, 1)  # fmt: skip
+        target = (
+            deltas[0]
+            if expert_record["expert"] == 0
+            else layer.lora_delta_vector(results[0].parameters, 1)
+        )
         error = relative_error(target, merged)
         if aggregation == "product-svd":
             assert error < 1e-5 and expert_record["lora_product_error"] < 1e-5
