@@ -148,6 +148,10 @@ class FedAlignMoE(Strategy):
       from the new global ``theta(e)``. The tensors are stored in the state per client until
       its next participation (stale under partial participation).
     * ``routing_divergence`` in the record is measured against the new ``p_g^t``.
+    * LoRA experts (``model.lora-experts``): step D's consensus and merge work on each
+      expert's weight update ``s B_e A_e`` (:meth:`_aggregate_lora_expert`), exact even with
+      ``sketch_dim > 0``; the merged update is written as factor means or re-factorised
+      (``lora_aggregation``). Not combinable with ``personalized_experts``.
     * As specified, ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``: the factor
       ``sqrt(p_g^{t-1}(e))`` is common to all clients of expert ``e`` and cancels when
       ``s_i(e)`` is normalised over clients, so ``p_g^{t-1}`` changes ``omega`` only through
@@ -333,6 +337,12 @@ class FedAlignMoE(Strategy):
         A record without ``"selection"`` ran the hard selection.
 
         Ablation ``"fedavg"`` gives the FedAvg record with ``"layers": {}``.
+
+        With LoRA pairs among the parameters the record also holds ``"lora"`` (see
+        :func:`~fedalign.strategies.lora.aggregate_lora_modules`; the routed experts' pairs
+        are left out when step D runs), and each LoRA expert of step D
+        ``"lora_update_size"`` (length of the update vector ``s B_e A_e`` the consensus
+        used) and ``"lora_product_error"``.
         """
         check_results(global_parameters, results)
         layout = trainable_layout(self.layout, global_parameters)
