@@ -26,7 +26,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 from fedalign.errors import ConfigError, OptionError
 
 __all__ = [
+    "DEVICE_NAMES",
     "FAULT_KINDS",
+    "HEADS",
+    "MULTIPLE_CHOICE_DATASETS",
+    "PRECISIONS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -36,6 +40,7 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "TrainConfig",
+    "check_device_name",
     "register_strategy",
     "run_label",
     "strategy_names",
@@ -117,6 +122,14 @@ FAULT_KINDS = ("raise", "vanish", "hang")
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
 GATINGS = ("auto", "renormalize", "scaled", "straight-through")
+HEADS = ("auto", "classification", "causal-lm")
+"""``model.head``: ``auto`` is ``causal-lm`` for multiple-choice data, else ``classification``."""
+MULTIPLE_CHOICE_DATASETS = ("mmlu", "hellaswag")
+"""Named multiple-choice sources of ``data.dataset`` (scored by a causal LM)."""
+PRECISIONS = ("fp32", "bf16", "auto")
+"""``run.precision``: float32, bfloat16 autocast, or bf16 where the device supports it."""
+DEVICE_NAMES = ("cpu", "auto", "cuda", "cuda:N")
+"""Accepted forms of ``run.device`` (N: a GPU index)."""
 
 
 @dataclass
@@ -165,6 +178,11 @@ class ModelConfig:
         renormalised to sum to one), ``scaled`` (the same times ``top_k``),
         ``straight-through`` (exactly one in value, the probability's gradient) or ``auto``
         (``straight-through`` for ``moefication``, ``renormalize`` otherwise).
+    head : str, default "auto"
+        ``classification`` (a sequence-classification head; text-classification data),
+        ``causal-lm`` (the model's language-modelling head; multiple-choice data, scored by
+        the log-likelihood of each choice) or ``auto`` (``causal-lm`` when ``data.dataset``
+        is multiple-choice, else ``classification``).
     """
 
     name: str = "upcycled-minilm"
@@ -182,6 +200,7 @@ class ModelConfig:
     expert_init: str = "moefication"
     drop_fraction: float = 0.5
     gating: str = "auto"
+    head: str = "auto"
 
     def resolved_gating(self) -> str:
         """The gating ``auto`` stands for with this ``expert_init``."""
@@ -197,8 +216,10 @@ class DataConfig:
     Parameters
     ----------
     dataset : str, default "wordnet-supersense"
-        ``wordnet-supersense`` (embedded), ``ag_news`` (Hugging Face hub), or a path to a
-        ``.csv`` / ``.jsonl`` file.
+        Text classification: ``wordnet-supersense`` (embedded), ``ag_news`` (Hugging Face
+        hub), or a path to a ``.csv`` / ``.jsonl`` file. Multiple choice: ``mmlu``
+        (``cais/mmlu``; partitioned by subject) or ``hellaswag`` (``Rowan/hellaswag``;
+        partitioned by activity label).
     text_column : str, default "text"
     label_column : str, default "label"
     max_train_examples : int, default 0
@@ -210,6 +231,11 @@ class DataConfig:
     encoding : str, default "utf-8"
         Text encoding of a ``.csv`` / ``.jsonl`` / ``.json`` file (any Python codec name; a
         leading UTF-8 byte-order mark is skipped).
+    path : str, default ""
+        For ``mmlu`` / ``hellaswag``: a local ``.jsonl`` / ``.json`` file in the hub
+        dataset's schema, read instead of the hub (empty = the hub, through
+        ``datasets.load_dataset``). ``sample`` names the small sample in that schema
+        shipped with the package (offline demos and tests).
     """
 
     dataset: str = "wordnet-supersense"
@@ -219,6 +245,12 @@ class DataConfig:
     max_test_examples: int = 0
     test_fraction: float = 0.1
     encoding: str = "utf-8"
+    path: str = ""
+
+    @property
+    def task(self) -> str:
+        """``multiple-choice`` for :data:`MULTIPLE_CHOICE_DATASETS`, else ``classification``."""
+        return "multiple-choice" if self.dataset in MULTIPLE_CHOICE_DATASETS else "classification"
 
 
 @dataclass
@@ -407,11 +439,27 @@ class RunConfig:
         Show progress bars.
     threads : int, default 0
         ``torch.set_num_threads`` (0 keeps torch's default).
+    device : str, default "cpu"
+        Where the model, every batch and the client-side statistics live: ``cpu``,
+        ``cuda`` (the current GPU), ``cuda:N`` or ``auto`` (``cuda`` when a GPU is
+        visible, else ``cpu``). Parameters and statistics returned to the server are CPU
+        tensors: aggregation runs on the CPU whatever the device.
+    precision : str, default "fp32"
+        ``fp32``, ``bf16`` (bfloat16 autocast of forward passes; parameters, gradients and
+        optimiser state stay float32) or ``auto`` (``bf16`` on a GPU that supports it,
+        else ``fp32``).
+    deterministic : bool, default False
+        ``torch.use_deterministic_algorithms(True, warn_only=True)`` and
+        ``CUBLAS_WORKSPACE_CONFIG=:4096:8``: bitwise-repeatable GPU runs where torch has
+        deterministic kernels (a warning names each op that has none).
     """
 
     out: str = ""
     progress: bool = True
     threads: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    deterministic: bool = False
 
 
 @dataclass
@@ -425,6 +473,12 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def model_head(self) -> str:
+        """The head ``model.head`` stands for with this ``data.dataset``."""
+        if self.model.head != "auto":
+            return self.model.head
+        return "causal-lm" if self.data.task == "multiple-choice" else "classification"
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -498,6 +552,20 @@ class ExperimentConfig:
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _one_of("model.expert-init", m.expert_init, EXPERT_INITS)
         _one_of("model.gating", m.gating, GATINGS)
+        _one_of("model.head", m.head, HEADS)
+        if d.task == "multiple-choice" and m.head == "classification":
+            raise ConfigError(
+                f"model.head 'classification' cannot score the multiple-choice dataset "
+                f"{d.dataset!r}; accepted: ['causal-lm', 'auto']"
+            )
+        if d.task == "classification" and m.head == "causal-lm":
+            raise ConfigError(
+                f"model.head 'causal-lm' needs a multiple-choice data.dataset "
+                f"{list(MULTIPLE_CHOICE_DATASETS)} (got {d.dataset!r}); accepted for "
+                "classification data: ['classification', 'auto']"
+            )
+        check_device_name(self.run.device)
+        _one_of("run.precision", self.run.precision, PRECISIONS)
         if not 0.0 <= m.drop_fraction <= 1.0:
             raise ConfigError(f"model.drop-fraction must be in [0, 1] (got {m.drop_fraction})")
         _positive("partition.num-clients", p.num_clients)
@@ -596,6 +664,16 @@ def _one_of(name: str, value: str, accepted: Iterable[str]) -> None:
     accepted = tuple(accepted)
     if value not in accepted:
         raise ConfigError(f"{name} must be one of {list(accepted)} (got {value!r})")
+
+
+def check_device_name(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is ``cpu``, ``auto``, ``cuda`` or
+    ``cuda:N`` (whether that GPU exists is checked when the model is placed)."""
+    if device in ("cpu", "auto", "cuda"):
+        return
+    index = device[5:] if device.startswith("cuda:") else ""
+    if not (index.isdigit() and index.isascii()):
+        raise ConfigError(f"run.device must be one of {list(DEVICE_NAMES)} (got {device!r})")
 
 
 def _positive(name: str, value: int) -> None:

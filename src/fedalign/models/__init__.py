@@ -1,12 +1,22 @@
-"""Models as MoE classifiers: loading, sparse upcycling, adapters and routing capture."""
+"""Models as MoE classifiers or causal LMs: loading, devices and precision, sparse upcycling,
+adapters and routing capture."""
 
 from fedalign.models.adapters import ADAPTERS, MoEAdapter, scan_moe
 from fedalign.models.capture import RouterTap, RoutingCapture
+from fedalign.models.device import (
+    autocast,
+    bf16_supported,
+    resolve_device,
+    resolve_precision,
+    set_deterministic,
+)
 from fedalign.models.loading import (
+    CAUSAL_TINY_MODELS,
     EMBEDDED_MODELS,
     SUPPORTED_TYPES,
     TINY_MODELS,
     MoEModel,
+    build_causal_lm,
     build_classifier,
     load_moe_model,
     minilm_path,
@@ -15,6 +25,7 @@ from fedalign.models.upcycle import EncoderClassifier, UpcycledMoE, upcycle_enco
 
 __all__ = [
     "ADAPTERS",
+    "CAUSAL_TINY_MODELS",
     "EMBEDDED_MODELS",
     "SUPPORTED_TYPES",
     "TINY_MODELS",
@@ -24,9 +35,15 @@ __all__ = [
     "RouterTap",
     "RoutingCapture",
     "UpcycledMoE",
+    "autocast",
+    "bf16_supported",
+    "build_causal_lm",
     "build_classifier",
     "load_moe_model",
     "minilm_path",
+    "resolve_device",
+    "resolve_precision",
     "scan_moe",
+    "set_deterministic",
     "upcycle_encoder",
 ]

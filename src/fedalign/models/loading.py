@@ -12,6 +12,14 @@ Sources, by ``model.name``:
 * a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE and
   Mixtral with their sequence-classification heads, Switch Transformers' encoder with a
   pooled head, and dense BERT-style encoders (upcycled).
+
+With ``head="causal-lm"`` (multiple-choice data) a decoder MoE is loaded with
+``AutoModelForCausalLM`` instead (:func:`build_causal_lm`): the tiny Qwen3-MoE, Qwen2-MoE and
+Mixtral configurations, or any hub model whose MoE blocks an adapter recognises. Its router
+taps are found exactly as for the classifiers.
+
+The model is built on the CPU (so its initial weights do not depend on the device) and then
+moved to ``run.device``; :meth:`MoEModel.autocast` applies ``run.precision``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from fedalign.config import ConfigError, ModelConfig
 from fedalign.data.tokenize import pad_token_id
 from fedalign.models.adapters import scan_moe
 from fedalign.models.capture import RouterTap
+from fedalign.models.device import autocast, resolve_device, resolve_precision
 from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
 from fedalign.moe.layout import MoELayout
 
@@ -39,6 +48,8 @@ ENCODER_TYPES = ("switch_transformers",)
 UPCYCLABLE_TYPES = ("bert",)
 SUPPORTED_TYPES = SEQUENCE_CLASSIFICATION_TYPES + ENCODER_TYPES + UPCYCLABLE_TYPES
 EMBEDDED_MODELS = ("upcycled-minilm",)
+CAUSAL_TINY_MODELS = ("tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral")
+"""Tiny configurations that also load as causal LMs (``model.head = causal-lm``)."""
 
 
 @dataclass
@@ -62,6 +73,12 @@ class MoEModel:
     num_labels : int
     trainable_names : list of str
         Names of the parameters that train and travel, in a fixed order.
+    head : str, default "classification"
+        ``classification`` (logits ``(B, C)``) or ``causal-lm`` (next-token logits).
+    device : torch.device, default cpu
+        Where the model's parameters live (batches are moved there).
+    autocast_dtype : torch.dtype or None, default None
+        Autocast dtype of forward passes (None: float32).
     """
 
     model: nn.Module
@@ -72,6 +89,28 @@ class MoEModel:
     architecture: str
     num_labels: int
     trainable_names: list[str] = field(default_factory=list)
+    head: str = "classification"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> Any:
+        """The context forward passes run in (``run.precision``; nothing for float32)."""
+        return autocast(self.device, self.autocast_dtype)
+
+    def token_logits(self, input_ids: Tensor, attention_mask: Tensor, first: int = 0) -> Tensor:
+        """Next-token logits ``(B, T - first, V)`` of a causal LM at positions ``first..T-1``.
+
+        Positions before ``first`` are not projected onto the vocabulary
+        (``logits_to_keep``), which saves most of the memory of a long context.
+        """
+        kwargs: dict[str, Any] = {}
+        if first > 0:
+            kwargs["logits_to_keep"] = torch.arange(
+                first, input_ids.shape[1], device=input_ids.device
+            )
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits: Tensor = output.logits
+        return logits
 
     def classify(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits ``(B, C)``."""
@@ -91,9 +130,10 @@ class MoEModel:
         return self.model.forward_from_prefix(prefix_hidden, attention_mask)
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """Copies of the trainable parameters, keyed by name."""
+        """Copies of the trainable parameters (CPU tensors), keyed by name."""
         params = dict(self.model.named_parameters())
-        return {name: params[name].detach().clone() for name in self.trainable_names}
+        # on the CPU whatever the device: what travels and is aggregated is device-agnostic
+        return {name: params[name].detach().clone().cpu() for name in self.trainable_names}
 
     def load_trainable_state(self, state: Mapping[str, Tensor]) -> None:
         """Write ``state`` (a subset of the trainable names is fine) into the model."""
@@ -401,21 +441,47 @@ def select_trainable(model: nn.Module, config: ModelConfig, full_layout: MoELayo
     )
 
 
-def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEModel:
+def load_moe_model(
+    config: ModelConfig,
+    num_labels: int,
+    seed: int = 0,
+    *,
+    head: str = "classification",
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> MoEModel:
     """Build or load the model named by ``config`` as an :class:`MoEModel`.
 
     Parameters
     ----------
     config : ModelConfig
     num_labels : int
-        Classes of the task.
+        Classes of the task (unused by a causal LM).
     seed : int, default 0
         Seeds the fresh parts (router, head, tiny models).
+    head : str, default "classification"
+        ``classification`` or ``causal-lm`` (:meth:`ExperimentConfig.model_head`).
+    device : str, default "cpu"
+        ``run.device``; the model is built on the CPU and then moved there.
+    precision : str, default "fp32"
+        ``run.precision`` (autocast of forward passes).
     """
-    if num_labels < 2:
-        raise ConfigError(f"the dataset must have at least 2 classes (got {num_labels})")
-    bare_model, tokenizer, model_type = build_classifier(config, num_labels, seed)
-    full_layout, _ = scan_moe(bare_model)
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    if head == "causal-lm":
+        bare_model, tokenizer, model_type = build_causal_lm(config, seed)
+    elif head == "classification":
+        if num_labels < 2:
+            raise ConfigError(f"the dataset must have at least 2 classes (got {num_labels})")
+        bare_model, tokenizer, model_type = build_classifier(config, num_labels, seed)
+    else:
+        raise ConfigError(
+            f"model.head must be one of ['classification', 'causal-lm'] (got {head!r})"
+        )
+    try:
+        full_layout, _ = scan_moe(bare_model)
+    except ValueError as error:
+        raise ConfigError(f"model.name {config.name!r}: {error}") from error
     model = select_trainable(bare_model, config, full_layout)
     # scan again: LoRA wrapping renames modules
     full_layout, taps = scan_moe(model)
@@ -423,6 +489,7 @@ def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEMo
     if isinstance(model, EncoderClassifier) and config.trainable == "moe+head":
         first_moe = _first_trainable_layer(model, set(trainable_names))
         model.prefix_layers = first_moe
+    model.to(torch_device)
     return MoEModel(
         model=model,
         tokenizer=tokenizer,
@@ -432,7 +499,52 @@ def load_moe_model(config: ModelConfig, num_labels: int, seed: int = 0) -> MoEMo
         architecture=model_type,
         num_labels=num_labels,
         trainable_names=trainable_names,
+        head=head,
+        device=torch_device,
+        autocast_dtype=dtype,
     )
+
+
+# ----------------------------------------------------------------------- causal LMs
+def build_causal_lm(config: ModelConfig, seed: int) -> tuple[nn.Module, Any, str]:
+    """A decoder MoE with its language-modelling head, its tokenizer and model type.
+
+    ``tiny-qwen3moe`` / ``tiny-qwen2moe`` / ``tiny-mixtral`` build from their small
+    configurations with random weights (the offline MiniLM tokenizer; same vocabulary
+    size); anything else loads with ``AutoModelForCausalLM.from_pretrained``.
+
+    Raises
+    ------
+    ConfigError
+        For an encoder (``upcycled-minilm``, ``tiny-switch``, ``tiny-upcycled``: no LM
+        head), or a name that does not load as a causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.manual_seed(seed)
+    name = config.name
+    accepted = (
+        f"accepted: {list(CAUSAL_TINY_MODELS)} or a Hugging Face model id / local folder of a "
+        "decoder MoE with a causal-LM head"
+    )
+    if name in EMBEDDED_MODELS or (name.startswith("tiny-") and name not in CAUSAL_TINY_MODELS):
+        raise ConfigError(
+            f"model.name {name!r} is an encoder without a language-modelling head and cannot "
+            f"score multiple-choice data (model.head 'causal-lm'); {accepted}"
+        )
+    if name in CAUSAL_TINY_MODELS:
+        hf_config = _tiny_configs()[name]()
+        model = AutoModelForCausalLM.from_config(hf_config)
+        return model, _tokenizer(minilm_path()), str(hf_config.model_type)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model.name {name!r} does not load as a causal LM ({accepted}): {error}"
+        ) from error
+    tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
+    return model, tokenizer, str(getattr(model.config, "model_type", ""))
 
 
 def _first_trainable_layer(model: EncoderClassifier, trainable: set[str]) -> int:
