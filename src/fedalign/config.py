@@ -28,6 +28,7 @@ from fedalign.errors import ConfigError, OptionError
 __all__ = [
     "DEVICE_NAMES",
     "FAULT_KINDS",
+    "FROZEN_DTYPES",
     "HEADS",
     "MULTIPLE_CHOICE_DATASETS",
     "PRECISIONS",
@@ -128,6 +129,8 @@ MULTIPLE_CHOICE_DATASETS = ("mmlu", "hellaswag")
 """Named multiple-choice sources of ``data.dataset`` (scored by a causal LM)."""
 PRECISIONS = ("fp32", "bf16", "auto")
 """``run.precision``: float32, bfloat16 autocast, or bf16 where the device supports it."""
+FROZEN_DTYPES = ("fp32", "bf16")
+"""``run.frozen-dtype``: storage of the parameters that do not train."""
 DEVICE_NAMES = ("cpu", "auto", "cuda", "cuda:N")
 """Accepted forms of ``run.device`` (N: a GPU index)."""
 
@@ -448,6 +451,11 @@ class RunConfig:
         ``fp32``, ``bf16`` (bfloat16 autocast of forward passes; parameters, gradients and
         optimiser state stay float32) or ``auto`` (``bf16`` on a GPU that supports it,
         else ``fp32``).
+    frozen_dtype : str, default "fp32"
+        Storage of the parameters that do not train: ``fp32`` or ``bf16`` (halves the memory
+        of a frozen base model, e.g. under ``model.trainable = lora``; needs bfloat16
+        autocast, ``run.precision`` ``bf16`` or ``auto`` on a GPU). Trainable parameters,
+        their gradients and optimiser state stay float32.
     deterministic : bool, default False
         ``torch.use_deterministic_algorithms(True, warn_only=True)`` and
         ``CUBLAS_WORKSPACE_CONFIG=:4096:8``: bitwise-repeatable GPU runs where torch has
@@ -459,6 +467,7 @@ class RunConfig:
     threads: int = 0
     device: str = "cpu"
     precision: str = "fp32"
+    frozen_dtype: str = "fp32"
     deterministic: bool = False
 
 
@@ -566,6 +575,12 @@ class ExperimentConfig:
             )
         check_device_name(self.run.device)
         _one_of("run.precision", self.run.precision, PRECISIONS)
+        _one_of("run.frozen-dtype", self.run.frozen_dtype, FROZEN_DTYPES)
+        if self.run.frozen_dtype == "bf16" and self.run.precision == "fp32":
+            raise ConfigError(
+                "run.frozen-dtype 'bf16' needs bfloat16 autocast: run.precision must be one of "
+                "['bf16', 'auto'] (got 'fp32')"
+            )
         if not 0.0 <= m.drop_fraction <= 1.0:
             raise ConfigError(f"model.drop-fraction must be in [0, 1] (got {m.drop_fraction})")
         _positive("partition.num-clients", p.num_clients)

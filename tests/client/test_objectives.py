@@ -179,9 +179,7 @@ def test_objective_checks_the_head() -> None:
     with pytest.raises(FedAlignError, match="causal LM"):
         objective_for(inputs, classifier)
     with pytest.raises(FedAlignError, match="classification head"):
-        objective_for(
-            ModelInputs(attention_mask=torch.ones(1, 2), labels=torch.zeros(1)), model
-        )
+        objective_for(ModelInputs(attention_mask=torch.ones(1, 2), labels=torch.zeros(1)), model)
     unknown = ModelInputs(attention_mask=torch.ones(1, 2), labels=torch.zeros(1), task="regress")
     with pytest.raises(FedAlignError, match="unknown task 'regress'"):
         objective_for(unknown, model)

@@ -110,3 +110,29 @@ def test_cuda_bf16_round_matches_the_contract(dataset: str) -> None:
 @needs_cuda
 def test_auto_picks_the_gpu() -> None:
     assert resolve_device("auto").type == "cuda"
+
+
+def test_frozen_bf16_needs_autocast() -> None:
+    config = tiny_config(run__frozen_dtype="bf16")
+    with pytest.raises(ConfigError, match="run.frozen-dtype 'bf16' needs bfloat16 autocast"):
+        config.validate()
+    config.run.frozen_dtype = "fp16"
+    config.run.precision = "bf16"
+    with pytest.raises(ConfigError, match=r"run.frozen-dtype must be one of \['fp32', 'bf16'\]"):
+        config.validate()
+
+
+@pytest.mark.parametrize("name", ["tiny-upcycled", "tiny-qwen3moe"])
+def test_frozen_bf16_halves_the_frozen_weights_only(name: str) -> None:
+    config = tiny_config(model__name=name, run__precision="bf16", run__frozen_dtype="bf16")
+    prepared = prepare(config)
+    params = dict(prepared.model.model.named_parameters())
+    trainable = set(prepared.model.trainable_names)
+    assert all(params[n].dtype == torch.float32 for n in trainable)
+    frozen = {n: p.dtype for n, p in params.items() if n not in trainable}
+    assert torch.bfloat16 in frozen.values()
+    # normalisation weights stay float32
+    assert all(dtype == torch.float32 for n, dtype in frozen.items() if "norm" in n.lower())
+    parameters, metrics = _one_round(config)
+    assert all(t.dtype == torch.float32 for t in parameters.values())
+    assert math.isfinite(metrics["task_loss"])

@@ -186,6 +186,7 @@ def load_model(config: ExperimentConfig, num_labels: int) -> MoEModel:
         head=config.model_head(),
         device=config.run.device,
         precision=config.run.precision,
+        frozen_dtype=config.run.frozen_dtype,
     )
 
 

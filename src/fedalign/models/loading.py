@@ -449,6 +449,7 @@ def load_moe_model(
     head: str = "classification",
     device: str = "cpu",
     precision: str = "fp32",
+    frozen_dtype: str = "fp32",
 ) -> MoEModel:
     """Build or load the model named by ``config`` as an :class:`MoEModel`.
 
@@ -465,9 +466,18 @@ def load_moe_model(
         ``run.device``; the model is built on the CPU and then moved there.
     precision : str, default "fp32"
         ``run.precision`` (autocast of forward passes).
+    frozen_dtype : str, default "fp32"
+        ``run.frozen-dtype``: ``bf16`` stores the parameters that do not train in bfloat16
+        (needs a bfloat16 autocast).
     """
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
+    if frozen_dtype == "bf16" and dtype is None:
+        raise ConfigError(
+            f"run.frozen-dtype 'bf16' needs bfloat16 autocast, but run.precision {precision!r} "
+            f"is float32 on {torch_device}; accepted: run.frozen-dtype 'fp32', or "
+            "run.precision 'bf16'"
+        )
     if head == "causal-lm":
         bare_model, tokenizer, model_type = build_causal_lm(config, seed)
     elif head == "classification":
@@ -489,6 +499,8 @@ def load_moe_model(
     if isinstance(model, EncoderClassifier) and config.trainable == "moe+head":
         first_moe = _first_trainable_layer(model, set(trainable_names))
         model.prefix_layers = first_moe
+    if frozen_dtype == "bf16":
+        store_frozen(model, torch.bfloat16)
     model.to(torch_device)
     return MoEModel(
         model=model,
@@ -503,6 +515,24 @@ def load_moe_model(
         device=torch_device,
         autocast_dtype=dtype,
     )
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every floating-point parameter that does not train to ``dtype``; returns how
+    many were cast.
+
+    Trainable parameters keep float32, and so do normalisation layers (LayerNorm, RMSNorm:
+    a few vectors; a bfloat16 LayerNorm weight meeting float32 activations fails on CPU).
+    """
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower():
+            continue
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
 
 
 # ----------------------------------------------------------------------- causal LMs
