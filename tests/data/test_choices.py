@@ -130,12 +130,12 @@ def test_head_and_dataset_must_agree() -> None:
     config.data.dataset = "mmlu"
     assert config.model_head() == "causal-lm"
     config.model.head = "classification"
-    with pytest.raises(ConfigError, match="model.head 'classification' cannot score"):
+    with pytest.raises(ConfigError, match=r"model\.head 'classification' cannot score"):
         config.validate()
     config = ExperimentConfig()
     assert config.model_head() == "classification"
     config.model.head = "causal-lm"
-    with pytest.raises(ConfigError, match="model.head 'causal-lm' needs a multiple-choice"):
+    with pytest.raises(ConfigError, match=r"model\.head 'causal-lm' needs a multiple-choice"):
         config.validate()
     config.model.head = "pooled"
     with pytest.raises(ConfigError, match=r"model.head must be one of \['auto'"):
@@ -192,7 +192,7 @@ def test_long_contexts_lose_their_beginning_not_the_choice(minilm_tokenizer: Any
     assert tokens.target_mask is not None
     first = tokens.input_ids[0, 0][tokens.attention_mask[0, 0].bool()].tolist()
     assert minilm_tokenizer.decode(first[1:]) == "seven eight nine ten"
-    with pytest.raises(ConfigError, match="model.max-length must be >= 3"):
+    with pytest.raises(ConfigError, match=r"model\.max-length must be >= 3"):
         tokenize_choices(data, minilm_tokenizer, max_length=2)
 
 

@@ -34,7 +34,7 @@ def test_missing_gpu_is_a_named_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"run.device 'cuda:1' is not available \(visible GPUs"):
         resolve_device("cuda:1")
-    with pytest.raises(ConfigError, match="run.device 'cuda' is not available"):
+    with pytest.raises(ConfigError, match=r"run\.device 'cuda' is not available"):
         resolve_device("cuda")
 
 
@@ -55,7 +55,7 @@ def test_precision_names_and_support(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"run.precision must be one of \['fp32', 'bf16'"):
         config.validate()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    with pytest.raises(ConfigError, match="run.precision 'bf16' is not supported on cuda"):
+    with pytest.raises(ConfigError, match=r"run\.precision 'bf16' is not supported on cuda"):
         resolve_precision("bf16", torch.device("cuda"))
     assert resolve_precision("auto", torch.device("cuda")) is None
 
@@ -114,7 +114,7 @@ def test_auto_picks_the_gpu() -> None:
 
 def test_frozen_bf16_needs_autocast() -> None:
     config = tiny_config(run__frozen_dtype="bf16")
-    with pytest.raises(ConfigError, match="run.frozen-dtype 'bf16' needs bfloat16 autocast"):
+    with pytest.raises(ConfigError, match=r"run\.frozen-dtype 'bf16' needs bfloat16 autocast"):
         config.validate()
     config.run.frozen_dtype = "fp16"
     config.run.precision = "bf16"
