@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,3 +74,36 @@ def test_an_encoder_cannot_score_multiple_choice() -> None:
     config.model.name = "tiny-upcycled"
     with pytest.raises(ConfigError, match="encoder without a language-modelling head"):
         prepare(config)
+
+
+def test_a_causal_moe_lm_from_a_folder(tmp_path: Path) -> None:
+    """The hub path (``from_pretrained``) on a saved tiny DeepSeek-V2: fused experts, MLA."""
+    import transformers
+
+    hf: Any = transformers
+    config = hf.DeepseekV2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        vocab_size=30522,  # the MiniLM tokenizer used when the folder has none
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    run = tiny_choice_config("hellaswag", model__name=str(tmp_path / "model"), federated__rounds=1)
+    summary = run_experiment(run, tmp_path / "run", log=None)
+    assert 0.0 <= summary.final_accuracy <= 1.0
+    layout = (tmp_path / "run" / "layout.json").read_text()
+    assert "model.layers.1.mlp" in layout
