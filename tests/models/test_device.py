@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from fedalign.client import prepare, run_client_round
 from fedalign.config import ConfigError, ExperimentConfig
-from fedalign.models import resolve_device, resolve_precision
+from fedalign.models import resolve_device, resolve_precision, set_deterministic
 from fedalign.protocol import TrainInstructions
 from tests.helpers import tiny_config
 
@@ -136,3 +137,17 @@ def test_frozen_bf16_halves_the_frozen_weights_only(name: str) -> None:
     parameters, metrics = _one_round(config)
     assert all(t.dtype == torch.float32 for t in parameters.values())
     assert math.isfinite(metrics["task_loss"])
+
+
+def test_deterministic_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    set_deterministic(False)
+    assert torch.are_deterministic_algorithms_enabled() == before
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
