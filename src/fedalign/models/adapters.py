@@ -248,15 +248,22 @@ def _router_weight(module: nn.Module) -> Tensor | None:
 
 
 def _router_candidates(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children with a 2-D weight, else such grandchildren (a gating module around a Linear)."""
+    """Children with a 2-D weight, else such a grandchild that is all its parent holds.
+
+    The second case is a gating module wrapped around its ``Linear`` (JetMoE's
+    ``router.layer``); a child holding more than that is a block or a layer, not a router.
+    """
     found: list[tuple[str, nn.Module]] = []
     for name, child in block.named_children():
         if _router_weight(child) is not None:
             found.append((name, child))
             continue
-        for inner, grandchild in child.named_children():
-            if _router_weight(grandchild) is not None:
-                found.append((f"{name}.{inner}", grandchild))
+        inner = [(n, m) for n, m in child.named_children() if _router_weight(m) is not None]
+        if len(inner) == 1:
+            path, grandchild = inner[0]
+            own = {id(p) for p in child.parameters()}
+            if own == {id(p) for p in grandchild.parameters()}:
+                found.append((f"{name}.{path}", grandchild))
     return found
 
 
@@ -292,8 +299,8 @@ def _listed_experts(block: nn.Module, num_experts: int) -> list[list[str]]:
 def match_generic(block: nn.Module) -> GenericMatch | None:
     """The generic MoE shape in ``block``, or None.
 
-    A block matches when one child (or a child's child) has a 2-D ``weight`` ``(E, H)`` with
-    ``E >= 2`` -- the router -- and, beside it, either fused expert tensors (parameters of
+    A block matches when one child (or the only parameterised child of a child) has a 2-D
+    ``weight`` ``(E, H)`` with ``E >= 2`` -- the router -- and, beside it, either fused expert tensors (parameters of
     the block or of one of its children with dimension 0 equal to ``E``, at least one of
     them 3-D) or one ``nn.ModuleList`` / ``nn.ModuleDict`` of ``E`` modules with identical
     parameter shapes; some expert tensor must have a dimension equal to ``H``. Expert ``e``
@@ -395,6 +402,8 @@ def _logits_by_width(num_experts: int) -> Callable[[Any], Tensor]:
 
 
 def _is_generic_block(module: nn.Module) -> bool:
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return False  # containers hold blocks or experts, they are not blocks
     return match_generic(module) is not None
 
 
@@ -469,6 +478,14 @@ def _diagnose(model: nn.Module, limit: int = 3) -> str:
     )
 
 
+def find_adapter(model: nn.Module) -> MoEAdapter | None:
+    """The first adapter of :data:`ADAPTERS` that recognises a module of ``model``, or None."""
+    for adapter in ADAPTERS:
+        if any(adapter.is_moe_block(m) for m in model.modules()):
+            return adapter
+    return None
+
+
 def scan_moe(model: nn.Module) -> tuple[MoELayout, list[RouterTap]]:
     """Find the MoE layers of ``model`` with the first adapter that recognises it.
 
@@ -478,14 +495,14 @@ def scan_moe(model: nn.Module) -> tuple[MoELayout, list[RouterTap]]:
         When no adapter recognises any module; the message says what the generic adapter
         looked for and what the model holds instead.
     """
-    for adapter in ADAPTERS:
-        if any(adapter.is_moe_block(m) for m in model.modules()):
-            return adapter.scan(model)
+    adapter = find_adapter(model)
+    if adapter is not None:
+        return adapter.scan(model)
     raise ValueError(
         f"no MoE layer recognised in {type(model).__name__}: the dedicated adapters "
         f"{[a.name for a in ADAPTERS if a is not GENERIC]} matched no module, and the generic "
-        "adapter looked for a module with a router (a child, or a child's child, with a 2-D "
-        "weight (E, H), E >= 2) beside either expert tensors of shape (E, ...) with 3 or more "
+        "adapter looked for a module with a router (a child, or the one parameterised child of a "
+        "child, with a 2-D weight (E, H), E >= 2) beside either expert tensors of shape (E, ...) with 3 or more "
         "dimensions or an nn.ModuleList / nn.ModuleDict of E identical expert modules; found "
         f"{_diagnose(model)}"
     )
