@@ -217,6 +217,7 @@ def _tiny_configs() -> dict[str, Callable[[], Any]]:
             decoder_sparse_step=1,
             expert_capacity=1024,
             pad_token_id=0,
+            decoder_start_token_id=0,  # the full text-to-text model (its decoder) needs one
         ),
         # 3 layers, the first dense (first_k_dense_replace=1); 8 routed experts in 4 groups,
         # each token choosing its 2 experts among the 2 best groups; one shared expert
