@@ -58,7 +58,8 @@ def test_deepseek_layout_skips_dense_layers_and_reads_the_gate(name: str) -> Non
         assert layer.top_k == config.num_experts_per_tok == 2
         gate = moe.model.get_submodule(f"{layer.name}.gate")
         assert (gate.num_group, gate.topk_group) == (4, 2)
-        assert float(gate.weight.detach().abs().sum()) > 0  # initialised, not the zeros it is built with
+        # initialised, not the zeros it is built with
+        assert float(gate.weight.detach().abs().sum()) > 0
     if name == "tiny-deepseek-v2":
         assert moe.model.get_submodule("model.layers.1.mlp.gate").topk_method == (
             "group_limited_greedy"

@@ -300,12 +300,13 @@ def match_generic(block: nn.Module) -> GenericMatch | None:
     """The generic MoE shape in ``block``, or None.
 
     A block matches when one child (or the only parameterised child of a child) has a 2-D
-    ``weight`` ``(E, H)`` with ``E >= 2`` -- the router -- and, beside it, either fused expert tensors (parameters of
-    the block or of one of its children with dimension 0 equal to ``E``, at least one of
-    them 3-D) or one ``nn.ModuleList`` / ``nn.ModuleDict`` of ``E`` modules with identical
-    parameter shapes; some expert tensor must have a dimension equal to ``H``. Expert ``e``
-    is row ``e`` of the fused tensors, or the ``e``-th listed module: the order the router's
-    logit columns index them in every transformers family.
+    ``weight`` ``(E, H)`` with ``E >= 2`` -- the router -- and, beside it, either fused
+    expert tensors (parameters of the block or of one of its children with dimension 0
+    equal to ``E``, at least one of them 3-D) or one ``nn.ModuleList`` / ``nn.ModuleDict``
+    of ``E`` modules with identical parameter shapes; some expert tensor must have a
+    dimension equal to ``H``. Expert ``e`` is row ``e`` of the fused tensors, or the
+    ``e``-th listed module: the order the router's logit columns index them in every
+    transformers family.
 
     Raises
     ------
@@ -501,8 +502,9 @@ def scan_moe(model: nn.Module) -> tuple[MoELayout, list[RouterTap]]:
     raise ValueError(
         f"no MoE layer recognised in {type(model).__name__}: the dedicated adapters "
         f"{[a.name for a in ADAPTERS if a is not GENERIC]} matched no module, and the generic "
-        "adapter looked for a module with a router (a child, or the one parameterised child of a "
-        "child, with a 2-D weight (E, H), E >= 2) beside either expert tensors of shape (E, ...) with 3 or more "
-        "dimensions or an nn.ModuleList / nn.ModuleDict of E identical expert modules; found "
+        "adapter looked for a module with a router (a child, or the one parameterised child "
+        "of a child, with a 2-D weight (E, H), E >= 2) beside either expert tensors of shape "
+        "(E, ...) with 3 or more dimensions or an nn.ModuleList / nn.ModuleDict of E "
+        "identical expert modules; found "
         f"{_diagnose(model)}"
     )
