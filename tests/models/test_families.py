@@ -204,3 +204,26 @@ def test_one_fedalign_round_per_family(name: str, tmp_path: Path) -> None:
     moved |= {n for n in final if any(f".{m}." in n for m in SHARED_EXPERTS.values())}
     for param in moved:
         assert not torch.equal(final[param], start[param]), param
+
+
+# --------------------------------------------------------------------------- causal LMs
+@pytest.mark.parametrize(
+    "name", [n for n in TINY_MODELS if n not in ("tiny-switch", "tiny-upcycled")]
+)
+def test_causal_lm_has_the_classifier_s_moe_view(name: str) -> None:
+    """The same config built as ``AutoModelForCausalLM`` gives the same MoE layers, top-k and
+    expert slices under the same names, and its capture sees every token."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    causal = AutoModelForCausalLM.from_config(_tiny_configs()[name]()).eval()
+    layout, taps = scan_moe(causal)
+    classifier = _load(name).full_layout
+    assert layout == classifier
+    ids = torch.randint(5, 1000, (2, 6))
+    with torch.no_grad(), RoutingCapture(taps) as capture:
+        causal(input_ids=ids)
+    records = capture.pop()
+    assert [tuple(records[layer.name][0].shape) for layer in layout.layers] == [
+        (12, layer.num_experts) for layer in layout.layers
+    ]
