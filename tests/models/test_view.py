@@ -92,6 +92,9 @@ def test_layout_has_the_architecture_s_layers_and_experts(name: str) -> None:
         ("tiny-qwen3moe", {"trainable": "lora", "lora_targets": ["q_proj", "gate"]}),
         ("tiny-upcycled", {"trainable": "lora", "lora_targets": ["query", "router"]}),
         ("tiny-switch", {"trainable": "lora", "lora_targets": ["q", "v"]}),
+        # the generic adapter with LoRA on a router nested in its gating module
+        ("tiny-jetmoe", {"trainable": "lora", "lora_targets": ["kv_proj", "layer"]}),
+        ("tiny-deepseek-v3", {"trainable": "all"}),
     ],
 )
 def test_layout_names_exist_in_the_model(
