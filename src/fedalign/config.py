@@ -144,8 +144,9 @@ class ModelConfig:
     name : str, default "upcycled-minilm"
         ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, its top FFNs turned into MoE
         layers per ``expert_init``), a tiny
-        test configuration (``tiny-qwen3moe``, ``tiny-qwen2moe``, ``tiny-mixtral``,
-        ``tiny-switch``, ``tiny-upcycled``), a Hugging Face model id or a local folder.
+        test configuration (``fedalign.models.TINY_MODELS``: ``tiny-qwen3moe``,
+        ``tiny-deepseek-v2``, ``tiny-granitemoe``, ...), a Hugging Face model id or a local
+        folder.
     num_experts : int, default 8
         Experts per upcycled layer (upcycled encoders only).
     top_k : int, default 2

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from fedalign.cli import main
-from fedalign.client import evaluate, prepare, train_local
+from fedalign.client import evaluate, prepare, run_client_round, train_local
 from fedalign.config import ConfigError
 from fedalign.experiments.run import run_experiment
+from fedalign.models import CAUSAL_TINY_MODELS
+from fedalign.protocol import TrainInstructions
 from fedalign.records import read_jsonl
 from tests.helpers import tiny_choice_config
 
@@ -107,3 +109,23 @@ def test_a_causal_moe_lm_from_a_folder(tmp_path: Path) -> None:
     assert 0.0 <= summary.final_accuracy <= 1.0
     layout = (tmp_path / "run" / "layout.json").read_text()
     assert "model.layers.1.mlp" in layout
+
+
+@pytest.mark.parametrize("name", CAUSAL_TINY_MODELS)
+def test_every_tiny_decoder_family_trains_and_scores_as_a_causal_lm(name: str) -> None:
+    config = tiny_choice_config("mmlu", model__name=name)
+    prepared = prepare(config)
+    model = prepared.model
+    assert model.head == "causal-lm" and model.full_layout.layers
+    done = run_client_round(
+        model,
+        prepared.data,
+        config,
+        1,
+        0,
+        model.trainable_state(),
+        TrainInstructions(collect_statistics=True),
+    )
+    assert math.isfinite(done.result.metrics["task_loss"])
+    assert set(done.result.routing_statistics) == {layer.name for layer in model.layout.layers}
+    assert 0.0 <= evaluate(model, prepared.data.test).accuracy <= 1.0

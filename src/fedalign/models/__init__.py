@@ -1,7 +1,14 @@
-"""Models as MoE classifiers or causal LMs: loading, devices and precision, sparse upcycling,
-adapters and routing capture."""
+"""Models as MoE classifiers or causal LMs: loading, heads, devices and precision, sparse
+upcycling, adapters and routing capture."""
 
-from fedalign.models.adapters import ADAPTERS, MoEAdapter, scan_moe
+from fedalign.models.adapters import (
+    ADAPTERS,
+    GENERIC,
+    MoEAdapter,
+    find_adapter,
+    match_generic,
+    scan_moe,
+)
 from fedalign.models.capture import RouterTap, RoutingCapture
 from fedalign.models.device import (
     autocast,
@@ -10,6 +17,7 @@ from fedalign.models.device import (
     resolve_precision,
     set_deterministic,
 )
+from fedalign.models.heads import PooledClassifier, mean_pool
 from fedalign.models.loading import (
     CAUSAL_TINY_MODELS,
     EMBEDDED_MODELS,
@@ -27,11 +35,13 @@ __all__ = [
     "ADAPTERS",
     "CAUSAL_TINY_MODELS",
     "EMBEDDED_MODELS",
+    "GENERIC",
     "SUPPORTED_TYPES",
     "TINY_MODELS",
     "EncoderClassifier",
     "MoEAdapter",
     "MoEModel",
+    "PooledClassifier",
     "RouterTap",
     "RoutingCapture",
     "UpcycledMoE",
@@ -39,7 +49,10 @@ __all__ = [
     "bf16_supported",
     "build_causal_lm",
     "build_classifier",
+    "find_adapter",
     "load_moe_model",
+    "match_generic",
+    "mean_pool",
     "minilm_path",
     "resolve_device",
     "resolve_precision",

