@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -26,12 +27,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 from fedalign.errors import ConfigError, OptionError
 
 __all__ = [
+    "ATTACKS",
     "DEVICE_NAMES",
     "FAULT_KINDS",
     "FROZEN_DTYPES",
     "HEADS",
     "MULTIPLE_CHOICE_DATASETS",
     "PRECISIONS",
+    "SEMANTIC_PRIVACY_MODES",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -120,6 +123,10 @@ def run_label(strategy_name: str, ablation: str = "full") -> str:
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 FAULT_KINDS = ("raise", "vanish", "hang")
 """Kinds of injected client faults (``federated.fault-kinds``)."""
+ATTACKS = ("none", "scale", "sign-flip")
+"""Simulated malicious-client updates (``federated.attack``)."""
+SEMANTIC_PRIVACY_MODES = ("none", "clip-noise", "public-probe")
+"""What leaves a client for FedAlign-MoE's semantic step (``strategy.semantic-privacy``)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 LORA_ROUTER_CHOICES = ("full", "lora", "frozen")
 """``model.lora-router``: how the routers train when ``model.trainable = "lora"``."""
@@ -369,6 +376,14 @@ class FederatedConfig:
         What an injected fault does, drawn uniformly: ``raise`` (the client raises),
         ``vanish`` (no reply) or ``hang`` (no reply before the deadline, recorded as a
         timeout; nothing sleeps).
+    attack : str, default "none"
+        Simulator only: ``none``, ``scale`` (the attacking clients upload
+        ``global + attack_scale * update``) or ``sign-flip`` (``global - update``), where
+        ``update`` is the client's honest parameters minus the global ones.
+    attack_clients : list of int, default []
+        Ids of the attacking clients (each must be ``< partition.num-clients``).
+    attack_scale : float, default 1000.0
+        Factor of the ``scale`` attack.
     """
 
     rounds: int = 25
@@ -381,6 +396,9 @@ class FederatedConfig:
     fault_rate: float = 0.0
     fault_seed: int = 0
     fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+    attack: str = "none"
+    attack_clients: list[int] = field(default_factory=list)
+    attack_scale: float = 1000.0
 
 
 @dataclass
@@ -395,7 +413,25 @@ class StrategyConfig:
     stats_max_examples : int, default 512
         Examples used for the routing-statistics pass.
     hidden_noise_std : float, default 0.0
-        Gaussian noise (relative to the norm) added to ``mu_i(e)`` before upload (privacy).
+        Gaussian noise (relative to each row's norm) added to ``mu_i(e)`` before upload.
+        An obfuscation, not differential privacy (the noise scales with the data); see
+        ``semantic_privacy``.
+    semantic_privacy : str, default "none"
+        What leaves a client for the semantic step (docs/privacy.md): ``none`` (the mean
+        routed hidden states ``mu_i(e)``, shape ``(E, H)``), ``clip-noise`` (each row
+        clipped to L2 norm ``semantic_clip``, then Gaussian noise of standard deviation
+        ``semantic_noise_multiplier * semantic_clip`` added on the client) or
+        ``public-probe`` (an empty ``(E, 0)`` tensor; the server computes semantic vectors
+        from each client's uploaded router and experts on a probe set it holds).
+    semantic_clip : float, default 1.0
+        Absolute L2 norm bound ``C`` of each row of ``mu_i(e)`` (``clip-noise``).
+    semantic_noise_multiplier : float, default 1.0
+        ``sigma``: noise standard deviation ``sigma * C`` per coordinate (``clip-noise``).
+    semantic_delta : float, default 1e-5
+        ``delta`` of the per-round ``(epsilon, delta)`` reported for ``clip-noise``.
+    probe_examples : int, default 256
+        ``public-probe``: examples of the server's probe set, taken from the held-out test
+        pool outside the global test set (never the examples of the reported accuracy).
     options : dict, default empty
         Values of the registered strategies' options that differ from their defaults, by
         field name (``proximal_mu``). Read any option as an attribute:
@@ -405,6 +441,11 @@ class StrategyConfig:
     name: str = "fedalign"
     stats_max_examples: int = 512
     hidden_noise_std: float = 0.0
+    semantic_privacy: str = "none"
+    semantic_clip: float = 1.0
+    semantic_noise_multiplier: float = 1.0
+    semantic_delta: float = 1e-5
+    probe_examples: int = 256
     options: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
@@ -455,7 +496,17 @@ class StrategyConfig:
             self.selected_options(name)
 
 
-_BASE_STRATEGY_FIELDS = ("name", "stats_max_examples", "hidden_noise_std", "options")
+_BASE_STRATEGY_FIELDS = (
+    "name",
+    "stats_max_examples",
+    "hidden_noise_std",
+    "semantic_privacy",
+    "semantic_clip",
+    "semantic_noise_multiplier",
+    "semantic_delta",
+    "probe_examples",
+    "options",
+)
 
 
 @dataclass
@@ -667,6 +718,21 @@ class ExperimentConfig:
             )
         for kind in f.fault_kinds:
             _one_of("federated.fault-kinds", kind, FAULT_KINDS)
+        _one_of("federated.attack", f.attack, ATTACKS)
+        for client in f.attack_clients:
+            if not 0 <= client < p.num_clients:
+                raise ConfigError(
+                    f"federated.attack-clients must hold client ids in [0, "
+                    f"{p.num_clients - 1}] (partition.num-clients = {p.num_clients}; "
+                    f"got {client})"
+                )
+        if f.attack != "none" and not f.attack_clients:
+            raise ConfigError(
+                f"federated.attack = {f.attack!r} needs federated.attack-clients (ids of the "
+                "attacking clients; got [])"
+            )
+        if not math.isfinite(f.attack_scale):
+            raise ConfigError(f"federated.attack-scale must be finite (got {f.attack_scale})")
         try:
             codecs.lookup(d.encoding)
         except LookupError as error:
@@ -677,6 +743,17 @@ class ExperimentConfig:
         if s.hidden_noise_std < 0:
             raise ConfigError(f"strategy.hidden-noise-std must be >= 0 (got {s.hidden_noise_std})")
         _positive("strategy.stats-max-examples", s.stats_max_examples)
+        _one_of("strategy.semantic-privacy", s.semantic_privacy, SEMANTIC_PRIVACY_MODES)
+        if not (math.isfinite(s.semantic_clip) and s.semantic_clip > 0):
+            raise ConfigError(f"strategy.semantic-clip must be > 0 (got {s.semantic_clip})")
+        if not (math.isfinite(s.semantic_noise_multiplier) and s.semantic_noise_multiplier >= 0):
+            raise ConfigError(
+                "strategy.semantic-noise-multiplier must be >= 0 "
+                f"(got {s.semantic_noise_multiplier})"
+            )
+        if not 0.0 < s.semantic_delta < 1.0:
+            raise ConfigError(f"strategy.semantic-delta must be in (0, 1) (got {s.semantic_delta})")
+        _positive("strategy.probe-examples", s.probe_examples)
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -6,8 +6,11 @@ Everything here is a pure function of tensors (no model, no module hooks):
   an MoE layer into the per-expert statistics a client uploads (FedAlign-MoE client step 2):
   routing distribution ``pbar_i(e)``, usage ``u_i(e)``, decision margin ``m_i(e)``, mean
   routed hidden state ``mu_i(e)`` and token counts;
-* :func:`privatize_mean_hidden` adds norm-relative Gaussian noise to ``mu_i(e)`` (privacy
-  option for the hidden-state summaries that leave the client);
+* :func:`privatize_mean_hidden` adds norm-relative Gaussian noise to ``mu_i(e)`` (an
+  obfuscation of the hidden-state summaries that leave the client, not differential
+  privacy); :func:`clip_and_noise_rows` is the Gaussian mechanism on them (rows clipped to
+  L2 norm ``C``, noise ``sigma * C``) and :func:`gaussian_epsilon` its ``(epsilon, delta)``
+  (Dong, Roth and Su, "Gaussian Differential Privacy", 2019, Corollary 2.13);
 * :func:`routing_regularizer` is the FedAlign-MoE alignment loss ``L_reg`` (forms
   ``literal``, ``batch-kl``, ``topk-kl``) and
   :func:`load_balancing_loss` the Switch-Transformer auxiliary loss;
@@ -190,6 +193,110 @@ def privatize_mean_hidden(
     row_norms = values.norm(dim=-1, keepdim=True)  # (E, 1)
     noise = torch.randn(values.shape, generator=generator, dtype=torch.float32)
     return (values + noise_std * row_norms * noise).to(mean_hidden.dtype)
+
+
+def clip_and_noise_rows(
+    mean_hidden: Tensor,
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int]:
+    """The Gaussian mechanism on ``mu_i(e)``: clip every row to L2 norm ``clip``, add noise.
+
+    Row ``e`` becomes ``mu(e) * min(1, C / ||mu(e)||) + sigma * C * z`` with
+    ``z ~ N(0, I_H)``; every row gets noise, zero rows (experts without tokens) too, so
+    which experts saw tokens is not revealed by the hidden states (it is by ``token_count``,
+    which travels in clear).
+
+    Parameters
+    ----------
+    mean_hidden : Tensor, shape (E, H)
+    clip : float
+        ``C`` > 0, absolute.
+    noise_multiplier : float
+        ``sigma`` >= 0; 0 clips only.
+    generator : torch.Generator or None, default None
+
+    Returns
+    -------
+    rows : Tensor, shape (E, H), float32
+    clipped : int
+        Rows whose norm exceeded ``C``.
+    """
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0 (got {clip})")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0 (got {noise_multiplier})")
+    values = mean_hidden.float()
+    norms = values.norm(dim=-1, keepdim=True)  # (E, 1)
+    scale = (clip / norms.clamp(min=1e-12)).clamp(max=1.0)  # (E, 1)
+    rows = values * scale  # (E, H)
+    if noise_multiplier > 0:
+        noise = torch.randn(values.shape, generator=generator, dtype=torch.float32)
+        rows = rows + noise_multiplier * clip * noise
+    return rows, int((norms > clip).sum())
+
+
+def gaussian_dp_mu(num_rows: int, noise_multiplier: float) -> float:
+    """``mu`` of :func:`clip_and_noise_rows` applied to ``num_rows`` rows, for one release.
+
+    Neighbouring inputs: the client's data replaced by any other (client level). Each
+    clipped row moves by at most ``2 C``, so the ``(num_rows, H)`` release has L2
+    sensitivity ``2 C sqrt(num_rows)``; with noise ``sigma C`` per coordinate the mechanism
+    is ``mu``-GDP with ``mu = 2 sqrt(num_rows) / sigma`` (``inf`` without noise). ``T``
+    releases compose to ``mu sqrt(T)``.
+    """
+    if noise_multiplier <= 0:
+        return math.inf
+    return 2.0 * math.sqrt(num_rows) / noise_multiplier
+
+
+def gaussian_delta(mu: float, epsilon: float) -> float:
+    """``delta(epsilon)`` of a ``mu``-GDP mechanism (exact for the Gaussian mechanism).
+
+    ``Phi(-epsilon / mu + mu / 2) - exp(epsilon) Phi(-epsilon / mu - mu / 2)`` (Dong, Roth and
+    Su 2019, Corollary 2.13; Balle and Wang 2018's analytic Gaussian mechanism).
+    """
+    x = torch.tensor([-epsilon / mu + mu / 2, -epsilon / mu - mu / 2], dtype=torch.float64)
+    first = float(torch.special.ndtr(x[0]))
+    second = math.exp(min(epsilon + float(torch.special.log_ndtr(x[1])), 0.0))
+    return max(first - second, 0.0)
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """The smallest ``epsilon`` with ``gaussian_delta(mu, epsilon) <= delta`` (bisection).
+
+    Parameters
+    ----------
+    mu : float
+        > 0; ``inf`` gives ``inf``.
+    delta : float
+        In (0, 1).
+
+    Returns
+    -------
+    float
+        ``epsilon`` >= 0, to a relative precision of about 1e-9.
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1) (got {delta})")
+    if math.isinf(mu):
+        return math.inf
+    if gaussian_delta(mu, 0.0) <= delta:
+        return 0.0
+    high = 1.0
+    while gaussian_delta(mu, high) > delta:
+        high *= 2.0
+    low = 0.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if gaussian_delta(mu, middle) > delta:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-9 * high:
+            break
+    return high
 
 
 def weighted_kl_terms(p: Tensor, log_p: Tensor, q: Tensor, alpha: Tensor) -> Tensor:

@@ -8,6 +8,12 @@ its own partition's rows; the Flower ServerApp only for the test rows.
 
 The model goes to ``run.device`` with ``run.precision`` (:func:`load_model`); the prepared
 examples stay on the CPU and each batch moves to the device when it is used.
+
+With ``strategy.semantic-privacy = public-probe`` the server side (the simulator, or a
+Flower server preparing ``include_train=False``) also gets ``PreparedData.probe``:
+``strategy.probe-examples`` examples drawn (seeded) from the held-out test pool that
+``data.max-test-examples`` left out of the global test set, so the probe never overlaps
+the examples of the reported accuracy nor any client's data.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from fedalign.client.inputs import ModelInputs, compute_prefix_inputs
-from fedalign.config import ExperimentConfig
+from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.data import (
     FederatedData,
     PartitionReport,
@@ -54,6 +60,8 @@ class PreparedData:
     report : PartitionReport
     prefix_cached : bool
     seconds : float
+    probe : ModelInputs or None, default None
+        The server's probe set (``public-probe`` only).
     """
 
     train: ModelInputs
@@ -65,6 +73,7 @@ class PreparedData:
     report: PartitionReport
     prefix_cached: bool
     seconds: float
+    probe: ModelInputs | None = None
 
     def client_rows(self, client_id: int) -> ModelInputs:
         """One client's training examples."""
@@ -135,6 +144,32 @@ def _cache(model: MoEModel, inputs: ModelInputs) -> ModelInputs:
     )
 
 
+PROBE_SEED = 0x9B0E
+"""Mixed with ``federated.seed`` to draw the probe examples from the spare test pool."""
+
+
+def probe_dataset(config: ExperimentConfig, federated: FederatedData) -> TextDataset:
+    """``strategy.probe-examples`` examples of the held-out pool outside the global test set.
+
+    Raises
+    ------
+    ConfigError
+        When ``data.max-test-examples`` leaves fewer spare held-out examples than asked.
+    """
+    wanted = config.strategy.probe_examples
+    spare = federated.splits.spare_test
+    available = 0 if spare is None else len(spare)
+    if spare is None or available < wanted:
+        raise ConfigError(
+            f"strategy.probe-examples = {wanted} needs that many held-out examples outside "
+            f"the global test set, but data.max-test-examples = "
+            f"{config.data.max_test_examples} leaves {available}: lower "
+            "strategy.probe-examples or data.max-test-examples"
+        )
+    rng = np.random.default_rng([config.federated.seed, PROBE_SEED])
+    return spare.subset(np.sort(rng.choice(available, size=wanted, replace=False)))
+
+
 def prepare_data(
     config: ExperimentConfig,
     model: MoEModel,
@@ -162,6 +197,12 @@ def prepare_data(
     cached = model.supports_prefix_cache and config.model.cache_prefix
     if cached:
         train, test = _cache(model, train), _cache(model, test)
+    probe = None
+    server_side = clients is None or not include_train
+    if config.strategy.semantic_privacy == "public-probe" and server_side:
+        probe = _inputs(probe_dataset(config, federated), model, config.model.max_length)
+        if cached:
+            probe = _cache(model, probe)
     return PreparedData(
         train=train,
         test=test,
@@ -172,6 +213,7 @@ def prepare_data(
         report=federated.report(),
         prefix_cached=cached,
         seconds=time.perf_counter() - started,
+        probe=probe,
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from fedalign.client.inputs import ModelInputs
 from fedalign.client.losses import LoadBalancingTerm, LossTerm, build_loss_terms
 from fedalign.client.prepare import PreparedData
-from fedalign.client.statistics import compute_routing_statistics
+from fedalign.client.statistics import compute_routing_statistics, semantic_privacy_metrics
 from fedalign.client.trainer import train_local
 from fedalign.config import ExperimentConfig
 from fedalign.models import MoEModel
@@ -36,6 +36,9 @@ def client_statistics(
         max_examples=config.strategy.stats_max_examples,
         seed=seed,
         hidden_noise_std=config.strategy.hidden_noise_std,
+        semantic_privacy=config.strategy.semantic_privacy,
+        semantic_clip=config.strategy.semantic_clip,
+        semantic_noise_multiplier=config.strategy.semantic_noise_multiplier,
     )
 
 
@@ -143,5 +146,15 @@ def run_client_round(
         parameters=outcome.parameters,
         routing_statistics=statistics,
         metrics=outcome.metrics,
+    )
+    s = config.strategy
+    result.metrics.update(
+        semantic_privacy_metrics(
+            statistics,
+            s.semantic_privacy,
+            s.semantic_clip,
+            s.semantic_noise_multiplier,
+            s.semantic_delta,
+        )
     )
     return ClientRound(result, outcome.optimizer_state, sent, received)

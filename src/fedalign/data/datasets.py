@@ -565,8 +565,24 @@ def _cap_train(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
 
 def _cap_test(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
     """Keep ``cap // C`` random examples of every present class (at most ``cap`` in all)."""
+    kept = _cap_test_indices(dataset, cap, seed)
+    return dataset if kept is None else dataset.subset(kept)
+
+
+def _spare_test(dataset: TextDataset, cap: int, seed: int) -> TextDataset | None:
+    """The examples :func:`_cap_test` leaves out, in their order; None when none are."""
+    kept = _cap_test_indices(dataset, cap, seed)
+    if kept is None or len(kept) == len(dataset):
+        return None
+    spare = np.ones(len(dataset), dtype=bool)
+    spare[kept] = False
+    return dataset.subset(np.flatnonzero(spare))
+
+
+def _cap_test_indices(dataset: TextDataset, cap: int, seed: int) -> np.ndarray | None:
+    """Sorted indices :func:`_cap_test` keeps; None when it keeps everything."""
     if cap <= 0 or cap >= len(dataset):
-        return dataset
+        return None
     present = _present_classes(dataset.labels, dataset.num_classes)
     per_class = cap // len(present)
     if per_class < 1:
@@ -578,7 +594,7 @@ def _cap_test(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
     for c in present:
         members = np.flatnonzero(dataset.labels == c)
         keep.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
-    return dataset.subset(np.sort(np.concatenate(keep)))
+    return np.sort(np.concatenate(keep))
 
 
 def load_data(config: DataConfig, seed: int) -> DataSplits:
@@ -628,6 +644,7 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     result = DataSplits(
         train=_cap_train(splits.train, config.max_train_examples, seed),
         test=_cap_test(splits.test, config.max_test_examples, seed),
+        spare_test=_spare_test(splits.test, config.max_test_examples, seed),
     )
     test_only = labels_only_in_test(result)
     if test_only:

@@ -96,11 +96,16 @@ class DataSplits:
     notes : list of str, default empty
         What the user should know about the data (records dropped from a file, labels
         that appear only in the test split); each is also logged as a warning.
+    spare_test : TextDataset or None, default None
+        The held-out examples left out of ``test`` by ``data.max-test-examples`` (never
+        evaluated on): the server's probe pool for ``strategy.semantic-privacy =
+        public-probe``. None when nothing was left out.
     """
 
     train: TextDataset
     test: TextDataset
     notes: list[str] = field(default_factory=list)
+    spare_test: TextDataset | None = None
 
 
 @dataclass

@@ -10,11 +10,18 @@ Before a strategy sees them, :meth:`ServerState.screen` checks the results
 (:func:`~fedalign.strategies.common.result_problem`: keys, shapes, dtypes, finite values,
 routing statistics that are distributions, token counts that add up), rejects the bad ones
 with a reason, and clips the updates of the rest when ``federated.clip-update-norm`` > 0.
+
+:meth:`ServerState.aggregate` hands the strategy the results as screened, except under
+``strategy.semantic-privacy = public-probe``: a ``semantic_probe``
+(:class:`~fedalign.federation.probe.SemanticProbe`) first replaces every client's (empty)
+``mean_hidden`` with semantic vectors the server measures on its own probe set. The
+decisions record then holds ``"semantic_privacy"`` (also under ``clip-noise``, from the
+clients' reported noise scales); records of the default mode are unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +35,32 @@ from fedalign.strategies import AggregationResult, Strategy, StrategyState, buil
 from fedalign.strategies.common import clip_update, result_problem
 
 Tensor = torch.Tensor
+
+SemanticProbeFn = Callable[[Mapping[str, Tensor], Sequence[ClientResult]], list[ClientResult]]
+"""``(global parameters, results) -> results`` with server-measured semantic vectors."""
+
+CLIP_NOISE_METRICS = (
+    "semantic_clip",
+    "semantic_noise_std",
+    "semantic_mu",
+    "semantic_epsilon",
+    "semantic_delta",
+)
+"""Result metrics a ``clip-noise`` client reports (see ``semantic_privacy_metrics``)."""
+
+
+def clip_noise_record(results: Sequence[ClientResult]) -> dict[str, Any] | None:
+    """The decisions record's ``semantic_privacy`` entry from ``clip-noise`` clients' metrics.
+
+    ``{"mode": "clip-noise", "<metric>": {"<client id>": value}}`` per metric of
+    :data:`CLIP_NOISE_METRICS` some client reported; None when none did.
+    """
+    entry: dict[str, Any] = {}
+    for key in CLIP_NOISE_METRICS:
+        values = {str(r.client_id): r.metrics[key] for r in results if key in r.metrics}
+        if values:
+            entry[key] = values
+    return {"mode": "clip-noise", **entry} if entry else None
 
 
 def strategy_from_config(config: ExperimentConfig, layout: MoELayout) -> Strategy:
@@ -77,6 +110,10 @@ class ServerState:
     clip_update_norm : float, default 0.0
         ``federated.clip-update-norm``: when > 0, :meth:`screen` scales each client's update
         down to at most this L2 norm.
+    semantic_probe : callable or None, default None
+        ``public-probe``: replaces the results' ``mean_hidden`` before a strategy that needs
+        routing statistics aggregates (a :class:`~fedalign.federation.probe.SemanticProbe`;
+        its ``record()``, when it has one, goes into the decisions record).
     """
 
     def __init__(
@@ -85,9 +122,11 @@ class ServerState:
         global_parameters: Mapping[str, Tensor],
         *,
         clip_update_norm: float = 0.0,
+        semantic_probe: SemanticProbeFn | None = None,
     ) -> None:
         self.strategy = strategy
         self.clip_update_norm = float(clip_update_norm)
+        self.semantic_probe = semantic_probe
         self.global_parameters: dict[str, Tensor] = dict(global_parameters)
         self.strategy_state: StrategyState = strategy.initial_state()
         self.personal_parameters: dict[int, dict[str, Tensor]] = {}
@@ -136,9 +175,17 @@ class ServerState:
 
     def aggregate(self, server_round: int, results: Sequence[ClientResult]) -> AggregationResult:
         """The strategy's aggregate of ``results`` (not adopted yet)."""
-        return self.strategy.aggregate(
+        privacy = clip_noise_record(results)
+        if self.semantic_probe is not None and self.strategy.needs_routing_statistics:
+            results = self.semantic_probe(self.global_parameters, results)
+            record = getattr(self.semantic_probe, "record", None)
+            privacy = record() if callable(record) else {"mode": "public-probe"}
+        outcome = self.strategy.aggregate(
             server_round, self.global_parameters, results, self.strategy_state
         )
+        if privacy is not None:
+            outcome.record["semantic_privacy"] = privacy
+        return outcome
 
     def adopt(self, server_round: int, outcome: AggregationResult) -> None:
         """Make ``outcome`` the global state after ``server_round``."""

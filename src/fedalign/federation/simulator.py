@@ -19,6 +19,9 @@ screened (:meth:`ServerState.screen`), and the round is aggregated when at least
 ``federated.min-clients`` of them are valid, else :class:`~fedalign.errors.FederationError`
 stops the run (the previous round's checkpoint stays resumable). Every failure and
 rejection is in the round's ``extra`` (``failed_clients``, ``rejected_clients``).
+
+Malicious clients: ``federated.attack`` (``scale``, ``sign-flip``) poisons the updates of
+``federated.attack-clients`` before upload (:mod:`fedalign.federation.attacks`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import torch
 from fedalign.client import LossTerm, Prepared, run_client_round, total_local_steps
 from fedalign.config import ExperimentConfig
 from fedalign.errors import FederationError
+from fedalign.federation.attacks import poison_result
 from fedalign.federation.evaluation import evaluate_global
+from fedalign.federation.probe import semantic_probe_for
 from fedalign.federation.rounds import RoundOutcome, evaluation_due
 from fedalign.federation.sampling import sample_clients
 from fedalign.federation.server import ServerState, strategy_from_config
@@ -86,6 +91,7 @@ class Simulator:
             strategy,
             self.model.trainable_state(),
             clip_update_norm=config.federated.clip_update_norm,
+            semantic_probe=semantic_probe_for(config, self.model, self.data),
         )
         # what persists per client between its rounds (never a model copy)
         self.optimizer_states: dict[int, dict[str, Any]] = {}
@@ -133,7 +139,7 @@ class Simulator:
             raise InjectedFault(FAULT_REASONS["raise"])
         if fault is not None:
             return fault
-        return run_client_round(
+        done = run_client_round(
             self.model,
             self.data,
             self.config,
@@ -145,6 +151,11 @@ class Simulator:
             extra_terms=self.extra_terms,
             on_step=self.on_step,
         )
+        if federated.attack != "none" and client_id in federated.attack_clients:
+            done.result = poison_result(
+                self.server.global_parameters, done.result, federated.attack, federated.attack_scale
+            )
+        return done
 
     def _train_clients(
         self, server_round: int, selected: list[int]

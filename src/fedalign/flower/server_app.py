@@ -31,7 +31,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedalign.client import Prepared, prepare
 from fedalign.config import ExperimentConfig, run_label
-from fedalign.federation import RoundOutcome, evaluate_global, evaluation_due, strategy_from_config
+from fedalign.federation import (
+    RoundOutcome,
+    evaluate_global,
+    evaluation_due,
+    semantic_probe_for,
+    strategy_from_config,
+)
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
 from fedalign.protocol import tensor_bytes
@@ -162,6 +168,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         on_round=records,
         discovery_timeout=options.discovery_timeout,
         clip_update_norm=config.federated.clip_update_norm,
+        semantic_probe=semantic_probe_for(config, prepared.model, prepared.data),
     )
     strategy.start(
         grid=grid,

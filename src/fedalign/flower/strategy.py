@@ -36,7 +36,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
-from fedalign.federation import ServerState, sample_clients
+from fedalign.federation import SemanticProbeFn, ServerState, sample_clients
 from fedalign.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -256,6 +256,9 @@ class FlowerStrategy(FlwrStrategy):
         Seconds :func:`discover_partitions` may wait.
     clip_update_norm : float, default 0.0
         ``federated.clip-update-norm`` (0 = off), see :meth:`ServerState.screen`.
+    semantic_probe : callable or None, default None
+        ``strategy.semantic-privacy = public-probe``: the server's probe measurement, see
+        :class:`~fedalign.federation.ServerState`.
     """
 
     def __init__(
@@ -271,12 +274,14 @@ class FlowerStrategy(FlwrStrategy):
         on_round: RoundCallback | None = None,
         discovery_timeout: float = 600.0,
         clip_update_norm: float = 0.0,
+        semantic_probe: SemanticProbeFn | None = None,
     ) -> None:
         self.strategy = strategy
         self.server = ServerState(
             strategy,
             {k: v.detach().clone() for k, v in global_parameters.items()},
             clip_update_norm=clip_update_norm,
+            semantic_probe=semantic_probe,
         )
         self.num_clients = num_clients
         self.seed = seed
