@@ -36,6 +36,7 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "TrainConfig",
+    "UPLOAD_COMPRESSIONS",
     "register_strategy",
     "run_label",
     "strategy_names",
@@ -114,6 +115,8 @@ def run_label(strategy_name: str, ablation: str = "full") -> str:
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 FAULT_KINDS = ("raise", "vanish", "hang")
 """Kinds of injected client faults (``federated.fault-kinds``)."""
+UPLOAD_COMPRESSIONS = ("none", "bf16", "int8", "topk")
+"""Values of ``federated.upload-compression`` (see :mod:`fedalign.compression`)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
 GATINGS = ("auto", "renormalize", "scaled", "straight-through")
@@ -306,6 +309,18 @@ class FederatedConfig:
         What an injected fault does, drawn uniformly: ``raise`` (the client raises),
         ``vanish`` (no reply) or ``hang`` (no reply before the deadline, recorded as a
         timeout; nothing sleeps).
+    upload_compression : str, default "none"
+        What a client uploads: ``none`` (its full float32 parameters, as always), or its
+        delta (parameters minus the round's global ones) as ``bf16``, ``int8`` (one
+        symmetric scale per row) or ``topk`` (the ``topk_fraction`` largest magnitudes per
+        tensor). The server restores float32 parameters before screening, so every
+        strategy works unchanged (:mod:`fedalign.compression`).
+    topk_fraction : float, default 0.1
+        Fraction of each tensor's values a ``topk`` upload keeps, in (0, 1].
+    error_feedback : bool, default True
+        With a lossy ``upload_compression``: each client keeps what compression dropped
+        (a float32 residual per trainable tensor, kept between its rounds and
+        checkpointed) and adds it to its next delta.
     """
 
     rounds: int = 25
@@ -318,6 +333,9 @@ class FederatedConfig:
     fault_rate: float = 0.0
     fault_seed: int = 0
     fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+    upload_compression: str = "none"
+    topk_fraction: float = 0.1
+    error_feedback: bool = True
 
 
 @dataclass
@@ -540,6 +558,9 @@ class ExperimentConfig:
             )
         for kind in f.fault_kinds:
             _one_of("federated.fault-kinds", kind, FAULT_KINDS)
+        _one_of("federated.upload-compression", f.upload_compression, UPLOAD_COMPRESSIONS)
+        if not 0.0 < f.topk_fraction <= 1.0:
+            raise ConfigError(f"federated.topk-fraction must be in (0, 1] (got {f.topk_fraction})")
         try:
             codecs.lookup(d.encoding)
         except LookupError as error:
