@@ -129,7 +129,10 @@ def test_restore_adds_the_delta_in_the_global_dtype() -> None:
     [
         (CompressedTensor("gzip", (2,), {}), "unknown compression 'gzip'"),
         (CompressedTensor("bf16", (2,), {"values": torch.zeros(2)}), "part 'values' must be"),
-        (CompressedTensor("int8", (2, 3), {"values": torch.zeros(2, 3, dtype=torch.int8)}), "'scale' is missing"),
+        (
+            CompressedTensor("int8", (2, 3), {"values": torch.zeros(2, 3, dtype=torch.int8)}),
+            "'scale' is missing",
+        ),
         (
             CompressedTensor(
                 "topk",
@@ -141,7 +144,9 @@ def test_restore_adds_the_delta_in_the_global_dtype() -> None:
     ],
 )
 def test_malformed_parts_are_named(packed: CompressedTensor, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         decompress_tensor(packed)
 
 

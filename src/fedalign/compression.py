@@ -90,10 +90,8 @@ def compress_tensor(tensor: Tensor, method: str, fraction: float = 0.1) -> Compr
         return CompressedTensor("bf16", shape, {"values": values.to(torch.bfloat16)})
     if method == "int8":
         rows = values.reshape(row_shape(shape))  # (R, C)
-        if rows.numel():
-            scale = rows.abs().amax(dim=1) / INT8_LEVELS  # (R,)
-        else:
-            scale = torch.zeros(rows.shape[0])
+        # (R,); an empty tensor has no maximum
+        scale = rows.abs().amax(dim=1) / INT8_LEVELS if rows.numel() else torch.zeros(rows.shape[0])
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         quantised = (rows / safe[:, None]).round().clamp(-INT8_LEVELS, INT8_LEVELS)
         return CompressedTensor(
@@ -146,16 +144,18 @@ def decompress_tensor(compressed: CompressedTensor) -> Tensor:
         return (quantised.float() * scale[:, None]).reshape(shape)
     if method == "topk":
         indices = parts.get("indices")
-        values = parts.get("values")
-        if indices is None or values is None:
+        kept = parts.get("values")
+        if indices is None or kept is None:
             raise ValueError("parts 'indices' and 'values' are both needed")
         if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
-            raise ValueError(f"part 'indices' must be a 1-d int32/int64 tensor (got {indices.dtype})")
-        _expect("values", values, torch.float32, (int(indices.numel()),))
+            raise ValueError(
+                f"part 'indices' must be a 1-d int32/int64 tensor (got {indices.dtype})"
+            )
+        _expect("values", kept, torch.float32, (int(indices.numel()),))
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
             raise ValueError(f"part 'indices' must lie in [0, {numel})")
         dense = torch.zeros(numel, dtype=torch.float32)
-        dense[indices.long()] = values
+        dense[indices.long()] = kept
         return dense.reshape(shape)
     raise ValueError(f"unknown compression {method!r}; accepted: {list(COMPRESSIONS[1:])}")
 

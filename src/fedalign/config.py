@@ -27,6 +27,7 @@ from fedalign.errors import ConfigError, OptionError
 
 __all__ = [
     "FAULT_KINDS",
+    "UPLOAD_COMPRESSIONS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -36,7 +37,6 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "TrainConfig",
-    "UPLOAD_COMPRESSIONS",
     "register_strategy",
     "run_label",
     "strategy_names",

@@ -101,7 +101,12 @@ def test_bench_scale_suite_quick_writes_every_table(tmp_path: Path) -> None:
         assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[1] > sizes[2]
         assert uploads[(strategy, "topk 0.1")]["vs_float32"] < 0.25
     assert uploads[("fedavg", "none")]["statistics_share"] == 0
-    assert 0 < uploads[("fedalign", "none")]["statistics_share"] < uploads[("fedalign", "int8")]["statistics_share"] < 0.2
+    assert (
+        0
+        < uploads[("fedalign", "none")]["statistics_share"]
+        < uploads[("fedalign", "int8")]["statistics_share"]
+        < 0.2
+    )
     memory = data["memory"]
     assert [m["clients"] for m in memory] == [3, 6]
     # every kind of kept state is on: optimizer moments and residuals grow with the clients

@@ -424,7 +424,12 @@ def client_context(config: ExperimentConfig, partition_id: int) -> Context:
 
 @pytest.mark.parametrize(
     ("strategy", "rounds", "compression"),
-    [("fedavg", 1, "none"), ("fedalign", 2, "none"), ("fedalign", 2, "topk"), ("fedavg", 2, "bf16")],
+    [
+        ("fedavg", 1, "none"),
+        ("fedalign", 2, "none"),
+        ("fedalign", 2, "topk"),
+        ("fedavg", 2, "bf16"),
+    ],
 )
 def test_simulator_and_flower_wrapper_give_the_same_aggregate(
     strategy: str, rounds: int, compression: str, tmp_path: Path

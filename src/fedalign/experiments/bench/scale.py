@@ -55,7 +55,7 @@ class ScaleSize:
     step_clients: tuple[int, ...] = (10, 50, 100)
     step_size: str = "eighth"
     sketch_dim: int = 4096
-    step_repeats: int = 1
+    step_repeats: int = 3
     bytes_model: str = "upcycled-minilm"
     topk_fraction: float = 0.1
     memory_clients: tuple[int, ...] = (10, 50, 100)
@@ -163,9 +163,7 @@ def run_scale_suite(
     say("bytes")
     memory: list[MemoryCell] = []
     for clients in size.memory_clients:
-        memory.append(
-            memory_cell_isolated(clients, size.memory_examples, size.memory_overrides)
-        )
+        memory.append(memory_cell_isolated(clients, size.memory_examples, size.memory_overrides))
         say(f"memory C={clients}: peak {memory[-1].peak_mb} MB")
     growth = memory_growth(memory)
     page = "\n".join(
