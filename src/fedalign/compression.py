@@ -250,5 +250,6 @@ def restore_parameters(
             delta = decompress_tensor(compressed)
         except ValueError as error:
             raise ValueError(f"compressed tensor {name!r}: {error}") from error
-        restored[name] = (reference.float() + delta).to(reference.dtype)
+        # in place on the fresh decompressed tensor: no second float32 copy per tensor
+        restored[name] = delta.add_(reference.float()).to(reference.dtype)
     return restored

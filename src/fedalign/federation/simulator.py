@@ -185,6 +185,9 @@ class Simulator:
         train_seconds = time.perf_counter() - started
         aggregation_started = time.perf_counter()
         screening = self.server.screen(arrived)
+        # compressed uploads were restored into new results: free the originals before
+        # the strategy runs (peak memory per client)
+        del arrived
         results = screening.accepted
         minimum = self.config.federated.min_clients
         if len(results) < minimum:
