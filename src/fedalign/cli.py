@@ -373,6 +373,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         table = bench.run_backbone_suite(
             config, central_steps=args.central_steps, repeats=args.repeats
         )
+    elif args.suite == "scale":
+        table = bench.run_scale_suite(
+            args.quick, out=args.out_dir, log=lambda line: print(line, flush=True)
+        )
     else:
         table = bench.format_table(bench.run_bench(config, repeats=args.repeats))
     print(table)
@@ -398,9 +402,16 @@ def _register_bench(sub: Any) -> None:
     )
     parser.add_argument(
         "--suite",
-        choices=("design", "backbone"),
+        choices=("design", "backbone", "scale"),
         default="design",
-        help="design: the simulator's choices (default); backbone: MoEfied vs copy-upcycled",
+        help="design: the simulator's choices (default); backbone: MoEfied vs copy-upcycled; "
+        "scale: server step, bytes per client and simulator memory at 10-100 clients",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="scale suite: a tiny size that runs in seconds"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, help="scale suite: also write scale.md and scale.json here"
     )
     parser.add_argument(
         "--central-steps",

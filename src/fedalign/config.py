@@ -35,6 +35,7 @@ __all__ = [
     "MULTIPLE_CHOICE_DATASETS",
     "PRECISIONS",
     "SEMANTIC_PRIVACY_MODES",
+    "UPLOAD_COMPRESSIONS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -127,6 +128,8 @@ ATTACKS = ("none", "scale", "sign-flip")
 """Simulated malicious-client updates (``federated.attack``)."""
 SEMANTIC_PRIVACY_MODES = ("none", "clip-noise", "public-probe")
 """What leaves a client for FedAlign-MoE's semantic step (``strategy.semantic-privacy``)."""
+UPLOAD_COMPRESSIONS = ("none", "bf16", "int8", "topk")
+"""Values of ``federated.upload-compression`` (see :mod:`fedalign.compression`)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
 LORA_ROUTER_CHOICES = ("full", "lora", "frozen")
 """``model.lora-router``: how the routers train when ``model.trainable = "lora"``."""
@@ -384,6 +387,18 @@ class FederatedConfig:
         Ids of the attacking clients (each must be ``< partition.num-clients``).
     attack_scale : float, default 1000.0
         Factor of the ``scale`` attack.
+    upload_compression : str, default "none"
+        What a client uploads: ``none`` (its full float32 parameters, as always), or its
+        delta (parameters minus the round's global ones) as ``bf16``, ``int8`` (one
+        symmetric scale per row) or ``topk`` (the ``topk_fraction`` largest magnitudes per
+        tensor). The server restores float32 parameters before screening, so every
+        strategy works unchanged (:mod:`fedalign.compression`).
+    topk_fraction : float, default 0.1
+        Fraction of each tensor's values a ``topk`` upload keeps, in (0, 1].
+    error_feedback : bool, default True
+        With a lossy ``upload_compression``: each client keeps what compression dropped
+        (a float32 residual per trainable tensor, kept between its rounds and
+        checkpointed) and adds it to its next delta.
     """
 
     rounds: int = 25
@@ -399,6 +414,9 @@ class FederatedConfig:
     attack: str = "none"
     attack_clients: list[int] = field(default_factory=list)
     attack_scale: float = 1000.0
+    upload_compression: str = "none"
+    topk_fraction: float = 0.1
+    error_feedback: bool = True
 
 
 @dataclass
@@ -731,8 +749,16 @@ class ExperimentConfig:
                 f"federated.attack = {f.attack!r} needs federated.attack-clients (ids of the "
                 "attacking clients; got [])"
             )
+        if f.attack != "none" and f.upload_compression != "none":
+            raise ConfigError(
+                f"federated.attack = {f.attack!r} poisons full parameter uploads: it needs "
+                f"federated.upload-compression = 'none' (got {f.upload_compression!r})"
+            )
         if not math.isfinite(f.attack_scale):
             raise ConfigError(f"federated.attack-scale must be finite (got {f.attack_scale})")
+        _one_of("federated.upload-compression", f.upload_compression, UPLOAD_COMPRESSIONS)
+        if not 0.0 < f.topk_fraction <= 1.0:
+            raise ConfigError(f"federated.topk-fraction must be in (0, 1] (got {f.topk_fraction})")
         try:
             codecs.lookup(d.encoding)
         except LookupError as error:

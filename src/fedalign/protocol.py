@@ -10,6 +10,8 @@ knowing which algorithm filled them in, and client code never imports the server
   the name up in its loss-term registry (:mod:`fedalign.client.losses`); a new algorithm's
   client term is one class there, not a new field here.
 * :class:`LayerRoutingStatistics` is what a client reports about one MoE layer.
+* :class:`CompressedTensor` is one tensor of a compressed upload (``federated.upload-compression``;
+  the functions that make and read them are in :mod:`fedalign.compression`).
 
 Shapes: ``E`` experts, ``H`` hidden width.
 """
@@ -129,6 +131,28 @@ class TrainInstructions:
 
 
 @dataclass
+class CompressedTensor:
+    """One tensor of a compressed upload: the parts that travel, and how to read them.
+
+    Parameters
+    ----------
+    method : str
+        ``"bf16"``, ``"int8"`` or ``"topk"`` (see :mod:`fedalign.compression`).
+    shape : tuple of int
+        Shape of the tensor it stands for.
+    parts : dict of str to Tensor
+        What travels: ``bf16``: ``values`` (bfloat16, the shape); ``int8``: ``values``
+        (int8, ``(R, C)`` with ``C`` the last dimension) and ``scale`` (float32, ``(R,)``);
+        ``topk``: ``indices`` (int32, ``(k,)``, into the flattened tensor) and ``values``
+        (float32, ``(k,)``).
+    """
+
+    method: str
+    shape: tuple[int, ...]
+    parts: dict[str, Tensor]
+
+
+@dataclass
 class ClientResult:
     """One client's reply after local training.
 
@@ -144,6 +168,11 @@ class ClientResult:
         Per MoE layer (computed for every strategy, for the divergence diagnostics).
     metrics : dict of str to float, default empty
         Training loss and the like, for records only.
+    update : dict of str to CompressedTensor or None, default None
+        A compressed upload (``federated.upload-compression`` other than ``none``): the
+        client's parameters minus the round's global parameters, compressed. ``parameters``
+        is then empty until the server restores it
+        (:func:`fedalign.compression.restore_parameters`, in ``ServerState.screen``).
     """
 
     client_id: int
@@ -151,6 +180,7 @@ class ClientResult:
     parameters: dict[str, Tensor]
     routing_statistics: RoutingStatistics = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    update: dict[str, CompressedTensor] | None = None
 
 
 def tensor_bytes(tensors: Any) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from fedalign.cli import main
@@ -91,3 +94,33 @@ def test_bench_refuses_gpu_settings_and_multiple_choice() -> None:
     with pytest.raises(ConfigError, match="must not be a multiple-choice dataset"):
         require_cpu_classification(tiny_choice_config("mmlu"))
     require_cpu_classification(tiny_config())
+
+
+@pytest.mark.slow
+def test_bench_scale_suite_quick_writes_every_table(tmp_path: Path) -> None:
+    """`fedalign bench --suite scale --quick`: server step, bytes and memory from one run."""
+    code = main(["bench", "--suite", "scale", "--quick", "--out-dir", str(tmp_path)])
+    assert code == 0
+    page = (tmp_path / "scale.md").read_text()
+    for heading in ("## Server step", "## Bytes per client per round", "## Simulator memory"):
+        assert heading in page
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert sorted({c["clients"] for c in data["server_step"]}) == [4, 8]
+    assert len(data["server_step"]) == 6  # fedavg, fedalign, fedalign+sketch per count
+    uploads = {(r["strategy"], r["compression"]): r for r in data["bytes"]}
+    for strategy in ("fedavg", "fedalign"):
+        sizes = [uploads[(strategy, c)]["upload_bytes"] for c in ("none", "bf16", "int8")]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[1] > sizes[2]
+        assert uploads[(strategy, "topk 0.1")]["vs_float32"] < 0.25
+    assert uploads[("fedavg", "none")]["statistics_share"] == 0
+    assert (
+        0
+        < uploads[("fedalign", "none")]["statistics_share"]
+        < uploads[("fedalign", "int8")]["statistics_share"]
+        < 0.2
+    )
+    memory = data["memory"]
+    assert [m["clients"] for m in memory] == [3, 6]
+    # every kind of kept state is on: optimizer moments and residuals grow with the clients
+    assert memory[1]["client_state_mb"] > memory[0]["client_state_mb"] > 0
+    assert data["memory_growth"]["ratio"] > 0

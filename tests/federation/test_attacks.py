@@ -84,3 +84,13 @@ def test_bad_attack_and_privacy_settings_name_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides).validate()
+
+
+def test_attack_refuses_compressed_uploads() -> None:
+    config = tiny_config(
+        federated__attack="scale",
+        federated__attack_clients=[0],
+        federated__upload_compression="int8",
+    )
+    with pytest.raises(ConfigError, match="upload-compression"):
+        config.validate()

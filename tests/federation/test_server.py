@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fedalign.compression import compress_update, parameter_delta
 from fedalign.federation import ServerState, sample_clients
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
@@ -56,3 +57,20 @@ def test_sampling_is_seeded_per_round_and_order_free() -> None:
     assert sample_clients(0, 1, 10, 0.01) != [] and len(sample_clients(0, 1, 10, 0.01)) == 1
     rounds = {tuple(sample_clients(3, r, 10, 0.3)) for r in range(1, 8)}
     assert len(rounds) > 1
+
+
+def test_screen_restores_compressed_uploads_and_rejects_malformed_ones() -> None:
+    server = ServerState(FedAvg(MoELayout(layers=())), {"w": torch.zeros(2, 3)})
+    plain = ClientResult(0, 1, {"w": torch.ones(2, 3)})
+    local = {"w": torch.tensor([[0.5, -1.0, 0.25], [2.0, 0.0, -0.125]])}
+    update, _ = compress_update(parameter_delta(local, server.global_parameters), "bf16")
+    compressed = ClientResult(1, 1, {}, update=update)
+    broken_update, _ = compress_update({"w": torch.ones(3, 2)}, "int8")
+    broken = ClientResult(2, 1, {}, update=broken_update)
+    screening = server.screen([plain, compressed, broken])
+    # uncompressed: the very object (exact round trip); compressed: restored, update dropped
+    assert screening.accepted[0] is plain
+    restored = screening.accepted[1]
+    assert restored.update is None and torch.equal(restored.parameters["w"], local["w"])
+    assert list(screening.rejected) == [2]
+    assert "compressed update" in screening.rejected[2] and "shape (3, 2)" in screening.rejected[2]

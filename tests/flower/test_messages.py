@@ -16,6 +16,7 @@ from flwr.serverapp.strategy.strategy_utils import (
     validate_message_reply_consistency,
 )
 
+from fedalign.compression import compress_update
 from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.flower.messages import (
     ARRAYS_KEY,
@@ -35,7 +36,13 @@ from fedalign.flower.messages import (
     partition_from_node_config,
     run_config_from_config,
 )
-from fedalign.protocol import ClientResult, LayerRoutingStatistics, LossTermSpec, TrainInstructions
+from fedalign.protocol import (
+    ClientResult,
+    LayerRoutingStatistics,
+    LossTermSpec,
+    TrainInstructions,
+    tensor_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -183,6 +190,24 @@ def test_reply_parameters_restore_bfloat16() -> None:
     )
     reply = decode_reply(encode_reply(result), like={"w": torch.zeros(3, dtype=torch.bfloat16)})
     assert_same(reply.result.parameters, result.parameters)
+
+
+@pytest.mark.parametrize("method", ["bf16", "int8", "topk"])
+def test_compressed_reply_travels_compressed(method: str) -> None:
+    delta = {"router.weight": torch.randn(4, 6), "head.bias": torch.randn(3)}
+    update, _ = compress_update(delta, method, fraction=0.5)
+    result = ClientResult(client_id=1, num_examples=5, parameters={}, update=update)
+    content = encode_reply(result)
+    arrays = content.array_records[ARRAYS_KEY]
+    # the wire holds the payload's real size (bf16 as int16 bit patterns, not float32)
+    assert sum(array.numpy().nbytes for array in arrays.values()) == tensor_bytes(update)
+    reply = decode_reply(content, like={"router.weight": torch.zeros(4, 6)})
+    assert reply.result.parameters == {} and reply.result.update is not None
+    assert list(reply.result.update) == list(update)
+    for name, packed in update.items():
+        decoded = reply.result.update[name]
+        assert (decoded.method, decoded.shape) == (packed.method, packed.shape)
+        assert_same(decoded.parts, packed.parts)
 
 
 # ------------------------------------------------------------------------ configuration

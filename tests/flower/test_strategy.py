@@ -422,15 +422,25 @@ def client_context(config: ExperimentConfig, partition_id: int) -> Context:
     )
 
 
-@pytest.mark.parametrize(("strategy", "rounds"), [("fedavg", 1), ("fedalign", 2)])
+@pytest.mark.parametrize(
+    ("strategy", "rounds", "compression"),
+    [
+        ("fedavg", 1, "none"),
+        ("fedalign", 2, "none"),
+        ("fedalign", 2, "topk"),
+        ("fedavg", 2, "bf16"),
+    ],
+)
 def test_simulator_and_flower_wrapper_give_the_same_aggregate(
-    strategy: str, rounds: int, tmp_path: Path
+    strategy: str, rounds: int, compression: str, tmp_path: Path
 ) -> None:
     """Same seed, same partition: the simulator's rounds and the wrapper's rounds (with our
     ClientApp's handlers answering, each building its own model and data from the run
     config) give bitwise the same global parameters. FedAlign-MoE runs two rounds so that
-    round 2's instructions (p_g, alpha) travel too."""
+    round 2's instructions (p_g, alpha) travel too; compressed uploads travel compressed,
+    and the error-feedback residual kept in the node's context matches the simulator's."""
     config = tiny_config(strategy)
+    config.federated.upload_compression = compression
     simulation = Simulation(config.copy(), tmp_path / "sim", log=None)
     # the wrapper starts from the simulator's initial state, with its own strategy object
     wrapper = FlowerStrategy(
@@ -455,6 +465,12 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
         assert simulation.global_parameters.keys() == wrapper.global_parameters.keys()
         for name, value in simulation.global_parameters.items():
             assert torch.equal(wrapper.global_parameters[name], value), (server_round, name)
+    if compression != "none":
+        for partition_id, context in contexts.items():
+            kept = client_app._load_kept(context, client_app.RESIDUAL_KEY, "residual")
+            assert kept is not None
+            expected = simulation.simulator.residuals[partition_id]
+            assert all(torch.equal(kept[name], expected[name]) for name in expected)
     if strategy == "fedalign":
         assert simulation.simulator.server.strategy_state["global_routing"]
         for layer, value in simulation.simulator.server.strategy_state["global_routing"].items():

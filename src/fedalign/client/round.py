@@ -14,6 +14,7 @@ from fedalign.client.losses import LoadBalancingTerm, LossTerm, build_loss_terms
 from fedalign.client.prepare import PreparedData
 from fedalign.client.statistics import compute_routing_statistics, semantic_privacy_metrics
 from fedalign.client.trainer import train_local
+from fedalign.compression import compress_update, parameter_delta
 from fedalign.config import ExperimentConfig
 from fedalign.models import MoEModel
 from fedalign.protocol import ClientResult, RoutingStatistics, TrainInstructions, tensor_bytes
@@ -67,13 +68,19 @@ class ClientRound:
     bytes_sent : int
         Server -> client bytes: global parameters plus the instructions' tensors.
     bytes_received : int
-        Client -> server bytes: parameters, plus statistics when the strategy asked for them.
+        Client -> server bytes: parameters (or the compressed update), plus statistics when
+        the strategy asked for them.
+    residual : dict of str to Tensor or None, default None
+        The error-feedback residual to keep for the client's next round
+        (``federated.upload-compression`` other than ``none`` with
+        ``federated.error-feedback``).
     """
 
     result: ClientResult
     optimizer_state: dict[str, Any] | None
     bytes_sent: int
     bytes_received: int
+    residual: dict[str, Tensor] | None = None
 
 
 def run_client_round(
@@ -86,6 +93,7 @@ def run_client_round(
     instructions: TrainInstructions,
     optimizer_state: dict[str, Any] | None = None,
     *,
+    residual: Mapping[str, Tensor] | None = None,
     extra_terms: Sequence[LossTerm] = (),
     on_step: Callable[[], None] | None = None,
 ) -> ClientRound:
@@ -93,7 +101,9 @@ def run_client_round(
 
     Writes the global (then any personalised) parameters into ``model``, trains on the
     client's examples with the seed of ``(federated.seed, server_round, client_id)`` and
-    computes its routing statistics.
+    computes its routing statistics. With ``federated.upload-compression`` other than
+    ``none`` the result carries the compressed delta (``ClientResult.update``, empty
+    ``parameters``) instead of the parameters (:mod:`fedalign.compression`).
 
     Parameters
     ----------
@@ -110,6 +120,8 @@ def run_client_round(
         From the strategy's ``configure_train``.
     optimizer_state : dict or None, default None
         The client's AdamW state from its previous round.
+    residual : mapping of str to Tensor or None, default None
+        The client's error-feedback residual from its previous round.
     extra_terms : sequence of LossTerm, default ()
         Further loss terms, added after the instructed ones.
     on_step : callable or None, default None
@@ -137,9 +149,6 @@ def run_client_round(
     sent = tensor_bytes(global_parameters) + tensor_bytes(
         [instructions.loss_terms, instructions.start_parameters or {}]
     )
-    received = tensor_bytes(outcome.parameters)
-    if instructions.collect_statistics:
-        received += tensor_bytes([s.to_tensors() for s in statistics.values()])
     result = ClientResult(
         client_id=client_id,
         num_examples=len(train),
@@ -157,4 +166,18 @@ def run_client_round(
             s.semantic_delta,
         )
     )
-    return ClientRound(result, outcome.optimizer_state, sent, received)
+    kept = None
+    federated = config.federated
+    if federated.upload_compression != "none":
+        result.update, kept = compress_update(
+            parameter_delta(outcome.parameters, global_parameters),
+            federated.upload_compression,
+            fraction=federated.topk_fraction,
+            residual=residual,
+            error_feedback=federated.error_feedback,
+        )
+        result.parameters = {}
+    received = tensor_bytes(result.update if result.update is not None else result.parameters)
+    if instructions.collect_statistics:
+        received += tensor_bytes([s.to_tensors() for s in statistics.values()])
+    return ClientRound(result, outcome.optimizer_state, sent, received, kept)

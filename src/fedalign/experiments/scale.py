@@ -186,7 +186,20 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    """Peak resident set size of this process so far (``getrusage``; Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: the peak of this process's own
+    memory. ``getrusage``'s ``ru_maxrss`` (the fallback; Linux reports KiB) also counts the
+    parent's resident size at the ``fork``/``exec`` that started the process, so a cell
+    started from a large process would report at least that.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -6,7 +6,8 @@ ask it for a round's instructions and give it the round's aggregate, so the rule
 client's personalised start overrides the global one; an aggregate is adopted whole) are
 written once.
 
-Before a strategy sees them, :meth:`ServerState.screen` checks the results
+Before a strategy sees them, :meth:`ServerState.screen` restores compressed uploads to
+float32 parameters (:func:`~fedalign.compression.restore_parameters`), checks the results
 (:func:`~fedalign.strategies.common.result_problem`: keys, shapes, dtypes, finite values,
 routing statistics that are distributions, token counts that add up), rejects the bad ones
 with a reason, and clips the updates of the rest when ``federated.clip-update-norm`` > 0.
@@ -22,11 +23,12 @@ clients' reported noise scales); records of the default mode are unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from fedalign.compression import restore_parameters
 from fedalign.config import ExperimentConfig
 from fedalign.errors import ConfigError, OptionError
 from fedalign.moe.layout import MoELayout
@@ -144,10 +146,13 @@ class ServerState:
         return instructions
 
     def screen(self, results: Sequence[ClientResult]) -> Screening:
-        """Reject invalid results (with a reason) and clip the rest when clipping is on.
+        """Restore compressed uploads, reject invalid results (with a reason) and clip the
+        rest when clipping is on.
 
-        A second result of the same client is rejected too. Valid results pass unchanged
-        (the same objects) when clipping is off.
+        A compressed result (``update`` set) becomes a copy with the restored parameters
+        (global + decompressed delta) and no ``update``; a malformed one is rejected. A
+        second result of the same client is rejected too. Other valid results pass
+        unchanged (the same objects) when clipping is off.
         """
         screening = Screening(accepted=[])
         seen: set[int] = set()
@@ -156,6 +161,13 @@ class ServerState:
                 screening.rejected[result.client_id] = "a second result from this client"
                 continue
             seen.add(result.client_id)
+            if result.update is not None:
+                try:
+                    restored = restore_parameters(self.global_parameters, result.update)
+                except ValueError as error:
+                    screening.rejected[result.client_id] = f"compressed update: {error}"
+                    continue
+                result = replace(result, parameters=restored, update=None)
             problem = result_problem(
                 self.global_parameters,
                 result,

@@ -4,8 +4,9 @@ Each round the selected clients train one after another: the global trainable pa
 (plus any personalised start) are written into the model, the client trains on its
 examples and reports its parameters and routing statistics, and the strategy aggregates.
 Per client, the simulator keeps only what must persist between that client's rounds (its
-AdamW state when ``train.keep-optimizer-state`` is on; personalised experts live in the
-:class:`~fedalign.federation.server.ServerState`), never a model copy.
+AdamW state when ``train.keep-optimizer-state`` is on, its error-feedback residual when
+``federated.upload-compression`` compresses with ``federated.error-feedback``; personalised
+experts live in the :class:`~fedalign.federation.server.ServerState`), never a model copy.
 
 Everything is seeded from ``federated.seed``: client sampling per round and each client's
 shuffling and dropout per (round, client), so a resumed run matches an uninterrupted one.
@@ -95,6 +96,7 @@ class Simulator:
         )
         # what persists per client between its rounds (never a model copy)
         self.optimizer_states: dict[int, dict[str, Any]] = {}
+        self.residuals: dict[int, dict[str, Tensor]] = {}
         # further client loss terms (see fedalign.client.losses); empty by default
         self.extra_terms: list[LossTerm] = []
         self.on_step: Callable[[], None] | None = None
@@ -114,7 +116,11 @@ class Simulator:
 
     def client_state_bytes(self) -> int:
         """Bytes kept per client between rounds, summed over clients."""
-        return tensor_bytes(self.optimizer_states) + tensor_bytes(self.server.personal_parameters)
+        return (
+            tensor_bytes(self.optimizer_states)
+            + tensor_bytes(self.residuals)
+            + tensor_bytes(self.server.personal_parameters)
+        )
 
     def evaluate(self) -> dict[str, Any]:
         """:func:`evaluate_global` of the current global parameters."""
@@ -148,6 +154,7 @@ class Simulator:
             self.server.global_parameters,
             instructions,
             self.optimizer_states.get(client_id),
+            residual=self.residuals.get(client_id),
             extra_terms=self.extra_terms,
             on_step=self.on_step,
         )
@@ -175,6 +182,8 @@ class Simulator:
                 continue
             if done.optimizer_state is not None:
                 self.optimizer_states[client_id] = done.optimizer_state
+            if done.residual is not None:
+                self.residuals[client_id] = done.residual
             results.append(done.result)
             per_client[client_id] = {"sent": done.bytes_sent, "received": done.bytes_received}
         return results, per_client, failed
@@ -187,6 +196,9 @@ class Simulator:
         train_seconds = time.perf_counter() - started
         aggregation_started = time.perf_counter()
         screening = self.server.screen(arrived)
+        # compressed uploads were restored into new results: free the originals before
+        # the strategy runs (peak memory per client)
+        del arrived
         results = screening.accepted
         minimum = self.config.federated.min_clients
         if len(results) < minimum:
@@ -215,12 +227,18 @@ class Simulator:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Server state and the clients' kept optimizer states (exact resume)."""
-        return {**self.server.state_dict(), "optimizer_states": self.optimizer_states}
+        """Server state and the clients' kept optimizer states and error-feedback residuals
+        (exact resume)."""
+        return {
+            **self.server.state_dict(),
+            "optimizer_states": self.optimizer_states,
+            "residuals": self.residuals,
+        }
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
         self.server.load_state_dict(payload)
         self.optimizer_states = payload["optimizer_states"]
+        self.residuals = payload.get("residuals", {})
 
 
 def round_extra(

@@ -13,7 +13,9 @@ Handlers:
 ``train``
     Global parameters and instructions in; parameters, routing statistics, example count
     and training losses out (see :mod:`fedalign.flower.messages`). With
-    ``train.keep-optimizer-state`` the AdamW state stays on the node, in ``context.state``.
+    ``train.keep-optimizer-state`` the AdamW state stays on the node, in ``context.state``;
+    so does the error-feedback residual of a compressed upload
+    (``federated.upload-compression``, ``federated.error-feedback``).
 ``evaluate``
     Accuracy and loss of the received parameters on the partition's local test split
     (used by Flower's built-in strategies; ours evaluates on the server).
@@ -61,6 +63,7 @@ from fedalign.models import MoEModel
 from fedalign.protocol import tensor_bytes
 
 OPTIMIZER_STATE_KEY = "fedalign.optimizer-state"
+RESIDUAL_KEY = "fedalign.error-feedback"
 
 app = ClientApp()
 
@@ -159,20 +162,28 @@ def _check_message(runtime: ClientRuntime, config: ConfigRecord) -> None:
         )
 
 
-def _load_optimizer_state(context: Context) -> dict[str, Any] | None:
-    record = context.state.config_records.get(OPTIMIZER_STATE_KEY)
-    if record is None or "adamw" not in record:
+def _load_kept(context: Context, key: str, field: str) -> dict[str, Any] | None:
+    record = context.state.config_records.get(key)
+    if record is None or field not in record:
         return None
-    data = record["adamw"]
+    data = record[field]
     assert isinstance(data, bytes)
     state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
     return state
 
 
-def _store_optimizer_state(context: Context, state: dict[str, Any]) -> None:
+def _store_kept(context: Context, key: str, field: str, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    context.state[OPTIMIZER_STATE_KEY] = ConfigRecord({"adamw": buffer.getvalue()})
+    context.state[key] = ConfigRecord({field: buffer.getvalue()})
+
+
+def _load_optimizer_state(context: Context) -> dict[str, Any] | None:
+    return _load_kept(context, OPTIMIZER_STATE_KEY, "adamw")
+
+
+def _store_optimizer_state(context: Context, state: dict[str, Any]) -> None:
+    _store_kept(context, OPTIMIZER_STATE_KEY, "adamw", state)
 
 
 @app.train()
@@ -197,11 +208,15 @@ def train(msg: Message, context: Context) -> Message:
         global_parameters,
         instructions,
         optimizer_state,
+        residual=_load_kept(context, RESIDUAL_KEY, "residual"),
     )
     kept = 0
     if done.optimizer_state is not None:
         _store_optimizer_state(context, done.optimizer_state)
         kept = tensor_bytes(done.optimizer_state)
+    if done.residual is not None:
+        _store_kept(context, RESIDUAL_KEY, "residual", done.residual)
+        kept += tensor_bytes(done.residual)
     content = encode_reply(
         done.result,
         bytes_sent=done.bytes_sent,

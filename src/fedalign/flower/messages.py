@@ -18,7 +18,10 @@ Server -> client (``message_type="train"``)
 
 Client -> server (the reply)
     ``"arrays"`` (ArrayRecord)
-        The client's trainable parameters after local training.
+        The client's trainable parameters after local training; with
+        ``federated.upload-compression`` the compressed delta instead, its parts keyed
+        ``"<name>/<part>"`` (bfloat16 values travel bit for bit as int16), and the methods and
+        shapes as JSON under ``update`` in ``"fedalign.client"`` (:func:`encode_update`).
     ``"metrics"`` (MetricRecord)
         ``num-examples`` and the training losses.
     ``"fedalign.client"`` (ConfigRecord)
@@ -54,6 +57,7 @@ from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.models import MoEModel
 from fedalign.protocol import (
     ClientResult,
+    CompressedTensor,
     LayerRoutingStatistics,
     LossTermSpec,
     RoutingStatistics,
@@ -285,6 +289,44 @@ def decode_statistics(data: bytes) -> RoutingStatistics:
     return {layer: LayerRoutingStatistics.from_tensors(grouped[layer]) for layer in layers}
 
 
+# -------------------------------------------------------------------- compressed update
+_UPDATE_KEY = "update"
+
+
+def encode_update(update: Mapping[str, CompressedTensor]) -> tuple[ArrayRecord, str]:
+    """A compressed upload as an ArrayRecord of its parts and JSON of methods and shapes.
+
+    ArrayRecord has no bfloat16: bfloat16 parts travel as their int16 bit patterns (the
+    same two bytes), so the wire carries the payload's real size.
+    """
+    arrays: dict[str, Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for name, compressed in update.items():
+        layout[name] = {"method": compressed.method, "shape": list(compressed.shape)}
+        for part, tensor in compressed.parts.items():
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.view(torch.int16)
+            arrays[f"{name}{_SEPARATOR}{part}"] = tensor
+    return encode_state(arrays), json.dumps(layout)
+
+
+def decode_update(record: ArrayRecord, layout_json: str) -> dict[str, CompressedTensor]:
+    """The inverse of :func:`encode_update` (``bf16`` values back to bfloat16)."""
+    layout = json.loads(layout_json)
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in layout}
+    for key, tensor in decode_state(record).items():
+        name, _, part = key.rpartition(_SEPARATOR)
+        if name not in parts:
+            raise ValueError(f"compressed part {key!r} names no tensor of the update")
+        if layout[name]["method"] == "bf16" and tensor.dtype == torch.int16:
+            tensor = tensor.view(torch.bfloat16)
+        parts[name][part] = tensor
+    return {
+        name: CompressedTensor(str(item["method"]), tuple(item["shape"]), parts[name])
+        for name, item in layout.items()
+    }
+
+
 # ----------------------------------------------------------------------------- replies
 @dataclass
 class ClientReply:
@@ -298,7 +340,8 @@ class ClientReply:
     bytes_received : int
         Client -> server bytes (statistics counted only when the strategy asked).
     optimizer_state_bytes : int
-        Bytes of optimiser state the client keeps between its rounds.
+        Bytes of state the client keeps between its rounds (optimiser state and
+        error-feedback residual).
     """
 
     result: ClientResult
@@ -327,9 +370,13 @@ def encode_reply(
             "statistics": encode_statistics(result.routing_statistics),
         }
     )
+    if result.update is not None:
+        arrays, client[_UPDATE_KEY] = encode_update(result.update)
+    else:
+        arrays = encode_state(result.parameters)
     return RecordDict(
         {
-            ARRAYS_KEY: encode_state(result.parameters),
+            ARRAYS_KEY: arrays,
             METRICS_KEY: metrics,
             CLIENT_KEY: client,
         }
@@ -366,12 +413,15 @@ def decode_reply(
         if key != NUM_EXAMPLES_KEY and isinstance(value, int | float)
     }
     statistics = client.get("statistics", b"")
+    layout = client.get(_UPDATE_KEY)
+    update = decode_update(arrays, layout) if isinstance(layout, str) else None
     result = ClientResult(
         client_id=client_id,
         num_examples=record_int(metric_record, NUM_EXAMPLES_KEY, 0),
-        parameters=decode_state(arrays, like),
+        parameters={} if update is not None else decode_state(arrays, like),
         routing_statistics=decode_statistics(statistics if isinstance(statistics, bytes) else b""),
         metrics=metrics,
+        update=update,
     )
     return ClientReply(
         result=result,

@@ -3,7 +3,9 @@
 * :mod:`.design`: ratios of the simulator's design choices (prefix cache, padding skip,
   aggregation cost, kept bytes per client);
 * :mod:`.backbone`: MoEfied vs copy-upcycled backbone (router gradient, routing entropy and
-  divergence, round time, upload bytes, FLOP rate, centralised accuracy).
+  divergence, round time, upload bytes, FLOP rate, centralised accuracy);
+* :mod:`.scale`: issue 14's ratios (server step, bytes per client per round with each upload
+  compression, simulator memory per client), with :mod:`.memory`.
 """
 
 from fedalign.experiments.bench.backbone import (
@@ -16,6 +18,7 @@ from fedalign.experiments.bench.backbone import (
     run_backbone_suite,
 )
 from fedalign.experiments.bench.design import format_table, median_seconds, run_bench
+from fedalign.experiments.bench.scale import run_scale_suite
 
 __all__ = [
     "backbone_measurements",
@@ -28,4 +31,5 @@ __all__ = [
     "routing_entropy",
     "run_backbone_suite",
     "run_bench",
+    "run_scale_suite",
 ]
