@@ -394,11 +394,16 @@ class FlowerOptions:
         Seconds the ServerApp waits for the replies of one round.
     overwrite : bool, default False
         Replace a run held in ``run.out`` (otherwise such a folder is refused).
+    client_cache_mib : float, default 1024.0
+        Prepared partition data a ClientApp process keeps for the partitions it served
+        (MiB, least recently used dropped first; the current partition always stays). The
+        model is kept regardless (one per process).
     """
 
     discovery_timeout: float = 600.0
     round_timeout: float = 3600.0
     overwrite: bool = False
+    client_cache_mib: float = 1024.0
 
 
 def config_from_run_config(
@@ -445,11 +450,16 @@ def config_from_run_config(
                 options.overwrite = flag in ("true", "1")
                 continue
             try:
-                setattr(options, field_name, float(value))
+                number = float(value)
             except (TypeError, ValueError) as error:
                 raise ConfigError(
                     f"run config key {key!r} expects a number (got {value!r})"
                 ) from error
+            if field_name == "client_cache_mib" and not number >= 0:
+                raise ConfigError(
+                    f"run config key {key!r} expects a number >= 0 (MiB; got {value!r})"
+                )
+            setattr(options, field_name, number)
             continue
         config.set(key, value)
     return config, options
