@@ -104,7 +104,10 @@ def client_side(args: argparse.Namespace, path: Path) -> None:
     context = Context(
         run_id=1,
         node_id=1,
-        node_config={"partition-id": args.partition, "num-partitions": config.partition.num_clients},
+        node_config={
+            "partition-id": args.partition,
+            "num-partitions": config.partition.num_clients,
+        },
         state=RecordDict(),
         run_config=run_config_from_config(config),
     )
@@ -119,7 +122,9 @@ def client_side(args: argparse.Namespace, path: Path) -> None:
                 FINGERPRINT_KEY: payload["fingerprint"],
             }
         )
-        content = RecordDict({ARRAYS_KEY: encode_state(payload["global"]), CONFIG_KEY: train_config})
+        content = RecordDict(
+            {ARRAYS_KEY: encode_state(payload["global"]), CONFIG_KEY: train_config}
+        )
         for key, record in encode_instructions(payload["instructions"]).items():
             content[key] = record
         metadata = Metadata(
@@ -211,9 +216,7 @@ def main() -> None:
         path = Path(folder) / "round1.pt"
         server_side(args, path)
         # the cold ClientApp: a fresh interpreter, as flwr-clientapp is
-        subprocess.run(
-            [sys.executable, *sys.argv, "--client-side", str(path)], check=True
-        )
+        subprocess.run([sys.executable, *sys.argv, "--client-side", str(path)], check=True)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from fedalign.client import PreparedData, prepare_data, run_client_round
 from fedalign.client import evaluate as evaluate_model
@@ -217,6 +220,7 @@ def client_runtime(context: Context) -> ClientRuntime:
     warm = _WARM
     if warm is None or warm.key != key:
         _WARM = warm = None  # one model per process: free the old one first
+        started = time.perf_counter()
         seed = config.federated.seed
         federated = build_federated_data(config.data, config.partition, seed)
         model = load_moe_model(
@@ -224,9 +228,19 @@ def client_runtime(context: Context) -> ClientRuntime:
         )
         warm = _WARM = _Warm(key=key, federated=federated, model=model)
         STATS.models_built += 1
+        log(INFO, "ClientApp: built the model in %.1f s", time.perf_counter() - started)
     elif partition_id in warm.partitions:
         STATS.hits += 1
+    started = time.perf_counter()
+    known = partition_id in warm.partitions
     data = _partition_data(warm, config, partition_id, options.client_cache_mib * 2**20)
+    if not known:
+        log(
+            INFO,
+            "ClientApp: prepared partition %d in %.1f s",
+            partition_id,
+            time.perf_counter() - started,
+        )
     return ClientRuntime(config, partition_id, warm.model, data, warm)
 
 
