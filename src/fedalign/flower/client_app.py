@@ -57,6 +57,7 @@ from fedalign.flower.messages import (
     decode_instructions,
     decode_state,
     encode_reply,
+    is_packed,
     model_fingerprint,
     partition_from_node_config,
     record_int,
@@ -283,7 +284,8 @@ def train(msg: Message, context: Context) -> Message:
     _check_message(runtime, config_record)
     server_round = record_int(config_record, SERVER_ROUND_KEY, 1)
     reference = runtime.model.trainable_state()
-    global_parameters = decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
+    arrays = msg.content.array_records[ARRAYS_KEY]
+    global_parameters = decode_state(arrays, like=reference)
     instructions = decode_instructions(msg.content, like=reference)
     optimizer_state = None
     if runtime.config.train.keep_optimizer_state:
@@ -307,6 +309,7 @@ def train(msg: Message, context: Context) -> Message:
         bytes_sent=done.bytes_sent,
         bytes_received=done.bytes_received,
         optimizer_state_bytes=kept,
+        packed=is_packed(arrays),  # reply in the form the parameters came in
     )
     return Message(content=content, reply_to=msg)
 

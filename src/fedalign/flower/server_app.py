@@ -162,6 +162,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         on_round=records,
         discovery_timeout=options.discovery_timeout,
         clip_update_norm=config.federated.clip_update_norm,
+        pack_arrays=options.pack_arrays,
     )
     strategy.start(
         grid=grid,

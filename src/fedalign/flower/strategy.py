@@ -256,6 +256,9 @@ class FlowerStrategy(FlwrStrategy):
         Seconds :func:`discover_partitions` may wait.
     clip_update_norm : float, default 0.0
         ``federated.clip-update-norm`` (0 = off), see :meth:`ServerState.screen`.
+    pack_arrays : bool, default False
+        Send the global parameters as one packed array (``flower.pack-arrays``, see
+        :func:`fedalign.flower.messages.encode_state`); our ClientApp replies in kind.
     """
 
     def __init__(
@@ -271,8 +274,10 @@ class FlowerStrategy(FlwrStrategy):
         on_round: RoundCallback | None = None,
         discovery_timeout: float = 600.0,
         clip_update_norm: float = 0.0,
+        pack_arrays: bool = False,
     ) -> None:
         self.strategy = strategy
+        self.pack_arrays = pack_arrays
         self.server = ServerState(
             strategy,
             {k: v.detach().clone() for k, v in global_parameters.items()},
@@ -301,7 +306,7 @@ class FlowerStrategy(FlwrStrategy):
 
     def initial_arrays(self) -> ArrayRecord:
         """The current global parameters as an ArrayRecord (for ``start(initial_arrays=)``)."""
-        return encode_state(self.global_parameters)
+        return encode_state(self.global_parameters, packed=self.pack_arrays)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -315,7 +320,7 @@ class FlowerStrategy(FlwrStrategy):
         if len(arrays) > 0:
             self.server.global_parameters = decode_state(arrays, like=self.global_parameters)
         else:
-            arrays = encode_state(self.global_parameters)
+            arrays = encode_state(self.global_parameters, packed=self.pack_arrays)
         selected = sample_clients(self.seed, server_round, self.num_clients, self.fraction)
         self._ensure_nodes(grid, selected)
         instructions = self.server.instructions(server_round, selected)
@@ -417,7 +422,7 @@ class FlowerStrategy(FlwrStrategy):
             {k: float(line[k]) for k in _TRAIN_METRICS if line.get(k) is not None}
         )
         metrics["num-clients"] = len(decoded)
-        return encode_state(self.global_parameters), metrics
+        return encode_state(self.global_parameters, packed=self.pack_arrays), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -74,6 +74,9 @@ class TaskOutcome:
         message arrived).
     seconds : float
         From acquiring the task to pushing its output.
+    phases : dict of str to float
+        Seconds spent pulling the input (``pull``), in the ClientApp (``app``) and pushing
+        the reply and context (``push``).
     completed : bool
         False when the ClientApp (or pulling its input) raised.
     details : str
@@ -86,6 +89,7 @@ class TaskOutcome:
     seconds: float
     completed: bool
     details: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,11 +171,16 @@ def run_task(
     context: Context | None = None
     reply: Message | None = None
     status, details, message_type = SubStatus.FAILED, "ClientApp task failed", ""
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
     try:
         message, context, run, fab = pull_task_input(client)
+        phases["pull"] = time.perf_counter() - mark
         message_type = message.metadata.message_type
+        mark = time.perf_counter()
         app = apps.get(run.fab_id, run.fab_version, fab.hash_str, fab.content)
         reply = app(message=message, context=context)
+        phases["app"] = time.perf_counter() - mark
         status, details = SubStatus.COMPLETED, ""
     except Exception as error:  # the executor outlives a failing task, as SuperExec does
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -184,6 +193,7 @@ def run_task(
         if message is not None:
             reply = Message(Error(code=code, reason=reason), reply_to=message)
     finally:
+        mark = time.perf_counter()
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
@@ -191,6 +201,7 @@ def run_task(
         except Exception as error:  # a stopped run refuses the push; keep serving
             log(ERROR, "Failed to push the output of task %d", task_id, exc_info=error)
             status = SubStatus.FAILED
+        phases["push"] = time.perf_counter() - mark
         heartbeat.stop()
         client.close()
     return TaskOutcome(
@@ -200,6 +211,7 @@ def run_task(
         seconds=time.perf_counter() - started,
         completed=status == SubStatus.COMPLETED,
         details=details,
+        phases=phases,
     )
 
 
@@ -276,12 +288,13 @@ def serve_clientapp_tasks(
             outcomes.append(outcome)
             log(
                 INFO,
-                "task %d (run %d, %s): %s in %.2f s",
+                "task %d (run %d, %s): %s in %.2f s (%s)",
                 outcome.task_id,
                 outcome.run_id,
                 outcome.message_type or "?",
                 "done" if outcome.completed else f"failed ({outcome.details})",
                 outcome.seconds,
+                ", ".join(f"{k} {v:.2f} s" for k, v in outcome.phases.items()),
             )
             if on_task is not None:
                 on_task(outcome)
