@@ -14,6 +14,10 @@ torch thread per process), runs, in turn and ``--repeats`` times:
     per SuperNode (:mod:`fedalign.flower.worker`): model and partition built once.
 ``warm-tls`` / ``cold-tls``
     As ``warm`` / ``cold`` with TLS (a self-signed CA, ``scripts/flower_certificates.sh``).
+``cold-before``
+    As ``cold``, but the SuperLink and SuperNodes import the fedalign of ``--before-repo``
+    (its ``src/`` and its ``pyproject.toml``; run-config keys it lacks are left out): the
+    numbers before this branch's changes.
 
 What is counted: a watcher polls the run folder's ``metrics.jsonl`` every 0.05 s and notes
 when each round's line appears; the **per-round time** of a run is the median interval
@@ -47,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +60,7 @@ from fedalign.flower.loopback import LoopbackDeployment
 from fedalign.flower.messages import FlowerOptions, run_config_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("sim", "cold", "warm", "cold-tls", "warm-tls")
+MODES = ("sim", "cold", "warm", "cold-tls", "warm-tls", "cold-before")
 
 
 class LineWatcher(threading.Thread):
@@ -83,12 +88,32 @@ class LineWatcher(threading.Thread):
             self.times.append(now)
 
 
-def run_config_string(config: ExperimentConfig, out: Path) -> str:
-    """``--run-config`` for ``flwr run``: every key of ``config``, strings quoted."""
+def app_keys(app_dir: Path) -> set[str]:
+    """The keys of ``[tool.flwr.app.config]`` in ``app_dir/pyproject.toml``."""
+    document = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    section = document["tool"]["flwr"]["app"]["config"]
+
+    def flatten(table: dict[str, Any], prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                keys |= flatten(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
+        return keys
+
+    return flatten(section)
+
+
+def run_config_string(config: ExperimentConfig, out: Path, app_dir: Path = REPO) -> str:
+    """``--run-config`` for ``flwr run``: every key of ``config`` the app knows, strings quoted."""
     flat = run_config_from_config(config, FlowerOptions(overwrite=True))
     flat["run.out"] = str(out)
+    known = app_keys(app_dir)
     parts = []
     for key, value in flat.items():
+        if key not in known:
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, str):
@@ -103,12 +128,24 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
-def one_run(mode: str, config: ExperimentConfig, config_args: list[str], work: Path) -> dict:
+def one_run(
+    mode: str,
+    config: ExperimentConfig,
+    config_args: list[str],
+    work: Path,
+    before_repo: Path | None = None,
+) -> dict:
     """One run of ``mode``: per-round intervals, total seconds, final-state digest."""
     out = work / f"run-{mode}"
     watcher = LineWatcher(out / "metrics.jsonl")
     started = time.perf_counter()
     env = dict(os.environ)
+    app_dir = REPO
+    if mode == "cold-before":
+        if before_repo is None:
+            raise ValueError("mode cold-before needs --before-repo")
+        app_dir = before_repo
+        env["PYTHONPATH"] = f"{before_repo / 'src'}{os.pathsep}{REPO / 'src'}"
     if mode == "sim":
         watcher.start()
         command = [
@@ -133,7 +170,9 @@ def one_run(mode: str, config: ExperimentConfig, config_args: list[str], work: P
         )
         with deployment:
             watcher.start()
-            completed = deployment.run(REPO, run_config_string(config, out), timeout=3600)
+            completed = deployment.run(
+                app_dir, run_config_string(config, out, app_dir), timeout=3600
+            )
         log = completed.stdout + completed.stderr
         code = completed.returncode
     total = time.perf_counter() - started
@@ -191,6 +230,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/flower")
     parser.add_argument("--name", default="overhead")
+    parser.add_argument(
+        "--before-repo", type=Path, help="a checkout without this branch (mode cold-before)"
+    )
     args = parser.parse_args()
     settings = args.set or [
         "partition.num-clients=3",
@@ -214,7 +256,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedalign-overhead-") as folder:
         for repeat in range(args.repeats):
             for mode in modes:  # interleaved: each repeat sees the machine's load in turn
-                result = one_run(mode, config, config_args, Path(folder) / f"r{repeat}")
+                result = one_run(
+                    mode, config, config_args, Path(folder) / f"r{repeat}", args.before_repo
+                )
                 result["repeat"] = repeat
                 print(
                     f"[{mode} #{repeat}] per-round {result['per_round']:.2f} s "
