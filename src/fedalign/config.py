@@ -407,11 +407,18 @@ class RunConfig:
         Show progress bars.
     threads : int, default 0
         ``torch.set_num_threads`` (0 keeps torch's default).
+    workers : int, default 1
+        Simulator only: processes that train a round's clients in parallel (1 = in this
+        process, one client after another). Each worker builds the model and prepares the
+        data once, then trains the clients it is handed with ``max(1, threads // workers)``
+        torch threads; results are aggregated in client order, bitwise equal to 1 worker
+        at the same threads per process (see ``docs/flower.md``, "Parallel clients").
     """
 
     out: str = ""
     progress: bool = True
     threads: int = 0
+    workers: int = 1
 
 
 @dataclass
@@ -550,6 +557,7 @@ class ExperimentConfig:
         if s.hidden_noise_std < 0:
             raise ConfigError(f"strategy.hidden-noise-std must be >= 0 (got {s.hidden_noise_std})")
         _positive("strategy.stats-max-examples", s.stats_max_examples)
+        _positive("run.workers", self.run.workers)
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, dict[str, Any]]:
