@@ -138,9 +138,7 @@ SEQUENCE = [(1, 0), (1, 1), (2, 0), (2, 1)]  # a process serving two partitions 
 
 def test_warm_replies_equal_cold_replies_bitwise(server: Server) -> None:
     config = config_for_test()
-    warm = [
-        digest(client_app.train(server.message(r, p), context(config, p))) for r, p in SEQUENCE
-    ]
+    warm = [digest(client_app.train(server.message(r, p), context(config, p))) for r, p in SEQUENCE]
     assert client_app.STATS.models_built == 1
     assert client_app.STATS.partitions_prepared == 2
     assert client_app.STATS.hits == 2
