@@ -51,13 +51,11 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from fedalign.config import ExperimentConfig
-from fedalign.flower.loopback import LoopbackDeployment
-from fedalign.flower.messages import FlowerOptions, run_config_from_config
+from fedalign.flower.loopback import LoopbackDeployment, run_config_argument
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("sim", "cold", "warm", "cold-tls", "warm-tls", "cold-before")
@@ -86,42 +84,6 @@ class LineWatcher(threading.Thread):
         now = time.perf_counter()
         while len(self.times) < count:
             self.times.append(now)
-
-
-def app_keys(app_dir: Path) -> set[str]:
-    """The keys of ``[tool.flwr.app.config]`` in ``app_dir/pyproject.toml``."""
-    document = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
-    section = document["tool"]["flwr"]["app"]["config"]
-
-    def flatten(table: dict[str, Any], prefix: str = "") -> set[str]:
-        keys: set[str] = set()
-        for key, value in table.items():
-            if isinstance(value, dict):
-                keys |= flatten(value, f"{prefix}{key}.")
-            else:
-                keys.add(f"{prefix}{key}")
-        return keys
-
-    return flatten(section)
-
-
-def run_config_string(config: ExperimentConfig, out: Path, app_dir: Path = REPO) -> str:
-    """``--run-config`` for ``flwr run``: every key of ``config`` the app knows, strings quoted."""
-    flat = run_config_from_config(config, FlowerOptions(overwrite=True))
-    flat["run.out"] = str(out)
-    known = app_keys(app_dir)
-    parts = []
-    for key, value in flat.items():
-        if key not in known:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = f"'{value}'"
-        else:
-            text = repr(value)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 def digest(path: Path) -> str:
@@ -171,7 +133,7 @@ def one_run(
         with deployment:
             watcher.start()
             completed = deployment.run(
-                app_dir, run_config_string(config, out, app_dir), timeout=3600
+                app_dir, run_config_argument(config, out, app_dir), timeout=3600
             )
         log = completed.stdout + completed.stderr
         code = completed.returncode

@@ -18,10 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
+
+from fedalign.config import ExperimentConfig
+from fedalign.flower.messages import FlowerOptions, run_config_from_config
 
 FEDERATION = "loopback"
 """The connection name written to ``$FLWR_HOME/config.toml``."""
@@ -52,6 +56,43 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes]) -
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def app_keys(app_dir: Path) -> set[str]:
+    """The keys of ``[tool.flwr.app.config]`` in ``app_dir/pyproject.toml``."""
+    document = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    section = document["tool"]["flwr"]["app"]["config"]
+
+    def flatten(table: dict[str, Any], prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                keys |= flatten(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
+        return keys
+
+    return flatten(section)
+
+
+def run_config_argument(config: ExperimentConfig, out: Path, app_dir: Path) -> str:
+    """``--run-config`` for ``flwr run``: every key of ``config`` (and ``run.out = out``,
+    ``flower.overwrite = true``) that ``app_dir``'s app lists, strings quoted."""
+    flat = run_config_from_config(config, FlowerOptions(overwrite=True))
+    flat["run.out"] = str(out)
+    known = app_keys(app_dir)
+    parts = []
+    for key, value in flat.items():
+        if key not in known:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = f"'{value}'"
+        else:
+            text = repr(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def make_certificates(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> Path:

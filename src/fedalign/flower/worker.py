@@ -39,7 +39,7 @@ from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.logger import log
-from flwr.proto.runtime_pb2 import (  # type: ignore[attr-defined]
+from flwr.proto.runtime_pb2 import (
     AcquireTaskRequest,
     SendTaskHeartbeatRequest,
 )
