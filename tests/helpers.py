@@ -82,3 +82,26 @@ TINY_CLI = [
     "partition.min-client-size=5",
 ]
 """Command-line options of a tiny run (3 clients, 2 rounds of 2 local steps)."""
+
+
+def tiny_choice_config(dataset: str = "mmlu", **overrides: object) -> ExperimentConfig:
+    """A tiny causal Qwen3-MoE on the shipped ``mmlu`` / ``hellaswag`` sample (48 rows, 4
+    groups): 3 clients, 2 rounds of 2 local steps, sequences of at most 48 tokens."""
+    config = ExperimentConfig()
+    config.model.name = "tiny-qwen3moe"
+    config.model.max_length = 48
+    config.data.dataset = dataset
+    config.data.path = "sample"
+    config.data.test_fraction = 0.25
+    config.partition.num_clients = 3
+    config.partition.alpha = 0.5
+    config.partition.min_client_size = 4
+    config.federated.rounds = 2
+    config.train.local_steps = 2
+    config.train.batch_size = 4
+    config.train.lr = 1e-3
+    config.strategy.stats_max_examples = 16
+    config.run.progress = False
+    for key, value in overrides.items():
+        config.set(key.replace("__", "."), value)
+    return config

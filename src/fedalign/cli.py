@@ -50,7 +50,16 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "model": ("model.name", str, "upcycled-minilm, a tiny-* test model, a hub id or a folder"),
     "trainable": ("model.trainable", str, "all, moe+head or lora"),
-    "dataset": ("data.dataset", str, "wordnet-supersense, ag_news, or a .csv/.jsonl path"),
+    "dataset": (
+        "data.dataset",
+        str,
+        "wordnet-supersense, ag_news, a .csv/.jsonl path, or multiple choice: mmlu, hellaswag",
+    ),
+    "data-path": (
+        "data.path",
+        str,
+        "mmlu/hellaswag: a local .jsonl in the hub schema, or 'sample' (shipped)",
+    ),
     "text-column": ("data.text_column", str, "text column of a CSV/JSONL dataset"),
     "label-column": ("data.label_column", str, "label column of a CSV/JSONL dataset"),
     "max-train-examples": ("data.max_train_examples", int, "cap on pooled training examples"),
@@ -67,6 +76,8 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "local-steps": ("train.local_steps", int, "local steps per round (overrides epochs)"),
     "routing-lambda": ("strategy.routing_lambda", float, "routing regulariser weight"),
     "proximal-mu": ("strategy.proximal_mu", float, "FedProx mu"),
+    "device": ("run.device", str, "cpu, auto, cuda or cuda:N"),
+    "precision": ("run.precision", str, "fp32, bf16 (autocast) or auto"),
 }
 
 

@@ -26,7 +26,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 from fedalign.errors import ConfigError, OptionError
 
 __all__ = [
+    "DEVICE_NAMES",
     "FAULT_KINDS",
+    "FROZEN_DTYPES",
+    "HEADS",
+    "MULTIPLE_CHOICE_DATASETS",
+    "PRECISIONS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -36,6 +41,7 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "TrainConfig",
+    "check_device_name",
     "register_strategy",
     "run_label",
     "strategy_names",
@@ -115,8 +121,24 @@ PARTITION_METHODS = ("dirichlet", "pathological", "iid")
 FAULT_KINDS = ("raise", "vanish", "hang")
 """Kinds of injected client faults (``federated.fault-kinds``)."""
 TRAINABLE_CHOICES = ("all", "moe+head", "lora")
+LORA_ROUTER_CHOICES = ("full", "lora", "frozen")
+"""``model.lora-router``: how the routers train when ``model.trainable = "lora"``."""
+LORA_AGGREGATIONS = ("factors", "product-svd")
+"""``model.lora-aggregation``: FedIT factor means, or the exact product mean re-factorised."""
+QUANTIZE_CHOICES = ("none", "4bit")
+"""``model.quantize``: base weights as loaded, or 4-bit NF4 (bitsandbytes, CUDA only)."""
 EXPERT_INITS = ("moefication", "copy", "drop-upcycling")
 GATINGS = ("auto", "renormalize", "scaled", "straight-through")
+HEADS = ("auto", "classification", "causal-lm")
+"""``model.head``: ``auto`` is ``causal-lm`` for multiple-choice data, else ``classification``."""
+MULTIPLE_CHOICE_DATASETS = ("mmlu", "hellaswag")
+"""Named multiple-choice sources of ``data.dataset`` (scored by a causal LM)."""
+PRECISIONS = ("fp32", "bf16", "auto")
+"""``run.precision``: float32, bfloat16 autocast, or bf16 where the device supports it."""
+FROZEN_DTYPES = ("fp32", "bf16")
+"""``run.frozen-dtype``: storage of the parameters that do not train."""
+DEVICE_NAMES = ("cpu", "auto", "cuda", "cuda:N")
+"""Accepted forms of ``run.device`` (N: a GPU index)."""
 
 
 @dataclass
@@ -128,8 +150,9 @@ class ModelConfig:
     name : str, default "upcycled-minilm"
         ``upcycled-minilm`` (the embedded all-MiniLM-L6-v2, its top FFNs turned into MoE
         layers per ``expert_init``), a tiny
-        test configuration (``tiny-qwen3moe``, ``tiny-qwen2moe``, ``tiny-mixtral``,
-        ``tiny-switch``, ``tiny-upcycled``), a Hugging Face model id or a local folder.
+        test configuration (``fedalign.models.TINY_MODELS``: ``tiny-qwen3moe``,
+        ``tiny-deepseek-v2``, ``tiny-granitemoe``, ...), a Hugging Face model id or a local
+        folder.
     num_experts : int, default 8
         Experts per upcycled layer (upcycled encoders only).
     top_k : int, default 2
@@ -142,6 +165,23 @@ class ModelConfig:
     lora_rank : int, default 8
     lora_alpha : int, default 16
     lora_targets : list of str, default ["query", "value"]
+        Modules (e.g. attention projections) that get LoRA adapters.
+    lora_experts : bool, default False
+        With ``trainable = "lora"``: LoRA on the routed experts too, one rank-``lora_rank``
+        adapter per expert (peft ``target_parameters`` on fused ``(E, ., .)`` expert tensors,
+        rank stacked per expert; ``target_modules`` on per-expert linear layers). The
+        strategies then compare and merge each expert's update ``s B_e A_e``.
+    lora_router : str, default "full"
+        With ``trainable = "lora"``: ``full`` (routers train fully), ``lora`` (routers get
+        LoRA adapters; FedAlign-MoE's row-wise router step then does not apply) or
+        ``frozen``.
+    lora_aggregation : str, default "factors"
+        How the server aggregates LoRA pairs: ``factors`` (weighted means of ``A`` and of
+        ``B``, FedIT; inexact) or ``product-svd`` (the weighted mean of the products
+        ``B A``, exact, re-factorised to rank ``lora_rank`` by truncated SVD).
+    quantize : str, default "none"
+        ``4bit``: load the base weights in 4-bit NF4 (bitsandbytes; needs CUDA and
+        ``trainable = "lora"``; hub or folder models only).
     max_length : int, default 64
         Tokens per example after truncation.
     load_balance_coef : float, default 0.0
@@ -165,6 +205,11 @@ class ModelConfig:
         renormalised to sum to one), ``scaled`` (the same times ``top_k``),
         ``straight-through`` (exactly one in value, the probability's gradient) or ``auto``
         (``straight-through`` for ``moefication``, ``renormalize`` otherwise).
+    head : str, default "auto"
+        ``classification`` (a sequence-classification head; text-classification data),
+        ``causal-lm`` (the model's language-modelling head; multiple-choice data, scored by
+        the log-likelihood of each choice) or ``auto`` (``causal-lm`` when ``data.dataset``
+        is multiple-choice, else ``classification``).
     """
 
     name: str = "upcycled-minilm"
@@ -175,6 +220,10 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lora_experts: bool = False
+    lora_router: str = "full"
+    lora_aggregation: str = "factors"
+    quantize: str = "none"
     max_length: int = 64
     load_balance_coef: float = 0.0
     router_noise_std: float = 0.02
@@ -182,6 +231,7 @@ class ModelConfig:
     expert_init: str = "moefication"
     drop_fraction: float = 0.5
     gating: str = "auto"
+    head: str = "auto"
 
     def resolved_gating(self) -> str:
         """The gating ``auto`` stands for with this ``expert_init``."""
@@ -197,8 +247,10 @@ class DataConfig:
     Parameters
     ----------
     dataset : str, default "wordnet-supersense"
-        ``wordnet-supersense`` (embedded), ``ag_news`` (Hugging Face hub), or a path to a
-        ``.csv`` / ``.jsonl`` file.
+        Text classification: ``wordnet-supersense`` (embedded), ``ag_news`` (Hugging Face
+        hub), or a path to a ``.csv`` / ``.jsonl`` file. Multiple choice: ``mmlu``
+        (``cais/mmlu``; partitioned by subject) or ``hellaswag`` (``Rowan/hellaswag``;
+        partitioned by activity label).
     text_column : str, default "text"
     label_column : str, default "label"
     max_train_examples : int, default 0
@@ -210,6 +262,11 @@ class DataConfig:
     encoding : str, default "utf-8"
         Text encoding of a ``.csv`` / ``.jsonl`` / ``.json`` file (any Python codec name; a
         leading UTF-8 byte-order mark is skipped).
+    path : str, default ""
+        For ``mmlu`` / ``hellaswag``: a local ``.jsonl`` / ``.json`` file in the hub
+        dataset's schema, read instead of the hub (empty = the hub, through
+        ``datasets.load_dataset``). ``sample`` names the small sample in that schema
+        shipped with the package (offline demos and tests).
     """
 
     dataset: str = "wordnet-supersense"
@@ -219,6 +276,12 @@ class DataConfig:
     max_test_examples: int = 0
     test_fraction: float = 0.1
     encoding: str = "utf-8"
+    path: str = ""
+
+    @property
+    def task(self) -> str:
+        """``multiple-choice`` for :data:`MULTIPLE_CHOICE_DATASETS`, else ``classification``."""
+        return "multiple-choice" if self.dataset in MULTIPLE_CHOICE_DATASETS else "classification"
 
 
 @dataclass
@@ -407,6 +470,24 @@ class RunConfig:
         Show progress bars.
     threads : int, default 0
         ``torch.set_num_threads`` (0 keeps torch's default).
+    device : str, default "cpu"
+        Where the model, every batch and the client-side statistics live: ``cpu``,
+        ``cuda`` (the current GPU), ``cuda:N`` or ``auto`` (``cuda`` when a GPU is
+        visible, else ``cpu``). Parameters and statistics returned to the server are CPU
+        tensors: aggregation runs on the CPU whatever the device.
+    precision : str, default "fp32"
+        ``fp32``, ``bf16`` (bfloat16 autocast of forward passes; parameters, gradients and
+        optimiser state stay float32) or ``auto`` (``bf16`` on a GPU that supports it,
+        else ``fp32``).
+    frozen_dtype : str, default "fp32"
+        Storage of the parameters that do not train: ``fp32`` or ``bf16`` (halves the memory
+        of a frozen base model, e.g. under ``model.trainable = lora``; needs bfloat16
+        autocast, ``run.precision`` ``bf16`` or ``auto`` on a GPU). Trainable parameters,
+        their gradients and optimiser state stay float32.
+    deterministic : bool, default False
+        ``torch.use_deterministic_algorithms(True, warn_only=True)`` and
+        ``CUBLAS_WORKSPACE_CONFIG=:4096:8``: bitwise-repeatable GPU runs where torch has
+        deterministic kernels (a warning names each op that has none).
     workers : int, default 1
         Simulator only: processes that train a round's clients in parallel (1 = in this
         process, one client after another). Each worker builds the model and prepares the
@@ -418,6 +499,10 @@ class RunConfig:
     out: str = ""
     progress: bool = True
     threads: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    frozen_dtype: str = "fp32"
+    deterministic: bool = False
     workers: int = 1
 
 
@@ -432,6 +517,12 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def model_head(self) -> str:
+        """The head ``model.head`` stands for with this ``data.dataset``."""
+        if self.model.head != "auto":
+            return self.model.head
+        return "causal-lm" if self.data.task == "multiple-choice" else "classification"
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -505,6 +596,42 @@ class ExperimentConfig:
         _one_of("model.trainable", m.trainable, TRAINABLE_CHOICES)
         _one_of("model.expert-init", m.expert_init, EXPERT_INITS)
         _one_of("model.gating", m.gating, GATINGS)
+        _one_of("model.head", m.head, HEADS)
+        if d.task == "multiple-choice" and m.head == "classification":
+            raise ConfigError(
+                f"model.head 'classification' cannot score the multiple-choice dataset "
+                f"{d.dataset!r}; accepted: ['causal-lm', 'auto']"
+            )
+        if d.task == "classification" and m.head == "causal-lm":
+            raise ConfigError(
+                f"model.head 'causal-lm' needs a multiple-choice data.dataset "
+                f"{list(MULTIPLE_CHOICE_DATASETS)} (got {d.dataset!r}); accepted for "
+                "classification data: ['classification', 'auto']"
+            )
+        check_device_name(self.run.device)
+        _one_of("run.precision", self.run.precision, PRECISIONS)
+        _one_of("run.frozen-dtype", self.run.frozen_dtype, FROZEN_DTYPES)
+        if self.run.frozen_dtype == "bf16" and self.run.precision == "fp32":
+            raise ConfigError(
+                "run.frozen-dtype 'bf16' needs bfloat16 autocast: run.precision must be one of "
+                "['bf16', 'auto'] (got 'fp32')"
+            )
+        _one_of("model.lora-router", m.lora_router, LORA_ROUTER_CHOICES)
+        _one_of("model.lora-aggregation", m.lora_aggregation, LORA_AGGREGATIONS)
+        _one_of("model.quantize", m.quantize, QUANTIZE_CHOICES)
+        _positive("model.lora-rank", m.lora_rank)
+        if m.trainable != "lora":
+            for key, value, default in (
+                ("lora-experts", m.lora_experts, False),
+                ("lora-router", m.lora_router, "full"),
+                ("lora-aggregation", m.lora_aggregation, "factors"),
+                ("quantize", m.quantize, "none"),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"model.{key} = {value!r} needs model.trainable = 'lora' "
+                        f"(got {m.trainable!r})"
+                    )
         if not 0.0 <= m.drop_fraction <= 1.0:
             raise ConfigError(f"model.drop-fraction must be in [0, 1] (got {m.drop_fraction})")
         _positive("partition.num-clients", p.num_clients)
@@ -604,6 +731,16 @@ def _one_of(name: str, value: str, accepted: Iterable[str]) -> None:
     accepted = tuple(accepted)
     if value not in accepted:
         raise ConfigError(f"{name} must be one of {list(accepted)} (got {value!r})")
+
+
+def check_device_name(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is ``cpu``, ``auto``, ``cuda`` or
+    ``cuda:N`` (whether that GPU exists is checked when the model is placed)."""
+    if device in ("cpu", "auto", "cuda"):
+        return
+    index = device[5:] if device.startswith("cuda:") else ""
+    if not (index.isdigit() and index.isascii()):
+        raise ConfigError(f"run.device must be one of {list(DEVICE_NAMES)} (got {device!r})")
 
 
 def _positive(name: str, value: int) -> None:

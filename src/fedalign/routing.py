@@ -118,6 +118,9 @@ class RoutingStatisticsAccumulator:
             )
         if logits.shape[0] == 0:
             return
+        if self._hidden_sum.device != logits.device:
+            # sums live where the tokens are (a GPU): no per-batch transfer
+            self._to(logits.device)
         probabilities, routed = _routing_probabilities(logits, self.top_k)  # (N, E) each
         if self.top_k < self.num_experts:
             # Best non-selected probability: the (k+1)-th largest of each row, shape (N, 1).
@@ -134,6 +137,12 @@ class RoutingStatisticsAccumulator:
         self._hidden_sum += routed_float.double().T @ hidden.float().double()
         self._num_tokens += int(logits.shape[0])
 
+    def _to(self, device: torch.device) -> None:
+        self._probability_sum = self._probability_sum.to(device)
+        self._token_count = self._token_count.to(device)
+        self._margin_sum = self._margin_sum.to(device)
+        self._hidden_sum = self._hidden_sum.to(device)
+
     def result(self) -> LayerRoutingStatistics:
         """The statistics of all tokens seen so far (float32, on CPU).
 
@@ -143,11 +152,11 @@ class RoutingStatisticsAccumulator:
         num_tokens = max(self._num_tokens, 1)
         routed_count = self._token_count.clamp(min=1.0)
         return LayerRoutingStatistics(
-            routing_distribution=(self._probability_sum / num_tokens).float(),
-            usage=(self._token_count / num_tokens).float(),
-            margin=(self._margin_sum / routed_count).float(),
-            mean_hidden=(self._hidden_sum / routed_count[:, None]).float(),
-            token_count=self._token_count.float(),
+            routing_distribution=(self._probability_sum / num_tokens).float().cpu(),
+            usage=(self._token_count / num_tokens).float().cpu(),
+            margin=(self._margin_sum / routed_count).float().cpu(),
+            mean_hidden=(self._hidden_sum / routed_count[:, None]).float().cpu(),
+            token_count=self._token_count.float().cpu(),
             num_tokens=self._num_tokens,
         )
 

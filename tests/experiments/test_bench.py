@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fedalign.cli import main
+from fedalign.config import ConfigError
+from fedalign.experiments.bench.design import require_cpu_classification
+from tests.helpers import tiny_choice_config, tiny_config
 
 
 def test_bench_prints_a_ratio_row_per_design_choice(
@@ -79,3 +82,12 @@ def test_backbone_suite_prints_one_table_moefied_vs_copy(
     assert "router grad norm from task loss, at init" in lines[1]
     init = lines[1].split("|")
     assert float(init[2]) > 1e-4 > float(init[3])  # MoEfied router learns, copies' does not
+
+
+def test_bench_refuses_gpu_settings_and_multiple_choice() -> None:
+    config = tiny_config(run__device="auto")
+    with pytest.raises(ConfigError, match=r"run\.device must be 'cpu'"):
+        require_cpu_classification(config)
+    with pytest.raises(ConfigError, match="must not be a multiple-choice dataset"):
+        require_cpu_classification(tiny_choice_config("mmlu"))
+    require_cpu_classification(tiny_config())

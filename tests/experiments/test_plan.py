@@ -100,3 +100,50 @@ def test_grid_narrowing_and_planned_folders(suite_file: Path, tmp_path: Path) ->
     assert suite.reference_label == "fedavg"
     with pytest.raises(ConfigError, match="at least one alpha"):
         resolve(BenchmarkOptions(suite=str(suite_file), alphas=[]))
+
+
+VARIANTS = """
+[suite.variants.soft-only]
+strategy = "fedalign"
+set = { "strategy.selection" = "soft", "train.lr" = 0.5 }
+"""
+
+
+def test_variants_are_rows_with_their_own_settings(suite_file: Path, tmp_path: Path) -> None:
+    text = SUITE.replace('"fedalign:margin-only"]', '"fedalign:margin-only", "soft-only"]')
+    suite_file.write_text(text + VARIANTS)
+    suite, base, _ = resolve(BenchmarkOptions(suite=str(suite_file)))
+    assert suite.strategy_labels == ["fedavg", "fedalign-margin-only", "soft-only"]
+    runs = plan_runs(suite, base, tmp_path / "out")
+    variant = [run for run in runs if run.label == "soft-only"]
+    assert [run.seed for run in variant] == [10, 11]
+    config = variant[0].config
+    assert config.strategy.name == "fedalign" and config.strategy.ablation == "full"
+    assert config.strategy.selection == "soft" and config.train.lr == 0.5
+    assert variant[0].folder == tmp_path / "out" / "runs" / "alpha0.5" / "seed10" / "soft-only"
+    # the other rows keep the base settings
+    others = [run.config for run in runs if run.label != "soft-only"]
+    assert all(c.strategy.selection == "hard" and c.train.lr == 0.1 for c in others)
+    # --strategies may name a variant by its label
+    narrowed, base, _ = resolve(
+        BenchmarkOptions(suite=str(suite_file), strategies=[("soft-only", "full")])
+    )
+    assert [run.label for run in plan_runs(narrowed, base, tmp_path / "o")] == ["soft-only"] * 2
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("[suite.variants.x]\nset = {}\n", "needs strategy"),
+        ('[suite.variants.x]\nstrategy = "fedalign"\ncolour = 1\n', "unknown keys"),
+        (
+            '[suite.variants.x]\nstrategy = "fedalign"\nset = { "strategy.selection" = "x" }\n',
+            "selection",
+        ),
+        ('[suite.variants.x]\nstrategy = "fedalign"\nset = { "train.nope" = 1 }\n', "train.nope"),
+    ],
+)
+def test_bad_variants_are_named(suite_file: Path, variant: str, message: str) -> None:
+    suite_file.write_text(SUITE + variant)
+    with pytest.raises(ConfigError, match=message):
+        resolve(BenchmarkOptions(suite=str(suite_file)))

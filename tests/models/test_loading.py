@@ -19,6 +19,7 @@ from fedalign.models import (
     build_classifier,
     load_moe_model,
 )
+from fedalign.models.heads import PooledClassifier
 from fedalign.models.loading import _tiny_configs
 
 Tensor = torch.Tensor
@@ -31,7 +32,15 @@ ARCHITECTURES = {
     "tiny-mixtral": "mixtral",
     "tiny-switch": "switch_transformers",
     "tiny-upcycled": "bert",
+    "tiny-deepseek-v2": "deepseek_v2",
+    "tiny-deepseek-v3": "deepseek_v3",
+    "tiny-olmoe": "olmoe",
+    "tiny-granitemoe": "granitemoe",
+    "tiny-phimoe": "phimoe",
+    "tiny-jetmoe": "jetmoe",
 }
+# MoE layers per tiny model (JetMoE: a mixture of attention heads and of MLPs per layer)
+MOE_LAYERS = {name: 2 for name in ARCHITECTURES} | {"tiny-jetmoe": 4}
 
 # moe+head must train exactly these parameters (full match) and this many of them
 _FUSED = r"model\.layers\.[01]\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj))|score\.weight"
@@ -57,6 +66,45 @@ MOE_HEAD_PATTERNS = {
         r"|classifier\.(weight|bias)",
         2 * (1 + 1 + 8 * 3) + 2,
     ),
+    # DeepSeek: layers 1 and 2 are MoE (layer 0 dense); + per layer the shared experts
+    **{
+        name: (
+            r"model\.layers\.[12]\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj)"
+            r"|shared_experts\.(gate|up|down)_proj\.weight)|score\.weight",
+            2 * 6 + 1,
+        )
+        for name in ("tiny-deepseek-v2", "tiny-deepseek-v3")
+    },
+    # OLMoE and GraniteMoE: base model + pooled head ``classifier`` (weight and bias)
+    "tiny-olmoe": (
+        r"model\.layers\.[01]\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj))"
+        r"|classifier\.(weight|bias)",
+        2 * 3 + 2,
+    ),
+    "tiny-granitemoe": (
+        r"model\.layers\.[01]\.block_sparse_moe\.(router\.weight|experts\.(gate_up_proj|down_proj))"
+        r"|classifier\.(weight|bias)",
+        2 * 3 + 2,
+    ),
+    "tiny-phimoe": (
+        r"model\.layers\.[01]\.mlp\.(router\.weight|experts\.(gate_up_proj|down_proj))"
+        r"|score\.weight",
+        2 * 3 + 1,
+    ),
+    # + per block its output bias (trained with the block, not a routed expert)
+    "tiny-jetmoe": (
+        r"model\.layers\.[01]\.(mlp|self_attention\.experts)\."
+        r"(router\.layer\.weight|(input|output)_linear\.weight|bias)|score\.weight",
+        4 * 4 + 1,
+    ),
+}
+# parameters inside MoE blocks that train but are not routed experts (shared experts, biases)
+SHARED = {
+    "tiny-qwen2moe": r".*\.shared_expert(\..*|_gate\.weight)",
+    "tiny-upcycled": r".*\.output_bias",
+    "tiny-deepseek-v2": r".*\.shared_experts\..*",
+    "tiny-deepseek-v3": r".*\.shared_experts\..*",
+    "tiny-jetmoe": r".*\.(mlp|experts)\.bias",
 }
 
 # peft 0.21 calls a transformers 5.23 method that warns it is deprecated
@@ -87,7 +135,7 @@ def test_tiny_model_classifies(name: str, minilm_batch: dict[str, Tensor]) -> No
         logits = moe.classify(minilm_batch["input_ids"], minilm_batch["attention_mask"])
     assert logits.shape == (4, 5)
     assert bool(torch.isfinite(logits).all())
-    assert len(moe.taps) == len(moe.full_layout.layers) == 2
+    assert len(moe.taps) == len(moe.full_layout.layers) == MOE_LAYERS[name]
 
 
 def _padded(examples: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -153,7 +201,7 @@ def test_tiny_models_are_seeded() -> None:
     assert not all(torch.equal(first[n], other[n]) for n in first)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral", "tiny-switch"])
+@pytest.mark.parametrize("name", [n for n in TINY_MODELS if n != "tiny-upcycled"])
 def test_saved_folder_loads_back_with_same_weights(
     name: str, tmp_path: Path, minilm_batch: dict[str, Tensor]
 ) -> None:
@@ -163,7 +211,9 @@ def test_saved_folder_loads_back_with_same_weights(
     the layout is the same, and the HF classifiers give the same logits.
     """
     model, tokenizer, model_type = build_classifier(ModelConfig(name=name), 3, seed=0)
+    wrapped = isinstance(model, (EncoderClassifier, PooledClassifier))  # pooled head added by us
     inner = model.encoder if isinstance(model, EncoderClassifier) else model
+    inner = model.model if isinstance(model, PooledClassifier) else inner
     inner.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
@@ -179,12 +229,12 @@ def test_saved_folder_loads_back_with_same_weights(
     assert moe_names and moe_names <= after.keys()
     for param in moe_names:
         assert torch.equal(before[param], after[param]), param
-    fresh_head = _head_names(loaded.model) if isinstance(model, EncoderClassifier) else set()
+    fresh_head = _head_names(loaded.model) if wrapped else set()
     for param in before.keys() - fresh_head:
         assert torch.equal(before[param], after[param]), param
     assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
 
-    if not isinstance(model, EncoderClassifier):
+    if not wrapped:
         model.eval()
         loaded.model.eval()
         with torch.no_grad():
@@ -370,8 +420,9 @@ def test_moe_plus_head_trains_exactly_routers_experts_and_head(name: str) -> Non
     layout_names = moe.layout.router_param_names() | moe.layout.expert_param_names()
     head = _head_names(moe.model)
     # the always-on shared expert trains with its block but is not a routed expert
-    shared = {n for n in grads if ".shared_expert" in n or n.endswith(".output_bias")}
-    assert bool(shared) == (name in ("tiny-qwen2moe", "tiny-upcycled"))
+    shared = set(grads) - layout_names - head
+    assert bool(shared) == (name in SHARED)
+    assert all(re.fullmatch(SHARED[name], n) for n in shared)
     assert head and set(grads) == layout_names | head | shared
     assert not shared & layout_names
     assert moe.layout == moe.full_layout  # every MoE tensor trains here

@@ -25,8 +25,25 @@ EXPECTED_LAYOUT = {
     "tiny-mixtral": (2, 4, 2, 64),
     "tiny-switch": (2, 4, 1, 64),
     "tiny-upcycled": (2, 8, 2, 64),
+    "tiny-deepseek-v2": (2, 8, 2, 64),  # layer 0 is dense (first_k_dense_replace=1)
+    "tiny-deepseek-v3": (2, 8, 2, 64),
+    "tiny-olmoe": (2, 4, 2, 64),
+    "tiny-granitemoe": (2, 4, 2, 64),
+    "tiny-phimoe": (2, 4, 2, 64),
+    "tiny-jetmoe": (4, 4, 2, 64),  # per layer: mixture of attention heads, then of MLPs
 }
-FUSED = ("tiny-qwen3moe", "tiny-qwen2moe", "tiny-mixtral")
+# fused experts: name -> (E, expert width I, router module, expert tensors (E, 2I, H), (E, H, I))
+FUSED = {
+    "tiny-qwen3moe": (4, 32, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-qwen2moe": (4, 32, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-mixtral": (4, 64, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-deepseek-v2": (8, 32, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-deepseek-v3": (8, 32, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-olmoe": (4, 32, "gate", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-granitemoe": (4, 32, "router", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-phimoe": (4, 32, "router", "experts.gate_up_proj", "experts.down_proj"),
+    "tiny-jetmoe": (4, 32, "router.layer", "input_linear.weight", "output_linear.weight"),
+}
 
 
 def _load(name: str, **kwargs: Any) -> MoEModel:
@@ -75,6 +92,9 @@ def test_layout_has_the_architecture_s_layers_and_experts(name: str) -> None:
         ("tiny-qwen3moe", {"trainable": "lora", "lora_targets": ["q_proj", "gate"]}),
         ("tiny-upcycled", {"trainable": "lora", "lora_targets": ["query", "router"]}),
         ("tiny-switch", {"trainable": "lora", "lora_targets": ["q", "v"]}),
+        # the generic adapter with LoRA on a router nested in its gating module
+        ("tiny-jetmoe", {"trainable": "lora", "lora_targets": ["kv_proj", "layer"]}),
+        ("tiny-deepseek-v3", {"trainable": "all"}),
     ],
 )
 def test_layout_names_exist_in_the_model(
@@ -104,15 +124,18 @@ def test_layout_names_exist_in_the_model(
 @pytest.mark.parametrize("name", FUSED)
 def test_fused_experts_are_rows_of_the_stacked_tensors(name: str) -> None:
     """transformers-5 fused experts: expert e is row e of gate_up_proj (E, 2I, H) and down_proj."""
+    experts, intermediate, router, up_name, down_name = FUSED[name]
     moe = _load(name)
     params = dict(moe.model.named_parameters())
-    intermediate = 32 if name != "tiny-mixtral" else 64
-    for layer in moe.full_layout.layers:
-        gate_up, down = f"{layer.name}.experts.gate_up_proj", f"{layer.name}.experts.down_proj"
-        assert params[gate_up].shape == (4, 2 * intermediate, 64)
-        assert params[down].shape == (4, 64, intermediate)
-        assert layer.router_params == (f"{layer.name}.gate.weight",)
-        for e in range(4):
+    # JetMoE's attention experts (MoA) map H to the key-value width, not to 2I
+    mlp_layers = [layer for layer in moe.full_layout.layers if "attention" not in layer.name]
+    assert len(mlp_layers) == 2
+    for layer in mlp_layers:
+        gate_up, down = f"{layer.name}.{up_name}", f"{layer.name}.{down_name}"
+        assert params[gate_up].shape == (experts, 2 * intermediate, 64)
+        assert params[down].shape == (experts, 64, intermediate)
+        assert layer.router_params == (f"{layer.name}.{router}.weight",)
+        for e in range(experts):
             assert set(layer.experts[e]) == {
                 ExpertSlice(gate_up, e, e + 1),
                 ExpertSlice(down, e, e + 1),
@@ -142,12 +165,24 @@ def test_modular_experts_own_whole_tensors(name: str, module_of: Callable[[str, 
             assert all(s.start is None and s.stop is None for s in slices)
 
 
+def _selection_hook(chosen: list[Tensor]) -> Callable[[Any, Any, Any], None]:
+    """Records the experts a router returns, when it returns (logits, weights, indices (N, k))."""
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> None:
+        if isinstance(output, tuple) and len(output) == 3 and not output[2].is_floating_point():
+            chosen.append(output[2].reshape(-1, output[2].shape[-1]))
+
+    return hook
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_layout_expert_e_is_the_expert_router_column_e_selects(name: str) -> None:
     """Zeroing the layout's expert e changes a block's output for exactly the tokens routed to e.
 
     This ties the view to the computation: slice e (row e of fused tensors, module e
-    otherwise) is the expert that router row / logit column e chooses.
+    otherwise) is the expert that router row / logit column e chooses. The experts a token
+    uses are the ones the router returns where it returns them (DeepSeek's grouped,
+    biased choice need not be the top-k of the logits), else the top-k of the logits.
     """
     moe = _load(name)
     moe.model.eval()
@@ -156,10 +191,14 @@ def test_layout_expert_e_is_the_expert_router_column_e_selects(name: str) -> Non
     tap = next(t for t in moe.taps if t.layer == layer.name)
     torch.manual_seed(0)
     hidden = torch.randn(2, 12, layer.hidden_size)
+    returned: list[Tensor] = []
+    handle = tap.module.register_forward_hook(_selection_hook(returned))
     with torch.no_grad(), RoutingCapture([tap]) as capture:
         before = block(hidden).reshape(-1, layer.hidden_size)
+    handle.remove()
     logits, _ = capture.pop()[layer.name]
-    chosen = logits.topk(layer.top_k, dim=-1).indices  # (N, k)
+    chosen = returned[0] if returned else logits.topk(layer.top_k, dim=-1).indices  # (N, k)
+    assert chosen.shape == (24, layer.top_k)
     expert = int(torch.mode(chosen[:, 0]).values)  # an expert that some tokens use
     routed = (chosen == expert).any(dim=-1)
     assert 0 < int(routed.sum()) < len(routed)

@@ -1,4 +1,5 @@
-"""The client side: inputs, loss terms, local training, routing statistics, one round.
+"""The client side: inputs, task objectives, loss terms, local training, routing
+statistics, one round.
 
 Imports only from the layers below (config, protocol, moe, models, data, routing math);
 the server side (strategies, federation) is never imported here.
@@ -16,7 +17,17 @@ from fedalign.client.losses import (
     StepContext,
     build_loss_terms,
 )
-from fedalign.client.prepare import Prepared, PreparedData, prepare, prepare_data
+from fedalign.client.objectives import (
+    OBJECTIVES,
+    ClassificationObjective,
+    MultipleChoiceObjective,
+    TaskObjective,
+    choice_scores,
+    continuation_log_likelihood,
+    lm_loss,
+    objective_for,
+)
+from fedalign.client.prepare import Prepared, PreparedData, load_model, prepare, prepare_data
 from fedalign.client.round import (
     ClientRound,
     client_loss_terms,
@@ -29,26 +40,35 @@ from fedalign.client.trainer import LocalTrainingResult, total_local_steps, trai
 
 __all__ = [
     "LOSS_TERMS",
+    "OBJECTIVES",
     "CallableTerm",
+    "ClassificationObjective",
     "ClientRound",
     "Evaluation",
     "LoadBalancingTerm",
     "LocalTrainingResult",
     "LossTerm",
     "ModelInputs",
+    "MultipleChoiceObjective",
     "Prepared",
     "PreparedData",
     "ProximalTerm",
     "RoutingAlignmentTerm",
     "StepContext",
+    "TaskObjective",
     "build_loss_terms",
+    "choice_scores",
     "client_loss_terms",
     "client_seed",
     "client_statistics",
     "compute_prefix_inputs",
     "compute_routing_statistics",
+    "continuation_log_likelihood",
     "evaluate",
     "forward_logits",
+    "lm_loss",
+    "load_model",
+    "objective_for",
     "prepare",
     "prepare_data",
     "run_client_round",

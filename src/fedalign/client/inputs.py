@@ -2,6 +2,10 @@
 
 For upcycled encoders whose lower layers are frozen, :func:`compute_prefix_inputs` runs the
 frozen prefix once per example, so that every round only runs the trainable top.
+
+Examples stay on the CPU; :meth:`ModelInputs.to` moves a batch to the model's device.
+Multiple-choice examples hold one sequence per choice (``(N, K, T)``) and a target mask
+marking each choice's tokens (see :mod:`fedalign.client.objectives`).
 """
 
 from __future__ import annotations
@@ -20,41 +24,76 @@ class ModelInputs:
     """Examples ready for the model.
 
     Exactly one of ``input_ids`` (``(N, T)``) and ``prefix_hidden`` (``(N, T, H)``, the
-    cached output of the frozen prefix) is set.
+    cached output of the frozen prefix) is set. Multiple choice: ``input_ids``,
+    ``attention_mask`` and ``target_mask`` are ``(N, K, T)`` (one sequence per choice) or,
+    for the correct choices only, ``(N, T)``; ``labels`` are the correct choices.
+
+    Parameters
+    ----------
+    attention_mask : Tensor
+    labels : Tensor
+    input_ids : Tensor or None, default None
+    prefix_hidden : Tensor or None, default None
+    target_mask : Tensor or None, default None
+        Multiple choice: 1 on the choice's tokens (what a causal LM is scored on).
+    task : str, default "classification"
+        Names the :mod:`~fedalign.client.objectives` objective of these examples.
     """
 
-    attention_mask: Tensor  # (N, T)
+    attention_mask: Tensor  # (N, T) or (N, K, T)
     labels: Tensor  # (N,)
     input_ids: Tensor | None = None
     prefix_hidden: Tensor | None = None
+    target_mask: Tensor | None = None
+    task: str = "classification"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def select(self, indices: Tensor) -> ModelInputs:
-        """Rows ``indices``, trimmed to the longest selected example."""
-        mask = self.attention_mask[indices]
-        length = max(int(mask.sum(dim=1).max().item()), 1) if len(indices) else 1
+    def _with(self, index: Tensor | slice, length: int | None) -> ModelInputs:
+        cut = slice(None) if length is None else slice(None, length)
+
+        def pick(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[index, ..., cut]
+
         return ModelInputs(
-            attention_mask=mask[:, :length],
-            labels=self.labels[indices],
-            input_ids=None if self.input_ids is None else self.input_ids[indices, :length],
-            prefix_hidden=(
-                None if self.prefix_hidden is None else self.prefix_hidden[indices, :length]
-            ),
+            attention_mask=self.attention_mask[index, ..., cut],
+            labels=self.labels[index],
+            input_ids=pick(self.input_ids),
+            prefix_hidden=(None if self.prefix_hidden is None else self.prefix_hidden[index, cut]),
+            target_mask=pick(self.target_mask),
+            task=self.task,
         )
+
+    def select(self, indices: Tensor) -> ModelInputs:
+        """Rows ``indices``, trimmed to the longest selected sequence."""
+        mask = self.attention_mask[indices]
+        length = max(int(mask.sum(dim=-1).max().item()), 1) if len(indices) else 1
+        return self._with(indices, length)
 
     def rows(self, indices: Tensor) -> ModelInputs:
         """Rows ``indices`` as they are (no trimming)."""
+        return self._with(indices, None)
+
+    def to(self, device: torch.device) -> ModelInputs:
+        """The same examples on ``device`` (these very tensors when already there)."""
         return ModelInputs(
-            attention_mask=self.attention_mask[indices],
-            labels=self.labels[indices],
-            input_ids=None if self.input_ids is None else self.input_ids[indices],
-            prefix_hidden=None if self.prefix_hidden is None else self.prefix_hidden[indices],
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+            input_ids=None if self.input_ids is None else self.input_ids.to(device),
+            prefix_hidden=None if self.prefix_hidden is None else self.prefix_hidden.to(device),
+            target_mask=None if self.target_mask is None else self.target_mask.to(device),
+            task=self.task,
         )
 
     def nbytes(self) -> int:
-        tensors = [self.attention_mask, self.labels, self.input_ids, self.prefix_hidden]
+        tensors = [
+            self.attention_mask,
+            self.labels,
+            self.input_ids,
+            self.prefix_hidden,
+            self.target_mask,
+        ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -70,10 +109,15 @@ def forward_logits(model: MoEModel, batch: ModelInputs) -> Tensor:
 def compute_prefix_inputs(
     model: MoEModel, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, batch_size: int
 ) -> ModelInputs:
-    """Run the frozen prefix once over every example and keep its output."""
+    """Run the frozen prefix once over every example and keep its output (on the CPU)."""
     chunks = []
+    device = model.device
     for start in range(0, input_ids.shape[0], batch_size):
         stop = start + batch_size
-        chunks.append(model.prefix(input_ids[start:stop], attention_mask[start:stop]))
+        with model.autocast():
+            hidden = model.prefix(
+                input_ids[start:stop].to(device), attention_mask[start:stop].to(device)
+            )
+        chunks.append(hidden.cpu())
     hidden = torch.cat(chunks) if chunks else torch.zeros(0, input_ids.shape[1], 0)
     return ModelInputs(attention_mask=attention_mask, labels=labels, prefix_hidden=hidden)

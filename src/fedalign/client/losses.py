@@ -154,10 +154,11 @@ class RoutingAlignmentTerm(LossTerm):
             if layer_name not in self.target:
                 continue
             num_experts = router_logits.shape[-1]
-            alpha = self.alpha.get(layer_name, torch.ones(num_experts))
+            device = router_logits.device  # the server's tensors arrive on the CPU
+            alpha = self.alpha.get(layer_name, torch.ones(num_experts)).to(device)
             total = total + routing_regularizer(
                 router_logits,
-                self.target[layer_name],
+                self.target[layer_name].to(device),
                 alpha,
                 step.top_k[layer_name],
                 form=self.form,

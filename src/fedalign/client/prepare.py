@@ -5,6 +5,9 @@ The simulator, ``fedalign compare``, the benchmark and the Flower apps all call
 partition, so the order of random draws is the same everywhere), tokenizes, and, where the
 model allows it, runs the frozen prefix once per example. A Flower ClientApp asks only for
 its own partition's rows; the Flower ServerApp only for the test rows.
+
+The model goes to ``run.device`` with ``run.precision`` (:func:`load_model`); the prepared
+examples stay on the CPU and each batch moves to the device when it is used.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from fedalign.data import (
     PartitionReport,
     TextDataset,
     build_federated_data,
-    tokenize_dataset,
+    tokenize_examples,
 )
-from fedalign.models import MoEModel, load_moe_model
+from fedalign.models import MoEModel, load_moe_model, set_deterministic
 
 Tensor = torch.Tensor
 
@@ -115,11 +118,13 @@ def _pool_rows(
 
 
 def _inputs(dataset: TextDataset, model: MoEModel, max_length: int) -> ModelInputs:
-    tokenized = tokenize_dataset(dataset, model.tokenizer, max_length)
+    tokenized = tokenize_examples(dataset, model.tokenizer, max_length)
     return ModelInputs(
         attention_mask=tokenized.attention_mask,
         labels=tokenized.labels,
         input_ids=tokenized.input_ids,
+        target_mask=tokenized.target_mask,
+        task=tokenized.task,
     )
 
 
@@ -176,6 +181,21 @@ def prepare_data(
     )
 
 
+def load_model(config: ExperimentConfig, num_labels: int) -> MoEModel:
+    """The model of ``config`` (seeded by ``federated.seed``) with the head its data need,
+    on ``run.device`` with ``run.precision``; applies ``run.deterministic``."""
+    set_deterministic(config.run.deterministic)
+    return load_moe_model(
+        config.model,
+        num_labels=num_labels,
+        seed=config.federated.seed,
+        head=config.model_head(),
+        device=config.run.device,
+        precision=config.run.precision,
+        frozen_dtype=config.run.frozen_dtype,
+    )
+
+
 def prepare(
     config: ExperimentConfig,
     *,
@@ -197,7 +217,7 @@ def prepare(
     """
     seed = config.federated.seed
     federated = build_federated_data(config.data, config.partition, seed)
-    model = load_moe_model(config.model, num_labels=federated.splits.train.num_classes, seed=seed)
+    model = load_model(config, num_labels=federated.splits.train.num_classes)
     data = prepare_data(
         config,
         model,

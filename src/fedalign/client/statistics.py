@@ -1,10 +1,15 @@
-"""The routing statistics a client computes after local training (FedAlign-MoE step 2)."""
+"""The routing statistics a client computes after local training (FedAlign-MoE step 2).
+
+The pass runs the sequences the task trains on (for multiple choice: context plus the
+correct choice), on the model's device; the statistics come back as CPU tensors.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from fedalign.client.inputs import ModelInputs, forward_logits
+from fedalign.client.inputs import ModelInputs
+from fedalign.client.objectives import objective_for
 from fedalign.models import MoEModel, RoutingCapture
 from fedalign.protocol import RoutingStatistics
 from fedalign.routing import RoutingStatisticsAccumulator, privatize_mean_hidden
@@ -37,12 +42,15 @@ def compute_routing_statistics(
         layer.name: RoutingStatisticsAccumulator(layer.num_experts, layer.hidden_size, layer.top_k)
         for layer in model.full_layout.layers
     }
+    objective = objective_for(data, model)
     model.model.eval()
     with RoutingCapture(model.taps, detach=True) as capture:
         for start in range(0, len(chosen), batch_size):
-            batch = data.select(chosen[start : start + batch_size])
+            batch = objective.routed(data.select(chosen[start : start + batch_size]))
+            batch = batch.to(model.device)
             capture.set_token_mask(batch.attention_mask)
-            forward_logits(model, batch)
+            with model.autocast():
+                objective.forward(model, batch)
             for layer_name, (logits, hidden) in capture.pop().items():
                 accumulators[layer_name].update(logits.float(), hidden.float())
     statistics = {name: acc.result() for name, acc in accumulators.items()}

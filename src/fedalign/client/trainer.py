@@ -3,7 +3,13 @@
 The loss of a step is ``L_task + sum_t coefficient_t * value_t`` over the
 :class:`~fedalign.client.losses.LossTerm` objects given, in order. The trainer knows no
 algorithm: FedProx's proximal term, FedAlign-MoE's routing regulariser and the
-load-balancing loss are all terms.
+load-balancing loss are all terms. Nor does it know the task: ``L_task`` comes from the
+examples' :class:`~fedalign.client.objectives.TaskObjective` (cross-entropy of class
+logits, or a causal-LM loss on the correct choice of multiple-choice examples).
+
+Batches move to the model's device and the forward pass and task loss run under the
+model's autocast (``run.precision``); the returned parameters and optimiser state are CPU
+tensors.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from fedalign.client.inputs import ModelInputs, forward_logits
+from fedalign.client.inputs import ModelInputs
 from fedalign.client.losses import METRICS, LossTerm, StepContext
+from fedalign.client.objectives import objective_for
 from fedalign.config import TrainConfig
 from fedalign.models import MoEModel, RoutingCapture
 
@@ -79,6 +85,18 @@ def _step_loss(
     return loss, values
 
 
+def state_to_cpu(state: Any) -> Any:
+    """``state`` (nested dicts, lists, tuples) with every tensor moved to the CPU (tensors
+    already there are kept as they are)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: state_to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(state_to_cpu(value) for value in state)
+    return state
+
+
 def train_local(
     model: MoEModel,
     data: ModelInputs,
@@ -121,8 +139,9 @@ def train_local(
     trainable = [params[name] for name in model.trainable_names]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    reference = {k: v.detach().clone() for k, v in global_parameters.items()}
+        optimizer.load_state_dict(optimizer_state)  # moves the state to the parameters' device
+    reference = {k: v.detach().to(model.device, copy=True) for k, v in global_parameters.items()}
+    objective = objective_for(data, model)
     top_k = {layer.name: layer.top_k for layer in model.full_layout.layers}
 
     n = len(data)
@@ -137,11 +156,11 @@ def train_local(
                 order, position = torch.randperm(n, generator=generator), 0
             indices = order[position : position + config.batch_size]
             position += config.batch_size
-            batch = data.select(indices)
+            batch = objective.routed(data.select(indices).to(model.device))
             capture.set_token_mask(batch.attention_mask)
-            logits = forward_logits(model, batch)  # (B, C)
+            with model.autocast():
+                task_loss = objective.loss(model, batch)
             step = StepContext(model, capture.pop(), reference, top_k)
-            task_loss = F.cross_entropy(logits, batch.labels)
             loss, values = _step_loss(task_loss, terms, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,5 +178,5 @@ def train_local(
     return LocalTrainingResult(
         parameters=model.trainable_state(),
         metrics=metrics,
-        optimizer_state=optimizer.state_dict() if keep_optimizer_state else None,
+        optimizer_state=state_to_cpu(optimizer.state_dict()) if keep_optimizer_state else None,
     )

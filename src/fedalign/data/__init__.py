@@ -2,18 +2,24 @@
 
 ``load_data`` gives the pooled training data and a balanced global test set,
 ``build_federated_data`` splits the pool across clients (Dirichlet, pathological or iid
-label partitions, each with a local test split) and ``tokenize_dataset`` turns text into
-padded tensors.
+label partitions, each with a local test split) and ``tokenize_examples`` turns text into
+padded tensors. Multiple-choice data (MMLU, HellaSwag) are partitioned by their group
+(subject, activity) and tokenized one sequence per choice.
 """
 
+from fedalign.data.choices import (
+    SAMPLE_FILES,
+    hellaswag_example,
+    load_choices_from_hub,
+    mmlu_example,
+    sample_path,
+)
 from fedalign.data.datasets import (
     AG_NEWS_LABELS,
     DATASETS,
     FILE_EXTENSIONS,
     WORDNET_SUPERSENSES,
-    DataSplits,
     FileReport,
-    TextDataset,
     holdout_balanced_test,
     labels_only_in_test,
     load_ag_news,
@@ -22,6 +28,7 @@ from fedalign.data.datasets import (
     load_wordnet_supersense,
     read_text_file,
 )
+from fedalign.data.examples import DataSplits, MultipleChoiceDataset, TextDataset
 from fedalign.data.partition import (
     ClientSplit,
     FederatedData,
@@ -30,30 +37,44 @@ from fedalign.data.partition import (
     check_partition_config,
     partition_labels,
 )
-from fedalign.data.tokenize import TokenizedData, pad_token_id, tokenize_dataset
+from fedalign.data.tokenize import (
+    TokenizedData,
+    pad_token_id,
+    tokenize_choices,
+    tokenize_dataset,
+    tokenize_examples,
+)
 
 __all__ = [
     "AG_NEWS_LABELS",
     "DATASETS",
     "FILE_EXTENSIONS",
+    "SAMPLE_FILES",
     "WORDNET_SUPERSENSES",
     "ClientSplit",
     "DataSplits",
     "FederatedData",
     "FileReport",
+    "MultipleChoiceDataset",
     "PartitionReport",
     "TextDataset",
     "TokenizedData",
     "build_federated_data",
     "check_partition_config",
+    "hellaswag_example",
     "holdout_balanced_test",
     "labels_only_in_test",
     "load_ag_news",
+    "load_choices_from_hub",
     "load_data",
     "load_text_file",
     "load_wordnet_supersense",
+    "mmlu_example",
     "pad_token_id",
     "partition_labels",
     "read_text_file",
+    "sample_path",
+    "tokenize_choices",
     "tokenize_dataset",
+    "tokenize_examples",
 ]

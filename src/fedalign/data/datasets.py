@@ -11,6 +11,9 @@ Three kinds of source are supported, chosen by :attr:`fedalign.config.DataConfig
 a path ending in ``.csv``, ``.jsonl`` or ``.json``
     A local file with a text column and a label column (``.json`` is read as JSON lines,
     or as one JSON array of objects when the file starts with ``[``).
+``mmlu``, ``hellaswag``
+    Multiple-choice data (:mod:`fedalign.data.choices`), from the hub or from the file
+    ``data.path`` in the hub's schema; grouped by subject / activity label.
 
 :func:`load_data` returns the pooled training data (partitioned across clients later) and a
 class-balanced global test set that clients never see.
@@ -28,20 +31,31 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedalign.config import ConfigError, DataConfig
+from fedalign.config import MULTIPLE_CHOICE_DATASETS, ConfigError, DataConfig
+from fedalign.data.choices import (
+    SAMPLE,
+    choice_dataset,
+    convert_rows,
+    load_choices_from_hub,
+    sample_path,
+)
+from fedalign.data.examples import DataSplits, TextDataset
 from fedalign.errors import DataFileError
 
-DATASETS = ("wordnet-supersense", "ag_news")
+DATASETS = ("wordnet-supersense", "ag_news", *MULTIPLE_CHOICE_DATASETS)
 """Named sources accepted by ``data.dataset`` (besides file paths)."""
 
 FILE_EXTENSIONS = (".csv", ".jsonl", ".json")
 """File extensions accepted by ``data.dataset``."""
+
+CHOICE_FILE_EXTENSIONS = (".jsonl", ".json")
+"""File extensions accepted by ``data.path`` (multiple-choice files)."""
 
 WORDNET_LEXFILES: dict[int, str] = {
     4: "act",
@@ -63,96 +77,6 @@ AG_NEWS_LABELS: tuple[str, ...] = ("World", "Sports", "Business", "Sci-Tech")
 
 _WORDNET_ASSET = "wordnet_supersense.jsonl.gz"
 _INT_PATTERN = re.compile(r"^\s*[+-]?\d+\s*$")
-
-
-# --------------------------------------------------------------------------- containers
-@dataclass
-class TextDataset:
-    """Texts with integer class labels.
-
-    Parameters
-    ----------
-    texts : list of str
-        One text per example.
-    labels : numpy.ndarray
-        Class ids, converted to int64 of shape ``(N,)``; each in ``[0, len(label_names))``.
-    label_names : list of str
-        Name of each class id.
-
-    Raises
-    ------
-    ValueError
-        If the lengths disagree or a label is out of range.
-    """
-
-    texts: list[str]
-    labels: np.ndarray
-    label_names: list[str]
-
-    def __post_init__(self) -> None:
-        self.texts = list(self.texts)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        self.label_names = [str(name) for name in self.label_names]
-        if len(self.texts) != len(self.labels):
-            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
-        if len(self.labels) and (
-            self.labels.min() < 0 or self.labels.max() >= len(self.label_names)
-        ):
-            raise ValueError(
-                f"labels must lie in [0, {len(self.label_names)}) "
-                f"(got {self.labels.min()}..{self.labels.max()})"
-            )
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, ``len(label_names)`` (some may have no example)."""
-        return len(self.label_names)
-
-    def subset(self, indices: np.ndarray) -> TextDataset:
-        """Return the examples at ``indices`` (in that order), sharing ``label_names``.
-
-        Parameters
-        ----------
-        indices : numpy.ndarray
-            Integer positions into this dataset.
-
-        Returns
-        -------
-        TextDataset
-        """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return TextDataset(
-            texts=[self.texts[i] for i in idx.tolist()],
-            labels=self.labels[idx],
-            label_names=list(self.label_names),
-        )
-
-    def class_counts(self) -> np.ndarray:
-        """Return the number of examples per class, shape ``(num_classes,)`` int64."""
-        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
-
-
-@dataclass
-class DataSplits:
-    """The pooled training data and the global test set.
-
-    Parameters
-    ----------
-    train : TextDataset
-        Pooled training data, to be partitioned across clients.
-    test : TextDataset
-        Global test set, class-balanced when held out here; never given to clients.
-    notes : list of str, default empty
-        What the user should know about the data (records dropped from a file, labels
-        that appear only in the test split); each is also logged as a warning.
-    """
-
-    train: TextDataset
-    test: TextDataset
-    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ sources
@@ -529,6 +453,19 @@ def _check_data_config(config: DataConfig) -> None:
         )
     if is_file and name not in DATASETS and not Path(name).is_file():
         raise ConfigError(f"data.dataset: file {name!r} not found")
+    if config.path and name not in MULTIPLE_CHOICE_DATASETS:
+        raise ConfigError(
+            f"data.path is read only for data.dataset in {list(MULTIPLE_CHOICE_DATASETS)} "
+            f"(got data.dataset {name!r}); give a classification file as data.dataset"
+        )
+    if config.path and config.path != SAMPLE:
+        if Path(config.path).suffix.lower() not in CHOICE_FILE_EXTENSIONS:
+            raise ConfigError(
+                f"data.path must be {SAMPLE!r} or a file ending in "
+                f"{', '.join(CHOICE_FILE_EXTENSIONS)} (got {config.path!r})"
+            )
+        if not Path(config.path).is_file():
+            raise ConfigError(f"data.path: file {config.path!r} not found")
     if not 0.0 < config.test_fraction < 1.0:
         raise ConfigError(f"data.test-fraction must be in (0, 1) (got {config.test_fraction})")
     for field_name, value in (
@@ -676,6 +613,8 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     notes: list[str] = []
     if config.dataset == "ag_news":
         splits = load_ag_news()
+    elif config.dataset in MULTIPLE_CHOICE_DATASETS:
+        splits = _load_choices(config, seed)
     else:
         if config.dataset == "wordnet-supersense":
             pool = load_wordnet_supersense()
@@ -700,6 +639,21 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     for note in notes:
         logger.warning(note)
     return result
+
+
+def _load_choices(config: DataConfig, seed: int) -> DataSplits:
+    """MMLU / HellaSwag from ``data.path`` (or the shipped sample) or the hub; a pool
+    without a test split gets a group-balanced held-out test set."""
+    name = config.dataset
+    if config.path:
+        path = sample_path(name) if config.path == SAMPLE else Path(config.path)
+        rows = _read_rows(path, config.encoding)
+        pool = choice_dataset(convert_rows(name, rows, str(path)))
+        return holdout_balanced_test(pool, config.test_fraction, seed)
+    splits = load_choices_from_hub(name)
+    if len(splits.test) == 0:
+        return holdout_balanced_test(splits.train, config.test_fraction, seed)
+    return splits
 
 
 def labels_only_in_test(splits: DataSplits) -> list[str]:

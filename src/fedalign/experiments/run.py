@@ -16,10 +16,16 @@ from typing import Any
 
 import torch
 
-from fedalign.client import Prepared, PreparedData, client_seed, client_statistics, prepare
+from fedalign.client import (
+    Prepared,
+    PreparedData,
+    client_seed,
+    client_statistics,
+    load_model,
+    prepare,
+)
 from fedalign.config import ExperimentConfig, run_label
 from fedalign.federation import Simulator
-from fedalign.models import load_moe_model
 from fedalign.records import RunFolder, RunSummary, claim_run_folder, routing_snapshot
 
 Tensor = torch.Tensor
@@ -38,9 +44,7 @@ def prepare_for(config: ExperimentConfig, data: PreparedData | None) -> Prepared
     """The model and data of ``config``: all prepared, or a fresh model on ``data``."""
     if data is None:
         return prepare(config)
-    model = load_moe_model(
-        config.model, num_labels=len(data.label_names), seed=config.federated.seed
-    )
+    model = load_model(config, num_labels=len(data.label_names))
     return Prepared(model=model, data=data)
 
 

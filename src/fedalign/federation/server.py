@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fedalign.config import ExperimentConfig
+from fedalign.errors import ConfigError, OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
@@ -31,7 +32,19 @@ Tensor = torch.Tensor
 
 def strategy_from_config(config: ExperimentConfig, layout: MoELayout) -> Strategy:
     """The configured strategy (options validated by ``config.validate`` beforehand)."""
-    return build_strategy(config.strategy.name, config.strategy.option_values(), layout)
+    try:
+        return build_strategy(
+            config.strategy.name,
+            config.strategy.option_values(),
+            layout,
+            lora_aggregation=config.model.lora_aggregation,
+        )
+    except OptionError as error:
+        if error.option != "lora_aggregation":
+            raise
+        raise ConfigError(
+            f"model.lora-aggregation {error.requirement} (got {error.value!r})"
+        ) from error
 
 
 @dataclass

@@ -40,7 +40,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from fedalign.client import PreparedData, prepare_data, run_client_round
+from fedalign.client import PreparedData, load_model, prepare_data, run_client_round
 from fedalign.client import evaluate as evaluate_model
 from fedalign.config import ExperimentConfig
 from fedalign.data import FederatedData, build_federated_data
@@ -63,7 +63,7 @@ from fedalign.flower.messages import (
     record_int,
     record_str,
 )
-from fedalign.models import MoEModel, load_moe_model
+from fedalign.models import MoEModel
 from fedalign.protocol import tensor_bytes
 
 OPTIMIZER_STATE_KEY = "fedalign.optimizer-state"
@@ -149,13 +149,15 @@ STATS = CacheStats()
 
 def cache_key(config: ExperimentConfig) -> str:
     """What the model and the partition split depend on: ``model.*``, ``data.*``,
-    ``partition.*`` and ``federated.seed`` (the partition id is not part of it)."""
+    ``partition.*``, ``federated.seed`` and where / in which precision the model lives
+    (``run.device``, ``run.precision``, ``run.frozen-dtype``); not the partition id."""
     values = config.to_dict()
     relevant = {
         "model": values["model"],
         "data": values["data"],
         "partition": values["partition"],
         "seed": config.federated.seed,
+        "placement": [config.run.device, config.run.precision, config.run.frozen_dtype],
     }
     return json.dumps(relevant, sort_keys=True)
 
@@ -224,9 +226,7 @@ def client_runtime(context: Context) -> ClientRuntime:
         started = time.perf_counter()
         seed = config.federated.seed
         federated = build_federated_data(config.data, config.partition, seed)
-        model = load_moe_model(
-            config.model, num_labels=federated.splits.train.num_classes, seed=seed
-        )
+        model = load_model(config, num_labels=federated.splits.train.num_classes)
         warm = _WARM = _Warm(key=key, federated=federated, model=model)
         STATS.models_built += 1
         log(INFO, "ClientApp: built the model in %.1f s", time.perf_counter() - started)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedalign.models.heads import mean_pool
+
 Tensor = torch.Tensor
 
 
@@ -367,8 +369,7 @@ class EncoderClassifier(nn.Module):
 
     # --- pooling and head -------------------------------------------------
     def _head(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+        pooled = mean_pool(hidden, attention_mask)  # (B, H)
         return self.classifier(self.dropout(pooled))  # (B, C)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

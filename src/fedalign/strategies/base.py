@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fedalign.config import LORA_AGGREGATIONS
+from fedalign.errors import OptionError, check_choice
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 
@@ -62,9 +64,33 @@ class Strategy(ABC):
 
     name: str = "strategy"
     needs_routing_statistics: bool = False
+    supports_lora_products: bool = True
+    """Whether the strategy can aggregate LoRA pairs on their products
+    (``lora_aggregation = "product-svd"``)."""
+    lora_aggregation: str = "factors"
+    """How LoRA pairs are aggregated: ``"factors"`` (FedIT) or ``"product-svd"``; set with
+    :meth:`set_lora_aggregation`."""
 
     def __init__(self, layout: MoELayout) -> None:
         self.layout = layout
+
+    def set_lora_aggregation(self, mode: str) -> None:
+        """Choose ``"factors"`` or ``"product-svd"`` (``model.lora-aggregation``).
+
+        Raises
+        ------
+        OptionError
+            For another value, or ``"product-svd"`` on a strategy that cannot use it.
+        """
+        check_choice("lora_aggregation", mode, LORA_AGGREGATIONS)
+        if mode != "factors" and not self.supports_lora_products:
+            raise OptionError(
+                "lora_aggregation",
+                mode,
+                f"must be 'factors' for strategy {self.name!r} (its server step works on "
+                "the averaged tensors)",
+            )
+        self.lora_aggregation = mode
 
     def initial_state(self) -> StrategyState:
         """State before the first round."""

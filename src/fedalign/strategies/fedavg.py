@@ -14,8 +14,10 @@ from fedalign.strategies.common import (
     check_results,
     example_weights,
     routing_metrics,
+    trainable_layout,
     weighted_average,
 )
+from fedalign.strategies.lora import aggregate_lora_modules
 
 Tensor = torch.Tensor
 
@@ -54,11 +56,23 @@ class FedAvg(Strategy):
         """Weighted mean of the clients' tensors; the state passes through unchanged.
 
         Record: ``{"strategy", "round", "clients", "num_examples", "example_weights",
-        "routing_divergence", "semantic_dispersion"}``.
+        "routing_divergence", "semantic_dispersion"}``, plus ``"lora"`` (see
+        :func:`~fedalign.strategies.lora.aggregate_lora_modules`) with LoRA pairs: their
+        factor means (``"factors"``) or exact product means re-factorised
+        (``"product-svd"``).
         """
         check_results(global_parameters, results)
         weights = example_weights(results)  # (C,)
         parameters = weighted_average(global_parameters, results, weights)
         record = base_record(self.name, server_round, results, weights)
         record.update(routing_metrics(results, None))
+        lora = aggregate_lora_modules(
+            parameters,
+            results,
+            weights,
+            trainable_layout(self.layout, global_parameters),
+            self.lora_aggregation,
+        )
+        if lora is not None:
+            record["lora"] = lora
         return AggregationResult(parameters=parameters, state=dict(state), record=record)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedalign.errors import check_option
-from fedalign.moe.layout import MoELayout
+from fedalign.moe.layout import MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.common import (
@@ -33,6 +33,7 @@ from fedalign.strategies.common import (
     weighted_average,
     write_expert_vector_in_place,
 )
+from fedalign.strategies.lora import aggregate_lora_modules, with_remainder, write_lora_expert
 
 Tensor = torch.Tensor
 
@@ -68,6 +69,8 @@ class FedMoE(Strategy):
     -----
     Weights over the qualifying clients are ``n_i * u_i(e)`` normalised; if they are all 0
     (possible only with ``u_min == 0``) the qualifying clients are weighted by ``n_i``.
+    LoRA experts (``model.lora-experts``) get the same weights on their updates
+    ``s B_e A_e``: factor means or the re-factorised product mean (``lora_aggregation``).
     """
 
     name = "fedmoe"
@@ -97,6 +100,10 @@ class FedMoE(Strategy):
         weights = example_weights(results)  # (C,)
         counts = example_counts(results)  # (C,)
         parameters = weighted_average(global_parameters, results, weights)
+        # LoRA pairs outside the routed experts (attention, router); experts come below
+        lora = aggregate_lora_modules(
+            parameters, results, weights, layout, self.lora_aggregation, skip_experts=True
+        )
 
         layer_records: dict[str, Any] = {}
         for layer in layout.layers:
@@ -115,6 +122,19 @@ class FedMoE(Strategy):
                     "fallback": None,
                 }
                 expert_records.append(expert_record)
+                if layer.has_lora_expert(expert):
+                    self._merge_lora_expert(
+                        layer,
+                        expert,
+                        global_parameters,
+                        results,
+                        parameters,
+                        counts,
+                        usage[:, expert],
+                        qualified,
+                        expert_record,
+                    )
+                    continue
                 if not layer.experts[expert]:
                     expert_record["fallback"] = "no-trainable-parameters"
                     continue
@@ -143,8 +163,45 @@ class FedMoE(Strategy):
         record["u_min"] = self.u_min
         record["layers"] = layer_records
         record.update(routing_metrics(results, None))
+        if lora is not None:
+            record["lora"] = lora
         return AggregationResult(
             parameters=cast_like_reference(parameters, global_parameters),
             state=dict(state),
             record=record,
         )
+
+    def _merge_lora_expert(
+        self,
+        layer: MoELayerLayout,
+        expert: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        parameters: dict[str, Tensor],
+        counts: Tensor,
+        usage: Tensor,
+        qualified: Tensor,
+        expert_record: dict[str, Any],
+    ) -> None:
+        """A LoRA expert: the qualified clients' weights applied to its factors or products.
+
+        The target update is ``sum_i w_i s B_i(e) A_i(e)`` (``w_i ∝ n_i u_i(e)`` over the
+        qualified clients), written per ``lora_aggregation``; the record gains
+        ``"lora_product_error"``.
+        """
+        if not qualified.any():
+            expert_record["fallback"] = "no-qualified-client"
+            states, merge = [global_parameters], torch.ones(1)
+        else:
+            mask = qualified.float()
+            expert_weights = normalise_weights(counts * usage * mask, counts * mask, mask)  # (C,)
+            states, merge = with_remainder(results, expert_weights, global_parameters)
+            expert_record["weights"] = {
+                str(r.client_id): rounded(w)
+                for r, w, q in zip(
+                    results, expert_weights.tolist(), qualified.tolist(), strict=True
+                )
+                if q
+            }
+        error = write_lora_expert(layer, parameters, expert, states, merge, self.lora_aggregation)
+        expert_record["lora_product_error"] = rounded(error)

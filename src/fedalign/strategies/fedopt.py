@@ -93,6 +93,7 @@ class FedOpt(Strategy):
     """
 
     name = "fedopt"
+    supports_lora_products = False
 
     def __init__(
         self,

@@ -98,7 +98,9 @@ class UnknownStrategyError(OptionError):
         super().__init__("name", name, f"must be one of {sorted(REGISTRY)}")
 
 
-def build_strategy(name: str, options: Mapping[str, Any], layout: MoELayout) -> Strategy:
+def build_strategy(
+    name: str, options: Mapping[str, Any], layout: MoELayout, lora_aggregation: str = "factors"
+) -> Strategy:
     """The strategy called ``name`` with its options taken from ``options``.
 
     Parameters
@@ -110,6 +112,9 @@ def build_strategy(name: str, options: Mapping[str, Any], layout: MoELayout) -> 
         take the option's default.
     layout : MoELayout
         Where routers and experts live among the trainable parameters.
+    lora_aggregation : {"factors", "product-svd"}, default "factors"
+        How LoRA pairs are aggregated (``model.lora-aggregation``; see
+        :mod:`fedalign.strategies.lora`).
 
     Raises
     ------
@@ -121,4 +126,6 @@ def build_strategy(name: str, options: Mapping[str, Any], layout: MoELayout) -> 
         raise UnknownStrategyError(name)
     own = {f.name for f in fields(entry.options)}
     values = entry.options(**{key: value for key, value in options.items() if key in own})
-    return entry.build(layout, values)
+    strategy = entry.build(layout, values)
+    strategy.set_lora_aggregation(lora_aggregation)
+    return strategy

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedalign.client import evaluate, forward_logits, run_client_round, train_local
 from fedalign.config import ExperimentConfig
-from fedalign.experiments.bench.design import median_seconds
+from fedalign.experiments.bench.design import median_seconds, require_cpu_classification
 from fedalign.experiments.run import Simulation
 from fedalign.models import EncoderClassifier, RoutingCapture
 from fedalign.protocol import TrainInstructions
@@ -199,6 +199,7 @@ def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, fl
 
 def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300, repeats: int = 3) -> str:
     """The backbone table (issue 10): MoEfied vs copy-upcycled, measured in one run."""
+    require_cpu_classification(config)
     variants = {
         "moefication": ("moefication", True),
         "copy": ("copy", True),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
-from fedalign.config import ExperimentConfig
+from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.data import build_federated_data, tokenize_dataset
 from fedalign.experiments.run import Simulation
 from fedalign.models import UpcycledMoE
@@ -38,8 +38,24 @@ def median_seconds(work: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def require_cpu_classification(config: ExperimentConfig) -> None:
+    """``fedalign bench`` times CPU design choices of text classification: refuse anything
+    else by name rather than fail midway."""
+    if config.run.device != "cpu" or config.run.precision != "fp32":
+        raise ConfigError(
+            "fedalign bench measures CPU float32 design choices: run.device must be 'cpu' and "
+            f"run.precision 'fp32' (got {config.run.device!r}, {config.run.precision!r})"
+        )
+    if config.data.task != "classification":
+        raise ConfigError(
+            "fedalign bench measures text classification: data.dataset must not be a "
+            f"multiple-choice dataset (got {config.data.dataset!r})"
+        )
+
+
 def run_bench(config: ExperimentConfig, repeats: int = 5) -> list[dict[str, Any]]:
     """Measure every row on ``config``'s model and data; returns the table rows."""
+    require_cpu_classification(config)
     config = config.copy()
     config.run.progress = False
     config.federated.rounds = 1

@@ -17,6 +17,8 @@ from typing import Any
 from fedalign.config import ConfigError, ExperimentConfig, run_label
 from fedalign.experiments.benchmark.suite import (
     Suite,
+    Variant,
+    apply_variant,
     find_suite_file,
     load_suite,
     merge_tables,
@@ -163,12 +165,11 @@ def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRu
     for alpha in suite.alphas:
         for seed in suite.seeds:
             for name, ablation in suite.strategies:
-                config = base.copy()
-                config.strategy.name = name
-                config.strategy.ablation = ablation
+                label = run_label(name, ablation)
+                variant = suite.variants.get(label, Variant(name, ablation))
+                config = apply_variant(base.copy(), variant)
                 config.partition.alpha = alpha
                 config.federated.seed = seed
-                label = run_label(name, ablation)
                 folder = out / "runs" / alpha_name(alpha) / f"seed{seed}" / label
                 config.run.out = str(folder)
                 config.validate()

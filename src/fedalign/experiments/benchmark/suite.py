@@ -8,6 +8,10 @@ A suite file is an ordinary experiment config (the ``[model]``, ``[data]``, ... 
   ``reference`` (the strategy whose mean final accuracy sets the target and to which every
   strategy is compared seed by seed), ``target-fraction``, ``report`` (strategies that get
   a run report) and optional ``[suite.labels]`` (display names);
+* optional ``[suite.variants.<label>]`` tables, each a row that is a strategy plus config
+  settings: ``strategy = "fedalign"`` and ``set = {"strategy.selection" = "soft", ...}``.
+  ``<label>`` then names the row in ``strategies``, ``reference``, ``report``, the labels,
+  ``--strategies`` and the run folders (a paired ablation of single options);
 * an optional ``[quick]`` table with the same layout (``[quick.suite]``, ``[quick.data]``,
   ...) whose values replace the full-size ones under ``--quick``.
 
@@ -40,10 +44,30 @@ SUITE_KEYS = (
     "report",
     "target-fraction",
     "labels",
+    "variants",
 )
 """Keys accepted in the ``[suite]`` table."""
 
 DEFAULT_STRATEGIES = ("fedavg", "fedprox", "fedmoe", "fedalign")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A suite row that runs a strategy with extra config settings.
+
+    Parameters
+    ----------
+    name : str
+        Strategy name (``strategy.name``).
+    ablation : str
+        FedAlign-MoE ablation row (``strategy.ablation``), ``"full"`` otherwise.
+    settings : dict of str to Any
+        ``section.key`` -> value, applied after the suite's base config.
+    """
+
+    name: str
+    ablation: str
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +98,8 @@ class Suite:
         Paragraphs for the results page.
     report : list of str
         Run labels whose first-seed run at every alpha gets a ``fedalign report`` page.
+    variants : dict of str to Variant
+        Rows named by a label of their own (``strategies`` holds ``(label, "full")``).
     quick : bool
         Whether the ``[quick]`` overrides were applied.
     """
@@ -90,6 +116,7 @@ class Suite:
     description: str = ""
     note: str = ""
     report: list[str] = field(default_factory=list)
+    variants: dict[str, Variant] = field(default_factory=dict)
     quick: bool = False
 
     @property
@@ -231,6 +258,39 @@ def _grid(table: Mapping[str, Any], base: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def _variants(table: Mapping[str, Any], base: ExperimentConfig) -> dict[str, Variant]:
+    """The ``[suite.variants.<label>]`` rows, each checked against the config."""
+    raw = table.get("variants", {})
+    if not isinstance(raw, Mapping):
+        raise ConfigError("suite.variants must be a table of label = {strategy, set}")
+    variants = {}
+    for label, spec in raw.items():
+        if not isinstance(spec, Mapping) or "strategy" not in spec:
+            raise ConfigError(f'suite.variants.{label} needs strategy = "name[:ablation]"')
+        unknown = sorted(set(spec) - {"strategy", "set"})
+        if unknown:
+            raise ConfigError(
+                f"suite.variants.{label}: unknown keys {unknown}; accepted: ['set', 'strategy']"
+            )
+        settings = spec.get("set", {})
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"suite.variants.{label}.set must be a table of section.key = value")
+        name, ablation = parse_strategy(str(spec["strategy"]))
+        variant = Variant(name, ablation, {str(k): v for k, v in settings.items()})
+        apply_variant(base.copy(), variant).validate()  # names a bad key or value now
+        variants[str(label)] = variant
+    return variants
+
+
+def apply_variant(config: ExperimentConfig, variant: Variant) -> ExperimentConfig:
+    """``config`` with the variant's strategy, ablation and settings (modified in place)."""
+    config.strategy.name = variant.name
+    config.strategy.ablation = variant.ablation
+    for key, value in variant.settings.items():
+        config.set(key, value)
+    return config
+
+
 def _names(table: Mapping[str, Any], strategies: list[tuple[str, str]]) -> dict[str, Any]:
     """Reference, display labels and report list, keyed by run label."""
     labels = table.get("labels", {})
@@ -261,6 +321,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
     table = _suite_table(data, Path(path))
     base_config = ExperimentConfig.from_dict(data)  # validates section and key names
     grid = _grid(table, base_config)
+    variants = _variants(table, base_config)
     return Suite(
         name=str(table.get("name", Path(path).stem)),
         path=Path(path),
@@ -268,6 +329,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
         description=str(table.get("description", "")).strip(),
         note=str(table.get("note", "")).strip(),
         quick=quick,
+        variants=variants,
         **grid,
         **_names(table, grid["strategies"]),
     )

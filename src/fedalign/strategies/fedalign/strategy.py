@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedalign.errors import check_choice
+from fedalign.errors import OptionError, check_choice
 from fedalign.moe.layout import MoELayerLayout, MoELayout
 from fedalign.protocol import (
     ClientResult,
@@ -59,6 +59,12 @@ from fedalign.strategies.fedalign.weights import (
     consistency_signal,
     consistency_weights,
     global_routing_distribution,
+)
+from fedalign.strategies.lora import (
+    aggregate_lora_modules,
+    client_lora_deltas,
+    with_remainder,
+    write_lora_expert,
 )
 
 Tensor = torch.Tensor
@@ -142,6 +148,10 @@ class FedAlignMoE(Strategy):
       from the new global ``theta(e)``. The tensors are stored in the state per client until
       its next participation (stale under partial participation).
     * ``routing_divergence`` in the record is measured against the new ``p_g^t``.
+    * LoRA experts (``model.lora-experts``): step D's consensus and merge work on each
+      expert's weight update ``s B_e A_e`` (:meth:`_aggregate_lora_expert`), exact even with
+      ``sketch_dim > 0``; the merged update is written as factor means or re-factorised
+      (``lora_aggregation``). Not combinable with ``personalized_experts``.
     * As specified, ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``: the factor
       ``sqrt(p_g^{t-1}(e))`` is common to all clients of expert ``e`` and cancels when
       ``s_i(e)`` is normalised over clients, so ``p_g^{t-1}`` changes ``omega`` only through
@@ -213,6 +223,12 @@ class FedAlignMoE(Strategy):
         self.personalize_include_self = bool(personalize_include_self)
         self.needs_routing_statistics = ablation != "fedavg"
         self.sketch_dim = int(sketch_dim)
+        if self.personalized_experts and layout.lora_expert_param_names():
+            raise OptionError(
+                "personalized_experts",
+                True,
+                "is not supported with LoRA experts (model.lora-experts = true)",
+            )
 
     @property
     def ablation_level(self) -> int:
@@ -321,6 +337,12 @@ class FedAlignMoE(Strategy):
         A record without ``"selection"`` ran the hard selection.
 
         Ablation ``"fedavg"`` gives the FedAvg record with ``"layers": {}``.
+
+        With LoRA pairs among the parameters the record also holds ``"lora"`` (see
+        :func:`~fedalign.strategies.lora.aggregate_lora_modules`; the routed experts' pairs
+        are left out when step D runs), and each LoRA expert of step D
+        ``"lora_update_size"`` (length of the update vector ``s B_e A_e`` the consensus
+        used) and ``"lora_product_error"``.
         """
         check_results(global_parameters, results)
         layout = trainable_layout(self.layout, global_parameters)
@@ -338,6 +360,17 @@ class FedAlignMoE(Strategy):
             record["method_options"] = options
         if self.sketch_dim > 0:
             record["sketch_dim"] = self.sketch_dim
+        # LoRA pairs (step E); the routed experts' are merged in step D when it runs
+        lora = aggregate_lora_modules(
+            parameters,
+            results,
+            weights,
+            layout,
+            self.lora_aggregation,
+            skip_experts=self.semantic_aggregation,
+        )
+        if lora is not None:
+            record["lora"] = lora
         if self.ablation == "fedavg":
             record["layers"] = {}
             record.update(routing_metrics(results, None))
@@ -485,6 +518,17 @@ class FedAlignMoE(Strategy):
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
+            if layer.has_lora_expert(expert):
+                self._aggregate_lora_expert(
+                    layer,
+                    expert,
+                    global_parameters,
+                    results,
+                    (hidden_similarity[expert], counts, usage[:, expert], token_count[:, expert]),
+                    parameters,
+                    expert_record,
+                )
+                continue
             opening = _expert_start(
                 layer, expert, global_parameters, parameters, client_ids, token_count, expert_record
             )
@@ -520,6 +564,63 @@ class FedAlignMoE(Strategy):
                 for index, cid in enumerate(client_ids):
                     if has_region[index]:
                         personal_vectors[cid].append((layer, expert, personal[index]))
+
+    def _aggregate_lora_expert(
+        self,
+        layer: MoELayerLayout,
+        expert: int,
+        global_parameters: Mapping[str, Tensor],
+        results: Sequence[ClientResult],
+        signals: tuple[Tensor, Tensor, Tensor, Tensor],
+        parameters: dict[str, Tensor],
+        expert_record: dict[str, Any],
+    ) -> None:
+        """Step D for one LoRA expert, on its weight updates ``delta_e = s B_e A_e``.
+
+        The direction consensus uses the cosines of ``delta_e(client i) - delta_e(global)``
+        (flattened over the expert's LoRA blocks), never the raw factors; the merge target
+        ``delta_e(global) + sum_i w_i (delta_e(i) - delta_e(global))`` is written per
+        ``lora_aggregation`` (factor means with the same weights, or the re-factorised
+        product mean); the record gains ``"lora_product_error"``.
+
+        Parameters
+        ----------
+        signals : tuple of Tensor
+            ``(S (C, C), n (C,), u(e) (C,), count(e) (C,))``: hidden-state similarities,
+            example counts, usage and token counts of this expert.
+        """
+        hidden_similarity, counts, usage, token_count = signals
+        client_ids = [r.client_id for r in results]
+        active = token_count > 0  # (C,)
+        expert_record["active"] = [
+            cid for cid, a in zip(client_ids, active.tolist(), strict=True) if a
+        ]
+        if not active.any():
+            expert_record["fallback"] = "no-active-client"
+            write_lora_expert(
+                layer, parameters, expert, [global_parameters], torch.ones(1), "factors"
+            )
+            return
+        previous = layer.lora_delta_vector(global_parameters, expert)  # (P_e,)
+        updates = client_lora_deltas(results, layer, expert).sub_(previous)  # (C, P_e)
+        decision = semantic_alignment(
+            hidden_similarity,
+            cosine_gram(updates),
+            active,
+            beta=self.beta,
+            threshold_std=self.threshold_std,
+            tolerance=self.consensus_tolerance,
+        )
+        aggregation_weights, membership = selection_weights(
+            decision, active, counts, usage, self.selection, self.eps
+        )  # (C,)
+        states, merge = with_remainder(results, aggregation_weights, global_parameters)
+        error = write_lora_expert(layer, parameters, expert, states, merge, self.lora_aggregation)
+        self._fill_expert_record(
+            expert_record, client_ids, decision, active, aggregation_weights, membership
+        )
+        expert_record["lora_update_size"] = int(updates.shape[1])
+        expert_record["lora_product_error"] = rounded(error)
 
     def _fill_expert_record(
         self,
@@ -610,6 +711,18 @@ class FedAlignMoE(Strategy):
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
+            if layer.has_lora_expert(expert):
+                # LoRA experts: exact update cosines (a (C, P_e) matrix of deltas either way)
+                self._aggregate_lora_expert(
+                    layer,
+                    expert,
+                    global_parameters,
+                    results,
+                    (hidden_similarity[expert], counts, usage[:, expert], token_count[:, expert]),
+                    parameters,
+                    expert_record,
+                )
+                continue
             opening = _expert_start(
                 layer, expert, global_parameters, parameters, client_ids, token_count, expert_record
             )
