@@ -60,3 +60,15 @@ def test_strategy_list_parsing() -> None:
         ("fedavg", "full"),
         ("fedalign", "consistency"),
     ]
+
+
+def test_flower_worker_rejects_bad_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("flwr", reason="Flower is not installed")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not used")
+    assert main(["flower-worker", "--insecure", "--root-certificates", str(ca)]) == 2
+    assert "mutually exclusive" in capsys.readouterr().err
+    assert main(["flower-worker", "--poll-interval", "0"]) == 2
+    assert "--poll-interval must be > 0 (got 0.0)" in capsys.readouterr().err

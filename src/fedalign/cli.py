@@ -7,7 +7,9 @@ Subcommands:
   results table and a convergence plot;
 * ``fedalign benchmark``: the paper's grid of strategies x alphas x seeds;
 * ``fedalign report``: figures of routers and experts for a run folder;
-* ``fedalign bench``: speed, memory and backbone measurements (:mod:`fedalign.experiments.bench`).
+* ``fedalign bench``: speed, memory and backbone measurements (:mod:`fedalign.experiments.bench`);
+* ``fedalign flower-worker``: a warm ClientApp executor beside a deployed Flower SuperNode
+  (:mod:`fedalign.flower.worker`).
 
 This is the only module that sees argparse: the subcommands turn their options into typed
 arguments of :mod:`fedalign.experiments` (e.g. :class:`~fedalign.experiments.BenchmarkOptions`).
@@ -423,6 +425,70 @@ def _register_bench(sub: Any) -> None:
     parser.set_defaults(handler=_cmd_bench)
 
 
+# --------------------------------------------------------------------- flower-worker
+def _cmd_flower_worker(args: argparse.Namespace) -> int:
+    # Flower is an optional dependency: imported only by the command that needs it
+    try:
+        from fedalign.flower import worker
+    except ImportError as error:
+        raise FedAlignError(
+            f"fedalign flower-worker needs Flower ({error}); pip install 'fedalign[flower]'"
+        ) from error
+    certificates = None
+    if args.root_certificates is not None:
+        if args.insecure:
+            raise FedAlignError("--insecure and --root-certificates are mutually exclusive")
+        certificates = Path(args.root_certificates).read_bytes()
+    if not args.poll_interval > 0:
+        raise FedAlignError(f"--poll-interval must be > 0 (got {args.poll_interval})")
+    worker.serve_clientapp_tasks(
+        args.runtime_api_address,
+        insecure=certificates is None,
+        root_certificates=certificates,
+        poll_interval=args.poll_interval,
+        max_tasks=args.max_tasks,
+    )
+    return 0
+
+
+def _register_flower_worker(sub: Any) -> None:
+    parser = sub.add_parser(
+        "flower-worker",
+        help="run a deployed SuperNode's ClientApp messages in one warm process",
+        description=(
+            "Serve the ClientApp tasks of a Flower SuperNode started with "
+            "`flower-supernode --isolation process` in this one process, so the model and "
+            "the partition's prepared data are built once instead of once per message "
+            "(docs/flower.md, 'Warm ClientApps')."
+        ),
+    )
+    parser.add_argument(
+        "--runtime-api-address",
+        default="127.0.0.1:9094",
+        help="the SuperNode's Runtime API, host:port (its --port; default 127.0.0.1:9094)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP to the Runtime API (the default unless --root-certificates)",
+    )
+    parser.add_argument(
+        "--root-certificates",
+        metavar="PEM",
+        help="CA certificate when the SuperNode serves its Runtime API with TLS",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.05,
+        help="seconds between polls for a task while idle (default 0.05)",
+    )
+    parser.add_argument(
+        "--max-tasks", type=int, default=None, help="exit after this many tasks (default: never)"
+    )
+    parser.set_defaults(handler=_cmd_flower_worker)
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -456,7 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_cmd_run)
 
-    for register in (_register_compare, _register_benchmark, _register_report, _register_bench):
+    for register in (
+        _register_compare,
+        _register_benchmark,
+        _register_report,
+        _register_bench,
+        _register_flower_worker,
+    ):
         register(sub)
     return parser
 

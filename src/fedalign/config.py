@@ -557,6 +557,12 @@ class RunConfig:
         ``torch.use_deterministic_algorithms(True, warn_only=True)`` and
         ``CUBLAS_WORKSPACE_CONFIG=:4096:8``: bitwise-repeatable GPU runs where torch has
         deterministic kernels (a warning names each op that has none).
+    workers : int, default 1
+        Simulator only: processes that train a round's clients in parallel (1 = in this
+        process, one client after another). Each worker builds the model and prepares the
+        data once, then trains the clients it is handed with ``max(1, threads // workers)``
+        torch threads; results are aggregated in client order, bitwise equal to 1 worker
+        at the same threads per process (see ``docs/flower.md``, "Parallel clients").
     """
 
     out: str = ""
@@ -566,6 +572,7 @@ class RunConfig:
     precision: str = "fp32"
     frozen_dtype: str = "fp32"
     deterministic: bool = False
+    workers: int = 1
 
 
 @dataclass
@@ -780,6 +787,7 @@ class ExperimentConfig:
         if not 0.0 < s.semantic_delta < 1.0:
             raise ConfigError(f"strategy.semantic-delta must be in (0, 1) (got {s.semantic_delta})")
         _positive("strategy.probe-examples", s.probe_examples)
+        _positive("run.workers", self.run.workers)
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from fedalign.flower.messages import (
     ARRAYS_KEY,
     INSTRUCTION_TENSORS_KEY,
     INSTRUCTIONS_KEY,
+    PACKED_KEY,
     FlowerOptions,
     config_from_run_config,
     decode_instructions,
@@ -32,7 +33,9 @@ from fedalign.flower.messages import (
     encode_reply,
     encode_state,
     encode_statistics,
+    is_packed,
     model_fingerprint,
+    packable,
     partition_from_node_config,
     run_config_from_config,
 )
@@ -68,6 +71,28 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------- tensors
+def test_packed_state_round_trip_is_exact() -> None:
+    state = {
+        "b.weight": torch.randn(3, 4),
+        "a.bias": torch.randn(4).bfloat16(),
+        "half": torch.randn(2, 2).half(),
+        "scalar": torch.tensor(2.5),
+    }
+    record = encode_state(state, packed=True)
+    assert list(record.keys()) == [PACKED_KEY] and is_packed(record)
+    assert record[PACKED_KEY].numpy().shape == (12 + 4 + 4 + 1,)
+    assert_same(decode_state(record, like=state), state)
+    with pytest.raises(ValueError, match="reference tensors"):
+        decode_state(record)
+    # a vector that does not fit the reference comes back whole (the server rejects it)
+    short = encode_state({"w": torch.zeros(5)}, packed=True)
+    assert list(decode_state(short, like=state)) == [PACKED_KEY]
+    # float64 and integers are not packable: one array per tensor, as without packing
+    exact = {"d": torch.randn(2, dtype=torch.float64), "n": torch.arange(3)}
+    assert list(encode_state(exact, packed=True).keys()) == ["d", "n"]
+    assert not packable(exact) and packable(state)
+
+
 def test_state_round_trip_is_exact_and_keeps_order() -> None:
     state = {
         "b.weight": torch.randn(3, 4),

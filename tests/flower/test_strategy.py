@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from fedalign.flower.messages import (
     decode_state,
     encode_reply,
     encode_state,
+    is_packed,
     model_fingerprint,
     run_config_from_config,
 )
@@ -275,6 +277,40 @@ def test_on_round_report_and_server_evaluation() -> None:
     assert wrapper.server_evaluation(0, wrapper.initial_arrays()) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_arrays_aggregate_exactly_and_a_bad_length_is_rejected(dtype: torch.dtype) -> None:
+    """flower.pack-arrays: one packed array each way gives the aggregate of the named form; a
+    reply whose packed vector does not fit the model is rejected with a reason, not fatal."""
+    initial = parameters(0, dtype)
+    results = client_results(1, dtype)
+
+    def respond(message: Message, partition_id: int) -> RecordDict:
+        if message.metadata.message_type == MessageType.QUERY:
+            return partition_answer(message, partition_id)
+        assert is_packed(message.content["arrays"])
+        result = results[partition_id]
+        if partition_id == 2:
+            result = dataclasses.replace(result, parameters={"w": torch.zeros(3, dtype=dtype)})
+        return encode_reply(result, packed=True)
+
+    grid = FakeGrid({v: k for k, v in NODES.items()}, respond)
+    reports: list[RoundReport] = []
+    wrapper = wrap(
+        FedAvg(LAYOUT), initial, pack_arrays=True, on_round=lambda r: reports.append(r) or {}
+    )
+    _, (arrays, _) = run_round(wrapper, grid, 1)
+    assert arrays is not None and is_packed(arrays)
+    assert list(reports[0].rejected) == [2]
+    expected = FedAvg(LAYOUT).aggregate(1, initial, results[:2], {})
+    for name, value in expected.parameters.items():
+        assert wrapper.global_parameters[name].dtype == dtype
+        assert torch.equal(wrapper.global_parameters[name], value), name
+    assert all(
+        torch.equal(v, expected.parameters[k])
+        for k, v in decode_state(arrays, like=initial).items()
+    )
+
+
 def test_failed_reply_is_left_out() -> None:
     initial = parameters(0)
     results = client_results(1)
@@ -423,16 +459,16 @@ def client_context(config: ExperimentConfig, partition_id: int) -> Context:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "rounds", "compression"),
+    ("strategy", "rounds", "compression", "packed"),
     [
-        ("fedavg", 1, "none"),
-        ("fedalign", 2, "none"),
-        ("fedalign", 2, "topk"),
-        ("fedavg", 2, "bf16"),
+        ("fedavg", 1, "none", False),
+        ("fedalign", 2, "none", True),
+        ("fedalign", 2, "topk", True),
+        ("fedavg", 2, "bf16", False),
     ],
 )
 def test_simulator_and_flower_wrapper_give_the_same_aggregate(
-    strategy: str, rounds: int, compression: str, tmp_path: Path
+    strategy: str, rounds: int, compression: str, packed: bool, tmp_path: Path
 ) -> None:
     """Same seed, same partition: the simulator's rounds and the wrapper's rounds (with our
     ClientApp's handlers answering, each building its own model and data from the run
@@ -449,6 +485,7 @@ def test_simulator_and_flower_wrapper_give_the_same_aggregate(
         num_clients=3,
         seed=config.federated.seed,
         fingerprint=model_fingerprint(simulation.model),
+        pack_arrays=packed,
     )
     contexts = {p: client_context(config, p) for p in range(3)}
 

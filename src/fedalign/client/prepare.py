@@ -177,6 +177,7 @@ def prepare_data(
     *,
     clients: Sequence[int] | None = None,
     include_train: bool = True,
+    include_test: bool = True,
 ) -> PreparedData:
     """Tokenize the rows of ``clients`` and the global test set; cache the frozen prefix.
 
@@ -186,6 +187,9 @@ def prepare_data(
         Clients whose rows are prepared (None = all).
     include_train : bool, default True
         Prepare the clients' training rows (False: only their local test rows).
+    include_test : bool, default True
+        Prepare the global test set (False: ``test`` has no rows; a Flower ClientApp,
+        which never evaluates on it).
     """
     started = time.perf_counter()
     chosen = list(range(len(federated.clients))) if clients is None else list(clients)
@@ -194,6 +198,8 @@ def prepare_data(
     if kept is not None:
         train = train.rows(kept)
     test = _inputs(federated.splits.test, model, config.model.max_length)
+    if not include_test:
+        test = test.rows(torch.zeros(0, dtype=torch.long))
     cached = model.supports_prefix_cache and config.model.cache_prefix
     if cached:
         train, test = _cache(model, train), _cache(model, test)
@@ -237,6 +243,7 @@ def prepare(
     *,
     clients: Sequence[int] | None = None,
     include_train: bool = True,
+    include_test: bool = True,
 ) -> Prepared:
     """Partition, model and prepared data for ``config`` (seeded by ``federated.seed``).
 
@@ -247,9 +254,18 @@ def prepare(
         Clients whose rows are prepared (None = all; a Flower ClientApp passes its own).
     include_train : bool, default True
         False prepares only local test rows and the global test set (a server evaluating).
+    include_test : bool, default True
+        False leaves out the global test set (a client that never evaluates on it).
     """
     seed = config.federated.seed
     federated = build_federated_data(config.data, config.partition, seed)
     model = load_model(config, num_labels=federated.splits.train.num_classes)
-    data = prepare_data(config, model, federated, clients=clients, include_train=include_train)
+    data = prepare_data(
+        config,
+        model,
+        federated,
+        clients=clients,
+        include_train=include_train,
+        include_test=include_test,
+    )
     return Prepared(model=model, data=data)

@@ -156,6 +156,17 @@ class Simulation:
             if show
             else None
         )
+        try:
+            self._run_rounds(total, show, rounds_bar)
+        finally:
+            self.simulator.close()  # worker processes of run.workers > 1
+        if rounds_bar is not None:
+            rounds_bar.close()
+        return self.finish()
+
+    def _run_rounds(self, total: int, show: bool, rounds_bar: Any) -> None:
+        from tqdm.auto import tqdm
+
         for server_round in range(self.completed_rounds + 1, total + 1):
             steps = None
             if show:
@@ -178,9 +189,6 @@ class Simulation:
                 rounds_bar.write(self._round_message(line))
             else:
                 self.log(self._round_message(line))
-        if rounds_bar is not None:
-            rounds_bar.close()
-        return self.finish()
 
     def finish(self) -> RunSummary:
         return self.folder.finish(self.global_parameters)

@@ -13,6 +13,10 @@ shuffling and dropout per (round, client), so a resumed run matches an uninterru
 Run folders, progress bars and summaries are not this module's business
 (:mod:`fedalign.records`, :mod:`fedalign.experiments.run`).
 
+Parallel clients: with ``run.workers`` > 1 the selected clients' rounds run in worker
+processes (:mod:`fedalign.federation.parallel`), and their results are taken in client
+order, so the aggregate is the sequential one.
+
 Failing clients: ``federated.fault-rate`` > 0 injects faults (``raise``, ``vanish``,
 ``hang``) drawn from ``federated.fault-seed`` per (round, client), independent of every
 other random stream. A failed client contributes nothing; the results that arrive are
@@ -39,6 +43,7 @@ from fedalign.config import ExperimentConfig
 from fedalign.errors import FederationError
 from fedalign.federation.attacks import poison_result
 from fedalign.federation.evaluation import evaluate_global
+from fedalign.federation.parallel import ClientPool
 from fedalign.federation.probe import semantic_probe_for
 from fedalign.federation.rounds import RoundOutcome, evaluation_due
 from fedalign.federation.sampling import sample_clients
@@ -100,6 +105,8 @@ class Simulator:
         # further client loss terms (see fedalign.client.losses); empty by default
         self.extra_terms: list[LossTerm] = []
         self.on_step: Callable[[], None] | None = None
+        # run.workers > 1: worker processes, started with the first round
+        self._pool: ClientPool | None = None
 
     def selected(self, server_round: int) -> list[int]:
         federated = self.config.federated
@@ -158,10 +165,57 @@ class Simulator:
             extra_terms=self.extra_terms,
             on_step=self.on_step,
         )
+        return self._poisoned(client_id, done)
+
+    def _poisoned(self, client_id: int, done: Any) -> Any:
+        """``done`` with its update poisoned when ``client_id`` is an attacking client."""
+        federated = self.config.federated
         if federated.attack != "none" and client_id in federated.attack_clients:
             done.result = poison_result(
                 self.server.global_parameters, done.result, federated.attack, federated.attack_scale
             )
+        return done
+
+    def _parallel_rounds(
+        self, server_round: int, selected: list[int], instructions: Mapping[int, Any]
+    ) -> dict[int, Any]:
+        """Every selected client's round on the worker pool (``run.workers`` > 1): a
+        ``ClientRound``, or the injected fault (decided here, as in sequential mode)."""
+        if self._pool is None:
+            self._pool = ClientPool(self.config, torch.get_num_threads())
+        federated = self.config.federated
+        futures: dict[int, Any] = {}
+        for client_id in selected:
+            fault = injected_fault(
+                federated.fault_seed,
+                server_round,
+                client_id,
+                federated.fault_rate,
+                federated.fault_kinds,
+            )
+            if fault is not None:
+                futures[client_id] = fault
+                continue
+            futures[client_id] = self._pool.submit(
+                server_round,
+                client_id,
+                self.server.global_parameters,
+                instructions[client_id],
+                self.optimizer_states.get(client_id),
+                self.extra_terms,
+                residual=self.residuals.get(client_id),
+            )
+        done: dict[int, Any] = {}
+        for client_id in selected:  # in client order, whatever order workers finish in
+            outcome = futures[client_id]
+            if isinstance(outcome, str):
+                done[client_id] = outcome
+                continue
+            done[client_id] = self._poisoned(client_id, outcome.result())
+            if self.on_step is not None:
+                steps = total_local_steps(len(self.data.client_train[client_id]), self.config.train)
+                for _ in range(steps):
+                    self.on_step()
         return done
 
     def _train_clients(
@@ -171,9 +225,21 @@ class Simulator:
         results: list[ClientResult] = []
         per_client: dict[int, dict[str, int]] = {}
         failed: dict[int, str] = {}
+        parallel = (
+            self._parallel_rounds(server_round, selected, instructions)
+            if self.config.run.workers > 1
+            else None
+        )
         for client_id in selected:
+            if parallel is not None and parallel[client_id] == "raise":
+                failed[client_id] = FAULT_REASONS["raise"]
+                continue
             try:
-                done = self._client_round(server_round, client_id, instructions[client_id])
+                done = (
+                    parallel[client_id]
+                    if parallel is not None
+                    else self._client_round(server_round, client_id, instructions[client_id])
+                )
             except InjectedFault as error:
                 failed[client_id] = str(error)
                 continue
@@ -225,6 +291,12 @@ class Simulator:
             evaluation=self.evaluate() if due else None,
             extra=round_extra(failed, screening.rejected, screening.clipped),
         )
+
+    def close(self) -> None:
+        """Stop the worker processes of ``run.workers`` > 1 (a later round restarts them)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def state_dict(self) -> dict[str, Any]:
         """Server state and the clients' kept optimizer states and error-feedback residuals

@@ -31,16 +31,21 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
-from fedalign.client import PreparedData, prepare, run_client_round
+from fedalign.client import PreparedData, load_model, prepare_data, run_client_round
 from fedalign.client import evaluate as evaluate_model
 from fedalign.config import ExperimentConfig
+from fedalign.data import FederatedData, build_federated_data
 from fedalign.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -54,6 +59,7 @@ from fedalign.flower.messages import (
     decode_instructions,
     decode_state,
     encode_reply,
+    is_packed,
     model_fingerprint,
     partition_from_node_config,
     record_int,
@@ -69,9 +75,28 @@ app = ClientApp()
 
 
 @dataclass
-class _Built:
+class _Warm:
+    """What a ClientApp process keeps between messages (see :func:`client_runtime`).
+
+    Parameters
+    ----------
+    key : str
+        :func:`cache_key` of the configuration it was built for.
+    federated : FederatedData
+        The seeded split and partition (every partition's row indices).
+    model : MoEModel
+        One model for every partition the process serves: its trainable parameters are
+        overwritten by each message's global parameters.
+    partitions : OrderedDict of int to PreparedData
+        Prepared (tokenized, prefix-cached) rows per partition, least recently used first.
+    fingerprint : str
+        :func:`~fedalign.flower.messages.model_fingerprint` (computed on first use).
+    """
+
+    key: str
+    federated: FederatedData
     model: MoEModel
-    data: PreparedData
+    partitions: OrderedDict[int, PreparedData] = field(default_factory=OrderedDict)
     fingerprint: str = ""
 
 
@@ -87,39 +112,98 @@ class ClientRuntime:
     partition_id : int
     model : MoEModel
     data : PreparedData
+        This partition's rows only (no global test set).
     """
 
     config: ExperimentConfig
     partition_id: int
     model: MoEModel
     data: PreparedData
-    _built: _Built
+    _warm: _Warm
 
     @property
     def fingerprint(self) -> str:
         """:func:`~fedalign.flower.messages.model_fingerprint` of the model (computed once)."""
-        if not self._built.fingerprint:
-            self._built.fingerprint = model_fingerprint(self.model)
-        return self._built.fingerprint
+        if not self._warm.fingerprint:
+            self._warm.fingerprint = model_fingerprint(self.model)
+        return self._warm.fingerprint
 
 
-_CACHE: dict[str, _Built] = {}
+@dataclass
+class CacheStats:
+    """Counts of what :func:`client_runtime` built or reused in this process.
+
+    Parameters
+    ----------
+    models_built, partitions_prepared, hits, evicted : int
+        Models built (a first message, or a new configuration), partitions prepared,
+        messages served from the cache entirely, partition data dropped for the budget.
+    """
+
+    models_built: int = 0
+    partitions_prepared: int = 0
+    hits: int = 0
+    evicted: int = 0
 
 
-def _cache_key(config: ExperimentConfig, partition_id: int) -> str:
+_WARM: _Warm | None = None
+STATS = CacheStats()
+
+
+def cache_key(config: ExperimentConfig) -> str:
+    """What the model and the partition split depend on: ``model.*``, ``data.*``,
+    ``partition.*``, ``federated.seed`` and where / in which precision the model lives
+    (``run.device``, ``run.precision``, ``run.frozen-dtype``); not the partition id."""
     values = config.to_dict()
     relevant = {
         "model": values["model"],
         "data": values["data"],
         "partition": values["partition"],
         "seed": config.federated.seed,
-        "partition-id": partition_id,
+        "placement": [config.run.device, config.run.precision, config.run.frozen_dtype],
     }
     return json.dumps(relevant, sort_keys=True)
 
 
+def clear_cache() -> None:
+    """Drop the warm model and data (the next message builds them again)."""
+    global _WARM
+    _WARM = None
+
+
+def _partition_data(
+    warm: _Warm, config: ExperimentConfig, partition_id: int, budget_bytes: float
+) -> PreparedData:
+    data = warm.partitions.get(partition_id)
+    if data is not None:
+        warm.partitions.move_to_end(partition_id)
+        return data
+    data = prepare_data(
+        config, warm.model, warm.federated, clients=[partition_id], include_test=False
+    )
+    STATS.partitions_prepared += 1
+    warm.partitions[partition_id] = data
+    # keep the most recently used partitions within the budget (always the current one)
+    while len(warm.partitions) > 1 and _nbytes(warm) > budget_bytes:
+        warm.partitions.popitem(last=False)
+        STATS.evicted += 1
+    return data
+
+
+def _nbytes(warm: _Warm) -> int:
+    return sum(data.train.nbytes() for data in warm.partitions.values())
+
+
 def client_runtime(context: Context) -> ClientRuntime:
     """The runtime of this node and run: builds model and data on first use, then reuses.
+
+    The process keeps one model (for the configuration of the last message: a message with
+    a different ``model.*`` / ``data.*`` / ``partition.*`` / ``federated.seed`` replaces it)
+    and, per partition it has served, that partition's prepared rows, least recently used
+    dropped first once they exceed ``flower.client-cache-mib`` (the current partition always
+    stays). Reuse is exact: every message overwrites all trainable parameters, training is
+    seeded per (seed, round, client), and a partition's rows are prepared by the same call
+    whether the process is new or not.
 
     Parameters
     ----------
@@ -131,20 +215,37 @@ def client_runtime(context: Context) -> ClientRuntime:
     fedalign.config.ConfigError
         For an invalid run config, or a node config without a valid partition.
     """
-    config, _ = config_from_run_config(context.run_config)
+    global _WARM
+    config, options = config_from_run_config(context.run_config)
     partition_id, num_partitions = partition_from_node_config(context.node_config)
     config.partition.num_clients = num_partitions
     config.validate()
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
-    key = _cache_key(config, partition_id)
-    built = _CACHE.get(key)
-    if built is None:
-        _CACHE.clear()  # one model per process
-        prepared = prepare(config, clients=[partition_id])
-        built = _Built(model=prepared.model, data=prepared.data)
-        _CACHE[key] = built
-    return ClientRuntime(config, partition_id, built.model, built.data, built)
+    key = cache_key(config)
+    warm = _WARM
+    if warm is None or warm.key != key:
+        _WARM = warm = None  # one model per process: free the old one first
+        started = time.perf_counter()
+        seed = config.federated.seed
+        federated = build_federated_data(config.data, config.partition, seed)
+        model = load_model(config, num_labels=federated.splits.train.num_classes)
+        warm = _WARM = _Warm(key=key, federated=federated, model=model)
+        STATS.models_built += 1
+        log(INFO, "ClientApp: built the model in %.1f s", time.perf_counter() - started)
+    elif partition_id in warm.partitions:
+        STATS.hits += 1
+    started = time.perf_counter()
+    known = partition_id in warm.partitions
+    data = _partition_data(warm, config, partition_id, options.client_cache_mib * 2**20)
+    if not known:
+        log(
+            INFO,
+            "ClientApp: prepared partition %d in %.1f s",
+            partition_id,
+            time.perf_counter() - started,
+        )
+    return ClientRuntime(config, partition_id, warm.model, data, warm)
 
 
 def _check_message(runtime: ClientRuntime, config: ConfigRecord) -> None:
@@ -194,7 +295,8 @@ def train(msg: Message, context: Context) -> Message:
     _check_message(runtime, config_record)
     server_round = record_int(config_record, SERVER_ROUND_KEY, 1)
     reference = runtime.model.trainable_state()
-    global_parameters = decode_state(msg.content.array_records[ARRAYS_KEY], like=reference)
+    arrays = msg.content.array_records[ARRAYS_KEY]
+    global_parameters = decode_state(arrays, like=reference)
     instructions = decode_instructions(msg.content, like=reference)
     optimizer_state = None
     if runtime.config.train.keep_optimizer_state:
@@ -222,6 +324,7 @@ def train(msg: Message, context: Context) -> Message:
         bytes_sent=done.bytes_sent,
         bytes_received=done.bytes_received,
         optimizer_state_bytes=kept,
+        packed=is_packed(arrays),  # reply in the form the parameters came in
     )
     return Message(content=content, reply_to=msg)
 

@@ -4,7 +4,9 @@ What travels, per round and selected client:
 
 Server -> client (``message_type="train"``)
     ``"arrays"`` (ArrayRecord)
-        The global trainable parameters (:func:`encode_state`).
+        The global trainable parameters (:func:`encode_state`): one float32 vector under
+        ``fedalign.packed`` (``flower.pack-arrays``, the default), split by the receiver's
+        own names and shapes, or one array per tensor.
     ``"config"`` (ConfigRecord)
         ``server-round``, ``partition-id`` (the client the message is meant for) and
         ``fedalign.model-fingerprint`` (see :func:`model_fingerprint`).
@@ -21,7 +23,8 @@ Client -> server (the reply)
         The client's trainable parameters after local training; with
         ``federated.upload-compression`` the compressed delta instead, its parts keyed
         ``"<name>/<part>"`` (bfloat16 values travel bit for bit as int16), and the methods and
-        shapes as JSON under ``update`` in ``"fedalign.client"`` (:func:`encode_update`).
+        shapes as JSON under ``update`` in ``"fedalign.client"`` (:func:`encode_update`);
+        uncompressed parameters are packed when the train message's were.
     ``"metrics"`` (MetricRecord)
         ``num-examples`` and the training losses.
     ``"fedalign.client"`` (ConfigRecord)
@@ -78,6 +81,7 @@ PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 SERVER_ROUND_KEY = "server-round"
 QUERY_KEY = "fedalign.query"
+PACKED_KEY = "fedalign.packed"
 FLOWER_SECTION = "flower"
 
 _SEPARATOR = "/"
@@ -118,19 +122,52 @@ def _to_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-def encode_state(state: Mapping[str, Tensor]) -> ArrayRecord:
+_PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def packable(state: Mapping[str, Tensor]) -> bool:
+    """True when every tensor is float32, bfloat16 or float16 (exact in one float32 vector)."""
+    return len(state) > 0 and all(t.dtype in _PACKABLE for t in state.values())
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """True for a record made by ``encode_state(..., packed=True)``."""
+    return list(record.keys()) == [PACKED_KEY]
+
+
+def encode_state(state: Mapping[str, Tensor], *, packed: bool = False) -> ArrayRecord:
     """Tensors as an ArrayRecord (bfloat16 cast to float32; other dtypes kept).
 
     Parameters
     ----------
     state : mapping of str to Tensor
+    packed : bool, default False
+        One float32 vector under :data:`PACKED_KEY` (the tensors flattened in the mapping's
+        order) instead of one array per key, when :func:`packable`; the receiver splits
+        it by the names and shapes of its own reference (:func:`decode_state`). Flower
+        moves every array (and every chunk of a large one) as a separate object, one HTTP
+        request per hop: a model of 54 tensors is about 110 objects, packed about 3 + one
+        per 2 MB.
 
     Returns
     -------
     ArrayRecord
-        One :class:`flwr.app.Array` per key, in the mapping's order.
+        One :class:`flwr.app.Array` per key, in the mapping's order, or one packed array.
     """
+    if packed and packable(state):
+        flat = torch.cat([t.detach().cpu().reshape(-1).float() for t in state.values()])
+        return ArrayRecord({PACKED_KEY: Array(flat.numpy())})
     return ArrayRecord({name: Array(_to_numpy(value)) for name, value in state.items()})
+
+
+def _unpack(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    sizes = [t.numel() for t in like.values()]
+    if vector.dim() != 1 or vector.numel() != sum(sizes):
+        return None
+    state: dict[str, Tensor] = {}
+    for (name, reference), piece in zip(like.items(), torch.split(vector, sizes), strict=True):
+        state[name] = piece.reshape(reference.shape).to(reference.dtype).clone()
+    return state
 
 
 def decode_state(
@@ -143,12 +180,27 @@ def decode_state(
     record : ArrayRecord
     like : mapping of str to Tensor or to torch.dtype, optional
         Reference dtypes: a key found here is cast to its dtype (what restores bfloat16).
+        A packed record (:func:`encode_state` with ``packed=True``) needs reference
+        tensors: it is split by their names, shapes and dtypes, in their order; a vector
+        whose length does not match comes back as it is, under :data:`PACKED_KEY`, so that
+        the server's screening rejects it with a reason.
 
     Returns
     -------
     dict of str to Tensor
-        Writable CPU tensors, in the record's order.
+        Writable CPU tensors, in the record's order (a packed record: the reference's).
+
+    Raises
+    ------
+    ValueError
+        For a packed record without reference tensors.
     """
+    if is_packed(record):
+        vector = torch.from_numpy(np.array(record[PACKED_KEY].numpy(), copy=True))
+        if like is None or not all(isinstance(t, Tensor) for t in like.values()):
+            raise ValueError("a packed ArrayRecord needs reference tensors (like=) to unpack")
+        unpacked = _unpack(vector, like)  # type: ignore[arg-type]
+        return unpacked if unpacked is not None else {PACKED_KEY: vector}
     state: dict[str, Tensor] = {}
     for name, array in record.items():
         tensor = torch.from_numpy(np.array(array.numpy(), copy=True))
@@ -356,8 +408,13 @@ def encode_reply(
     bytes_sent: int = 0,
     bytes_received: int = 0,
     optimizer_state_bytes: int = 0,
+    packed: bool = False,
 ) -> RecordDict:
-    """A ClientResult as reply content (see the module docstring for the layout)."""
+    """A ClientResult as reply content (see the module docstring for the layout).
+
+    ``packed`` packs the parameters into one array (see :func:`encode_state`); the
+    ClientApp does so when the train message's parameters came packed.
+    """
     metrics = MetricRecord({NUM_EXAMPLES_KEY: int(result.num_examples)})
     for key, value in result.metrics.items():
         metrics[key] = float(value)
@@ -373,7 +430,7 @@ def encode_reply(
     if result.update is not None:
         arrays, client[_UPDATE_KEY] = encode_update(result.update)
     else:
-        arrays = encode_state(result.parameters)
+        arrays = encode_state(result.parameters, packed=packed)
     return RecordDict(
         {
             ARRAYS_KEY: arrays,
@@ -444,11 +501,21 @@ class FlowerOptions:
         Seconds the ServerApp waits for the replies of one round.
     overwrite : bool, default False
         Replace a run held in ``run.out`` (otherwise such a folder is refused).
+    client_cache_mib : float, default 1024.0
+        Prepared partition data a ClientApp process keeps for the partitions it served
+        (MiB, least recently used dropped first; the current partition always stays). The
+        model is kept regardless (one per process).
+    pack_arrays : bool, default True
+        Send the parameters as one packed float32 array each way (see
+        :func:`encode_state`; exact for float32, bfloat16 and float16 parameters). False
+        sends one array per tensor, as Flower's own strategies do.
     """
 
     discovery_timeout: float = 600.0
     round_timeout: float = 3600.0
     overwrite: bool = False
+    client_cache_mib: float = 1024.0
+    pack_arrays: bool = True
 
 
 def config_from_run_config(
@@ -486,20 +553,25 @@ def config_from_run_config(
                 raise ConfigError(
                     f"unknown run config key {key!r}; accepted in [flower]: {accepted}"
                 )
-            if field_name == "overwrite":
+            if field_name in ("overwrite", "pack_arrays"):
                 flag = str(value).lower()
                 if flag not in ("true", "false", "1", "0"):
                     raise ConfigError(
                         f"run config key {key!r} expects true or false (got {value!r})"
                     )
-                options.overwrite = flag in ("true", "1")
+                setattr(options, field_name, flag in ("true", "1"))
                 continue
             try:
-                setattr(options, field_name, float(value))
+                number = float(value)
             except (TypeError, ValueError) as error:
                 raise ConfigError(
                     f"run config key {key!r} expects a number (got {value!r})"
                 ) from error
+            if field_name == "client_cache_mib" and not number >= 0:
+                raise ConfigError(
+                    f"run config key {key!r} expects a number >= 0 (MiB; got {value!r})"
+                )
+            setattr(options, field_name, number)
             continue
         config.set(key, value)
     return config, options

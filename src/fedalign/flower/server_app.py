@@ -169,6 +169,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         discovery_timeout=options.discovery_timeout,
         clip_update_norm=config.federated.clip_update_norm,
         semantic_probe=semantic_probe_for(config, prepared.model, prepared.data),
+        pack_arrays=options.pack_arrays,
     )
     strategy.start(
         grid=grid,

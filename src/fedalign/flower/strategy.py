@@ -259,6 +259,9 @@ class FlowerStrategy(FlwrStrategy):
     semantic_probe : callable or None, default None
         ``strategy.semantic-privacy = public-probe``: the server's probe measurement, see
         :class:`~fedalign.federation.ServerState`.
+    pack_arrays : bool, default False
+        Send the global parameters as one packed array (``flower.pack-arrays``, see
+        :func:`fedalign.flower.messages.encode_state`); our ClientApp replies in kind.
     """
 
     def __init__(
@@ -275,8 +278,10 @@ class FlowerStrategy(FlwrStrategy):
         discovery_timeout: float = 600.0,
         clip_update_norm: float = 0.0,
         semantic_probe: SemanticProbeFn | None = None,
+        pack_arrays: bool = False,
     ) -> None:
         self.strategy = strategy
+        self.pack_arrays = pack_arrays
         self.server = ServerState(
             strategy,
             {k: v.detach().clone() for k, v in global_parameters.items()},
@@ -306,7 +311,7 @@ class FlowerStrategy(FlwrStrategy):
 
     def initial_arrays(self) -> ArrayRecord:
         """The current global parameters as an ArrayRecord (for ``start(initial_arrays=)``)."""
-        return encode_state(self.global_parameters)
+        return encode_state(self.global_parameters, packed=self.pack_arrays)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -320,7 +325,7 @@ class FlowerStrategy(FlwrStrategy):
         if len(arrays) > 0:
             self.server.global_parameters = decode_state(arrays, like=self.global_parameters)
         else:
-            arrays = encode_state(self.global_parameters)
+            arrays = encode_state(self.global_parameters, packed=self.pack_arrays)
         selected = sample_clients(self.seed, server_round, self.num_clients, self.fraction)
         self._ensure_nodes(grid, selected)
         instructions = self.server.instructions(server_round, selected)
@@ -422,7 +427,7 @@ class FlowerStrategy(FlwrStrategy):
             {k: float(line[k]) for k in _TRAIN_METRICS if line.get(k) is not None}
         )
         metrics["num-clients"] = len(decoded)
-        return encode_state(self.global_parameters), metrics
+        return encode_state(self.global_parameters, packed=self.pack_arrays), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
