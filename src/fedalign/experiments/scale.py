@@ -297,13 +297,29 @@ def run_cell_isolated(
             "budget_s": budget_s,
         }
     )
+    return CellResult(
+        **in_fresh_process("fedalign.experiments.scale", "run_cell", arguments, timeout)
+    )
+
+
+def in_fresh_process(
+    module: str, function: str, arguments: str, timeout: float | None = None
+) -> dict[str, Any]:
+    """``asdict(module.function(**json.loads(arguments)))`` computed in a fresh Python process
+    with one torch thread (so peak memory and timings are the function's own).
+
+    Raises
+    ------
+    RuntimeError
+        When the process fails (the end of its standard error is in the message).
+    """
     code = (
         "import json, sys\n"
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from dataclasses import asdict\n"
-        "from fedalign.experiments.scale import run_cell\n"
-        "print(json.dumps(asdict(run_cell(**json.loads(sys.argv[1])))))\n"
+        f"from {module} import {function}\n"
+        f"print(json.dumps(asdict({function}(**json.loads(sys.argv[1])))))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -315,8 +331,9 @@ def run_cell_isolated(
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"cell {arguments} failed:\n{done.stderr[-2000:]}")
-    return CellResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{function} {arguments} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def server_step_table(rows: Sequence[CellResult]) -> str:

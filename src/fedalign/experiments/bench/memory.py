@@ -18,9 +18,6 @@ them as it would in a real federation.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,7 +27,7 @@ from typing import Any
 
 from fedalign.config import ExperimentConfig
 from fedalign.experiments.run import Simulation
-from fedalign.experiments.scale import MB, peak_resident_bytes, resident_bytes
+from fedalign.experiments.scale import MB, in_fresh_process, peak_resident_bytes, resident_bytes
 from fedalign.protocol import tensor_bytes
 
 MEMORY_OVERRIDES = (
@@ -129,26 +126,9 @@ def memory_cell_isolated(
     arguments = json.dumps(
         {"clients": clients, "examples_per_client": examples_per_client, "overrides": overrides}
     )
-    code = (
-        "import json, sys\n"
-        "import torch\n"
-        "torch.set_num_threads(1)\n"
-        "from dataclasses import asdict\n"
-        "from fedalign.experiments.bench.memory import memory_cell\n"
-        "print(json.dumps(asdict(memory_cell(**json.loads(sys.argv[1])))))\n"
+    return MemoryCell(
+        **in_fresh_process("fedalign.experiments.bench.memory", "memory_cell", arguments, timeout)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code, arguments],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"memory cell {arguments} failed:\n{done.stderr[-2000:]}")
-    return MemoryCell(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
