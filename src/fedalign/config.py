@@ -269,6 +269,11 @@ class DataConfig:
         Cap on the global test set (0 = no cap).
     test_fraction : float, default 0.1
         Fraction held out as the balanced global test set when the source has no test split.
+    validation_examples : int, default 0
+        Examples held out (class-balanced, seeded) from the training pool before the cap
+        and the partition as the server's validation set (0 = none); never given to
+        clients, evaluated every round as ``validation_accuracy`` (tuning without the test
+        set).
     encoding : str, default "utf-8"
         Text encoding of a ``.csv`` / ``.jsonl`` / ``.json`` file (any Python codec name; a
         leading UTF-8 byte-order mark is skipped).
@@ -285,6 +290,7 @@ class DataConfig:
     max_train_examples: int = 0
     max_test_examples: int = 0
     test_fraction: float = 0.1
+    validation_examples: int = 0
     encoding: str = "utf-8"
     path: str = ""
 

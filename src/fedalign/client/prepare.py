@@ -62,6 +62,9 @@ class PreparedData:
     seconds : float
     probe : ModelInputs or None, default None
         The server's probe set (``public-probe`` only).
+    validation : ModelInputs or None, default None
+        The server's validation set (``data.validation-examples`` > 0 and the global test
+        set prepared).
     """
 
     train: ModelInputs
@@ -74,6 +77,7 @@ class PreparedData:
     prefix_cached: bool
     seconds: float
     probe: ModelInputs | None = None
+    validation: ModelInputs | None = None
 
     def client_rows(self, client_id: int) -> ModelInputs:
         """One client's training examples."""
@@ -179,7 +183,8 @@ def prepare_data(
     include_train: bool = True,
     include_test: bool = True,
 ) -> PreparedData:
-    """Tokenize the rows of ``clients`` and the global test set; cache the frozen prefix.
+    """Tokenize the rows of ``clients``, the global test set and the server's validation
+    set; cache the frozen prefix.
 
     Parameters
     ----------
@@ -188,8 +193,8 @@ def prepare_data(
     include_train : bool, default True
         Prepare the clients' training rows (False: only their local test rows).
     include_test : bool, default True
-        Prepare the global test set (False: ``test`` has no rows; a Flower ClientApp,
-        which never evaluates on it).
+        Prepare the global test set and the validation set (False: ``test`` has no rows
+        and there is no validation set; a Flower ClientApp, which never evaluates on them).
     """
     started = time.perf_counter()
     chosen = list(range(len(federated.clients))) if clients is None else list(clients)
@@ -203,6 +208,11 @@ def prepare_data(
     cached = model.supports_prefix_cache and config.model.cache_prefix
     if cached:
         train, test = _cache(model, train), _cache(model, test)
+    validation = None
+    if include_test and federated.splits.validation is not None:
+        validation = _inputs(federated.splits.validation, model, config.model.max_length)
+        if cached:
+            validation = _cache(model, validation)
     probe = None
     server_side = clients is None or not include_train
     if config.strategy.semantic_privacy == "public-probe" and server_side:
@@ -220,6 +230,7 @@ def prepare_data(
         prefix_cached=cached,
         seconds=time.perf_counter() - started,
         probe=probe,
+        validation=validation,
     )
 
 

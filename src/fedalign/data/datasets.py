@@ -15,8 +15,10 @@ a path ending in ``.csv``, ``.jsonl`` or ``.json``
     Multiple-choice data (:mod:`fedalign.data.choices`), from the hub or from the file
     ``data.path`` in the hub's schema; grouped by subject / activity label.
 
-:func:`load_data` returns the pooled training data (partitioned across clients later) and a
-class-balanced global test set that clients never see.
+:func:`load_data` returns the pooled training data (partitioned across clients later), a
+class-balanced global test set that clients never see and, when ``data.validation-examples``
+> 0, a class-balanced validation set held out of the training pool for the server (model
+and hyper-parameter selection without the test set).
 """
 
 from __future__ import annotations
@@ -471,9 +473,10 @@ def _check_data_config(config: DataConfig) -> None:
     for field_name, value in (
         ("data.max-train-examples", config.max_train_examples),
         ("data.max-test-examples", config.max_test_examples),
+        ("data.validation-examples", config.validation_examples),
     ):
         if value < 0:
-            raise ConfigError(f"{field_name} must be >= 0 (0 = no cap; got {value})")
+            raise ConfigError(f"{field_name} must be >= 0 (0 = none; got {value})")
     try:
         codecs.lookup(config.encoding)
     except LookupError as error:
@@ -541,6 +544,67 @@ def holdout_balanced_test(dataset: TextDataset, test_fraction: float, seed: int)
     )
 
 
+VALIDATION_SEED = 0x7A11D
+"""Mixed with the seed to draw the validation examples (a stream of their own)."""
+
+
+def hold_out_validation(
+    dataset: TextDataset, count: int, seed: int
+) -> tuple[TextDataset, TextDataset | None]:
+    """Split ``count`` class-balanced examples off the training pool (server validation).
+
+    Every class present gets ``count // C`` examples and ``count % C`` classes (drawn at
+    random) one more, so exactly ``count`` are held out; ``C`` counts the classes present.
+    No class may give up more than half of its examples (clients must still see it).
+
+    Parameters
+    ----------
+    dataset : TextDataset
+        The training pool (before ``data.max-train-examples`` and the partition).
+    count : int
+        ``data.validation-examples``; 0 holds out nothing.
+    seed : int
+        Seeds the draw (its own stream, :data:`VALIDATION_SEED`).
+
+    Returns
+    -------
+    (TextDataset, TextDataset or None)
+        The remaining pool and the validation set, both in the pool's original order
+        (None when ``count`` is 0).
+
+    Raises
+    ------
+    ConfigError
+        When ``count`` is below the number of classes or a class would give up more than
+        half of its examples.
+    """
+    if count <= 0:
+        return dataset, None
+    counts = dataset.class_counts()
+    present = _present_classes(dataset.labels, dataset.num_classes)
+    if count < len(present):
+        raise ConfigError(
+            f"data.validation-examples ({count}) must be 0 or >= the number of classes "
+            f"({len(present)}) so that every class is in the validation set"
+        )
+    rng = np.random.default_rng([seed, VALIDATION_SEED])
+    wanted = np.full(len(present), count // len(present), dtype=np.int64)
+    wanted[rng.choice(len(present), size=count % len(present), replace=False)] += 1
+    limit = int(counts[present].min()) // 2
+    if int(wanted.max()) > limit:
+        raise ConfigError(
+            f"data.validation-examples ({count}) is too many for a training pool of "
+            f"{len(dataset)} examples over {len(present)} classes (smallest class: "
+            f"{int(counts[present].min())} examples; a class gives up at most half): use "
+            f"at most {limit * len(present)}"
+        )
+    mask = np.zeros(len(dataset), dtype=bool)
+    for c, size in zip(present, wanted, strict=True):
+        members = np.flatnonzero(dataset.labels == c)
+        mask[rng.choice(members, size=int(size), replace=False)] = True
+    return dataset.subset(np.flatnonzero(~mask)), dataset.subset(np.flatnonzero(mask))
+
+
 def _cap_train(dataset: TextDataset, cap: int, seed: int) -> TextDataset:
     """Random subsample of ``cap`` examples that keeps one of every present class."""
     n = len(dataset)
@@ -603,15 +667,17 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     Sources without a test split get a class-balanced held-out test set (see
     :func:`holdout_balanced_test`). Records of a file without a text or label are dropped
     (:func:`read_text_file`); dropped records and labels found only in the test split are
-    reported in ``DataSplits.notes`` and logged. Then ``max_train_examples`` (a random
-    subsample keeping every class) and ``max_test_examples`` (``cap // C`` per class,
-    keeping the balance) apply when > 0.
+    reported in ``DataSplits.notes`` and logged. Then ``validation_examples`` are held out
+    of the training pool (:func:`hold_out_validation`), and ``max_train_examples`` (a
+    random subsample of the rest keeping every class) and ``max_test_examples`` (``cap //
+    C`` per class, keeping the balance) apply when > 0.
 
     Parameters
     ----------
     config : DataConfig
         ``dataset``, ``text_column``, ``label_column``, ``encoding``,
-        ``max_train_examples``, ``max_test_examples`` and ``test_fraction`` are used.
+        ``max_train_examples``, ``max_test_examples``, ``validation_examples`` and
+        ``test_fraction`` are used.
     seed : int
         Seeds the hold-out and the subsampling (each with its own stream).
 
@@ -641,10 +707,12 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
             if report.dropped:
                 notes.append(report.message(config.dataset))
         splits = holdout_balanced_test(pool, config.test_fraction, seed)
+    pool, validation = hold_out_validation(splits.train, config.validation_examples, seed)
     result = DataSplits(
-        train=_cap_train(splits.train, config.max_train_examples, seed),
+        train=_cap_train(pool, config.max_train_examples, seed),
         test=_cap_test(splits.test, config.max_test_examples, seed),
         spare_test=_spare_test(splits.test, config.max_test_examples, seed),
+        validation=validation,
     )
     test_only = labels_only_in_test(result)
     if test_only:

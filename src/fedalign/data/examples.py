@@ -100,12 +100,16 @@ class DataSplits:
         The held-out examples left out of ``test`` by ``data.max-test-examples`` (never
         evaluated on): the server's probe pool for ``strategy.semantic-privacy =
         public-probe``. None when nothing was left out.
+    validation : TextDataset or None, default None
+        The server's validation set, held out from the training pool before partitioning
+        (``data.validation-examples``); never given to clients. None when not asked for.
     """
 
     train: TextDataset
     test: TextDataset
     notes: list[str] = field(default_factory=list)
     spare_test: TextDataset | None = None
+    validation: TextDataset | None = None
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Evaluation of the global model: the global test set and the clients' local test splits.
+"""Evaluation of the global model: the global test set, the server's validation set and the
+clients' local test splits.
+
+The validation set (``data.validation-examples``, held out of the training pool) goes
+through the same :func:`~fedalign.client.evaluate` as the test set; benchmarks tune knobs
+on it so that nothing is selected on the test set.
 
 Per-client figures follow the evaluation rules (docs/method.md): the mean and worst local
 accuracy over every client with a local test split, and the 10th percentile over clients
@@ -33,7 +38,8 @@ def evaluate_global(
     model : MoEModel
         Receives ``global_parameters``.
     data : PreparedData
-        Its global test set and every prepared client's local test rows.
+        Its global test set, validation set (when any) and every prepared client's local
+        test rows.
     global_parameters : mapping of str to Tensor
     min_local_test : int, default 20
         Clients with at least this many local test examples enter ``local_accuracy_p10``.
@@ -43,7 +49,9 @@ def evaluate_global(
     dict
         ``global_accuracy``, ``global_loss``, ``mean_local_accuracy``,
         ``worst_local_accuracy``, ``local_accuracy`` (list, client order),
-        ``local_accuracy_p10`` and ``local_clients_evaluated`` (the clients counted in it).
+        ``local_accuracy_p10`` and ``local_clients_evaluated`` (the clients counted in it);
+        ``validation_accuracy`` and ``validation_loss`` only when ``data`` has a validation
+        set.
     """
     model.load_trainable_state(global_parameters)
     global_eval = evaluate(model, data.test)
@@ -57,6 +65,13 @@ def evaluate_global(
         local.append(accuracy)
         if len(indices) >= min_local_test:
             sized.append(accuracy)
+    validation: dict[str, Any] = {}
+    if data.validation is not None and len(data.validation) > 0:
+        validation_eval = evaluate(model, data.validation)
+        validation = {
+            "validation_accuracy": validation_eval.accuracy,
+            "validation_loss": validation_eval.loss,
+        }
     return {
         "global_accuracy": global_eval.accuracy,
         "global_loss": global_eval.loss,
@@ -65,4 +80,5 @@ def evaluate_global(
         "local_accuracy": local,
         "local_accuracy_p10": float(np.percentile(sized, 10)) if sized else None,
         "local_clients_evaluated": len(sized),
+        **validation,
     }

@@ -64,6 +64,7 @@ _EVALUATION_METRICS = (
     "global_loss",
     "mean_local_accuracy",
     "worst_local_accuracy",
+    "validation_accuracy",
 )
 
 

@@ -223,6 +223,9 @@ class RunSummary:
     """The headline numbers of a finished run (``summary.json``).
 
     ``final_accuracy`` is the last evaluated round's; no round is chosen on the test set.
+    ``final_validation_accuracy`` (the same round, on the server's validation set) is
+    present only in runs with ``data.validation-examples`` > 0 (absent from
+    ``summary.json`` otherwise).
     """
 
     strategy: str
@@ -239,9 +242,13 @@ class RunSummary:
     peak_memory_mib: float
     accuracy_curve: list[float] = field(default_factory=list)
     out_dir: str = ""
+    final_validation_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        values = dict(self.__dict__)
+        if values["final_validation_accuracy"] is None:
+            del values["final_validation_accuracy"]
+        return values
 
 
 def _number(value: Any) -> float:
@@ -406,6 +413,11 @@ class RunFolder:
             peak_memory_mib=peak_memory_mib(),
             accuracy_curve=[r["global_accuracy"] for r in evaluated],
             out_dir=str(self.folder),
+            final_validation_accuracy=(
+                None
+                if final.get("validation_accuracy") is None
+                else float(final["validation_accuracy"])
+            ),
         )
         save_state(self.folder / "final_state.safetensors", global_parameters)
         self.recorder.write_json("summary.json", summary.to_dict())
