@@ -1,7 +1,8 @@
 """What a benchmark writes into its results folder.
 
 ``results.md`` / ``results.csv`` / ``results.json`` (one row per strategy and alpha),
-``runs.csv`` (one row per run), ``convergence.png`` and ``divergence.png`` (mean over seeds
+``runs.csv`` (one row per run; a tuned row's chosen candidate only), the tuning table
+(:mod:`.tuning`), ``convergence.png`` and ``divergence.png`` (mean over seeds
 with a band, one column per alpha), ``reports/`` (``fedalign report`` pages of the suite's
 ``report`` strategies, first seed) and ``COMMAND.txt`` (the command that made them).
 """
@@ -30,6 +31,7 @@ from fedalign.experiments.benchmark.results import (
     target_accuracies,
 )
 from fedalign.experiments.benchmark.suite import Suite
+from fedalign.experiments.benchmark.tuning import select_tuned, tuning_markdown
 from fedalign.experiments.plots import GridFigure, layer_mean, plot_grid
 from fedalign.experiments.report.page import build_report
 from fedalign.experiments.tables import (
@@ -54,6 +56,7 @@ class ResultsPage:
     band: str
     client_key: str
     reports: Sequence[tuple[str, Path]] = ()
+    tuning: str = ""
 
 
 def setup_text(suite: Suite, base: ExperimentConfig) -> str:
@@ -102,6 +105,16 @@ def results_markdown(suite: Suite, base: ExperimentConfig, page: ResultsPage) ->
             lines += [paragraph, ""]
     lines += [f"Setup: {setup_text(suite, base)}.", "", page.table, ""]
     lines += [reading_text(suite, page), ""]
+    if page.tuning:
+        lines += [
+            "Tuned rows: per alpha, the value with the best mean *final validation accuracy* "
+            "(the server's validation set, held out of the training pool; never the test "
+            "set) over the seeds every value finished on, ties to the first listed; the "
+            "table above reports that value's runs.",
+            "",
+            page.tuning,
+            "",
+        ]
     if page.missing:
         lines += [
             f"**{page.missing} planned run(s) have not finished and are not in the table.**",
@@ -177,7 +190,8 @@ def write_results(
     list of dict
         The aggregated numeric rows (as in ``results.csv``).
     """
-    finished = load_finished(runs)
+    loaded = load_finished(runs)
+    finished, choices = select_tuned(suite, loaded)
     targets = target_accuracies(finished, suite)
     per_run = run_rows(finished, targets, out)
     rows = aggregate_rows(suite, per_run)
@@ -186,16 +200,24 @@ def write_results(
     page = ResultsPage(
         table=to_markdown(display_rows(rows, suite.display(suite.reference_label))),
         command=command,
-        missing=len(runs) - len(finished),
+        missing=len(runs) - len(loaded),
         compute_seconds=sum(number(r["seconds"]) or 0.0 for r in per_run),
         band=band,
         client_key=key,
         reports=write_run_reports(suite, finished, out) if reports else [],
+        tuning=tuning_markdown(suite, choices),
     )
     atomic_write_text(out / "results.md", results_markdown(suite, base, page))
     atomic_write_text(out / "results.csv", to_csv(rows))
     atomic_write_text(out / "runs.csv", to_csv(per_run))
-    payload = {"suite": suite.name, "quick": suite.quick, "client_metric": key, "rows": rows}
+    payload: dict[str, object] = {
+        "suite": suite.name,
+        "quick": suite.quick,
+        "client_metric": key,
+        "rows": rows,
+    }
+    if choices:
+        payload["tuning"] = [c.to_dict() for c in choices]
     atomic_write_text(out / "results.json", to_json(payload))
     write_plots(suite, finished, out, targets, band, key)
     return rows

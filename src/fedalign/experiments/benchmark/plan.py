@@ -1,7 +1,9 @@
 """From typed options to the planned grid of runs, and the state of each run's folder.
 
 Every (alpha, seed, strategy) cell is one run folder ``runs/alpha<A>/seed<S>/<label>``
-under the output folder (``label`` from :func:`fedalign.config.run_label`). A folder whose
+under the output folder (``label`` from :func:`fedalign.config.run_label`); a row of
+``[suite.tune]`` is one folder per candidate value instead (``<label>--<key>-<value>``,
+:func:`~.suite.candidate_label`). A folder whose
 ``summary.json`` exists and whose ``config.toml`` equals the planned configuration (the
 ``[run]`` section aside) is reused; one with the same configuration and a checkpoint but
 no summary (an interrupted run) is resumed; anything else is run from scratch.
@@ -17,8 +19,10 @@ from typing import Any
 from fedalign.config import ConfigError, ExperimentConfig, run_label
 from fedalign.experiments.benchmark.suite import (
     Suite,
+    Tune,
     Variant,
     apply_variant,
+    candidate_label,
     find_suite_file,
     load_suite,
     merge_tables,
@@ -97,13 +101,19 @@ class BenchmarkOptions:
 
 @dataclass
 class PlannedRun:
-    """One cell of the grid: a strategy at one alpha and seed, and its run folder."""
+    """One cell of the grid: a strategy at one alpha and seed, and its run folder.
+
+    A candidate of a ``[suite.tune]`` row has ``row`` (the row's label) and ``value`` (its
+    candidate value); ``label`` is then :func:`~.suite.candidate_label`.
+    """
 
     label: str
     alpha: float
     seed: int
     config: ExperimentConfig
     folder: Path
+    row: str | None = None
+    value: Any = None
 
     @property
     def group(self) -> tuple[float, int]:
@@ -159,21 +169,45 @@ def alpha_name(alpha: float) -> str:
     return f"alpha{alpha:g}"
 
 
+def _candidates(label: str, tune: Tune | None) -> list[tuple[str, str | None, Any]]:
+    """(run label, tuned row, value) of a suite row: itself, or one per candidate value."""
+    if tune is None:
+        return [(label, None, None)]
+    return [(candidate_label(label, tune, value), label, value) for value in tune.values]
+
+
 def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRun]:
-    """Expand the grid; order: alpha, then seed, then strategy (as listed by the suite)."""
+    """Expand the grid; order: alpha, then seed, then strategy (as listed by the suite),
+    a tuned row's candidates in their listed order.
+
+    Raises
+    ------
+    ConfigError
+        When a ``[suite.tune]`` row would run without a validation set.
+    """
     runs = []
     for alpha in suite.alphas:
         for seed in suite.seeds:
             for name, ablation in suite.strategies:
-                label = run_label(name, ablation)
-                variant = suite.variants.get(label, Variant(name, ablation))
-                config = apply_variant(base.copy(), variant)
-                config.partition.alpha = alpha
-                config.federated.seed = seed
-                folder = out / "runs" / alpha_name(alpha) / f"seed{seed}" / label
-                config.run.out = str(folder)
-                config.validate()
-                runs.append(PlannedRun(label, alpha, seed, config, folder))
+                row_label = run_label(name, ablation)
+                variant = suite.variants.get(row_label, Variant(name, ablation))
+                tune = suite.tune.get(row_label)
+                for label, row, value in _candidates(row_label, tune):
+                    config = apply_variant(base.copy(), variant)
+                    if tune is not None:
+                        config.set(tune.key, value)
+                        if config.data.validation_examples < 1:
+                            raise ConfigError(
+                                f"suite.tune.{row_label} chooses {tune.key} on validation "
+                                "accuracy: data.validation-examples must be > 0 (got "
+                                f"{config.data.validation_examples})"
+                            )
+                    config.partition.alpha = alpha
+                    config.federated.seed = seed
+                    folder = out / "runs" / alpha_name(alpha) / f"seed{seed}" / label
+                    config.run.out = str(folder)
+                    config.validate()
+                    runs.append(PlannedRun(label, alpha, seed, config, folder, row, value))
     return runs
 
 

@@ -12,6 +12,11 @@ A suite file is an ordinary experiment config (the ``[model]``, ``[data]``, ... 
   settings: ``strategy = "fedalign"`` and ``set = {"strategy.selection" = "soft", ...}``.
   ``<label>`` then names the row in ``strategies``, ``reference``, ``report``, the labels,
   ``--strategies`` and the run folders (a paired ablation of single options);
+* an optional ``[suite.tune]`` table, ``<label> = { key = "strategy.proximal-mu", values =
+  [0.001, 0.01, 0.1, 1.0] }``: the row ``<label>`` runs once per value (hidden candidate
+  rows, :func:`candidate_label`) and the results table reports, per alpha, the value with
+  the best mean *final validation accuracy* over seeds (ties: the first listed); needs
+  ``data.validation-examples`` > 0 (:mod:`.tuning`);
 * an optional ``[quick]`` table with the same layout (``[quick.suite]``, ``[quick.data]``,
   ...) whose values replace the full-size ones under ``--quick``.
 
@@ -45,6 +50,7 @@ SUITE_KEYS = (
     "target-fraction",
     "labels",
     "variants",
+    "tune",
 )
 """Keys accepted in the ``[suite]`` table."""
 
@@ -68,6 +74,31 @@ class Variant:
     name: str
     ablation: str
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tune:
+    """A config key of one suite row chosen on validation accuracy among ``values``.
+
+    Parameters
+    ----------
+    key : str
+        ``section.key`` (hyphens or underscores), e.g. ``strategy.proximal-mu``.
+    values : list
+        Candidates in table order (the first wins ties).
+    """
+
+    key: str
+    values: tuple[Any, ...]
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def candidate_label(label: str, tune: Tune, value: Any) -> str:
+    """Run label (and folder name) of one candidate: ``fedprox--proximal-mu-0.01``."""
+    return f"{label}--{tune.key.rpartition('.')[2].replace('_', '-')}-{_value_text(value)}"
 
 
 @dataclass
@@ -100,6 +131,8 @@ class Suite:
         Run labels whose first-seed run at every alpha gets a ``fedalign report`` page.
     variants : dict of str to Variant
         Rows named by a label of their own (``strategies`` holds ``(label, "full")``).
+    tune : dict of str to Tune
+        Rows (by run label) whose ``Tune.key`` is chosen on validation accuracy.
     quick : bool
         Whether the ``[quick]`` overrides were applied.
     """
@@ -117,6 +150,7 @@ class Suite:
     note: str = ""
     report: list[str] = field(default_factory=list)
     variants: dict[str, Variant] = field(default_factory=dict)
+    tune: dict[str, Tune] = field(default_factory=dict)
     quick: bool = False
 
     @property
@@ -282,6 +316,46 @@ def _variants(table: Mapping[str, Any], base: ExperimentConfig) -> dict[str, Var
     return variants
 
 
+def _tune(
+    table: Mapping[str, Any],
+    base: ExperimentConfig,
+    strategies: list[tuple[str, str]],
+    variants: Mapping[str, Variant],
+) -> dict[str, Tune]:
+    """The ``[suite.tune]`` rows, each value checked against its row's config."""
+    raw = table.get("tune", {})
+    if not isinstance(raw, Mapping):
+        raise ConfigError("suite.tune must be a table of label = {key, values}")
+    pairs = {run_label(name, ablation): (name, ablation) for name, ablation in strategies}
+    tunes = {}
+    for item, spec in raw.items():
+        label = label_of(str(item))
+        if label not in pairs:
+            raise ConfigError(
+                f"suite.tune.{item}: no such row in suite.strategies (rows: {list(pairs)})"
+            )
+        if not isinstance(spec, Mapping) or set(spec) != {"key", "values"}:
+            raise ConfigError(
+                f'suite.tune.{item} must be {{ key = "section.key", values = [...] }} '
+                f"(got {spec!r})"
+            )
+        values = spec["values"]
+        if not isinstance(values, list) or len(values) < 2 or len(set(map(repr, values))) < len(
+            values
+        ):
+            raise ConfigError(
+                f"suite.tune.{item}.values must list at least two distinct values (got {values!r})"
+            )
+        tune = Tune(str(spec["key"]), tuple(values))
+        variant = variants.get(label, Variant(*pairs[label]))
+        for value in values:
+            config = apply_variant(base.copy(), variant)
+            config.set(tune.key, value)  # names a bad key or value now
+            config.validate()
+        tunes[label] = tune
+    return tunes
+
+
 def apply_variant(config: ExperimentConfig, variant: Variant) -> ExperimentConfig:
     """``config`` with the variant's strategy, ablation and settings (modified in place)."""
     config.strategy.name = variant.name
@@ -322,6 +396,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
     base_config = ExperimentConfig.from_dict(data)  # validates section and key names
     grid = _grid(table, base_config)
     variants = _variants(table, base_config)
+    tune = _tune(table, base_config, grid["strategies"], variants)
     return Suite(
         name=str(table.get("name", Path(path).stem)),
         path=Path(path),
@@ -330,6 +405,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
         note=str(table.get("note", "")).strip(),
         quick=quick,
         variants=variants,
+        tune=tune,
         **grid,
         **_names(table, grid["strategies"]),
     )
