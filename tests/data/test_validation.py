@@ -34,7 +34,9 @@ def test_validation_is_disjoint_balanced_and_outside_the_partition() -> None:
 
 def test_validation_is_seeded_and_the_test_set_does_not_move() -> None:
     base = DataConfig(max_train_examples=240, max_test_examples=80)
-    with_validation = DataConfig(max_train_examples=240, max_test_examples=80, validation_examples=40)
+    with_validation = DataConfig(
+        max_train_examples=240, max_test_examples=80, validation_examples=40
+    )
     first, second = load_data(with_validation, seed=1), load_data(with_validation, seed=1)
     other = load_data(with_validation, seed=2)
     assert first.validation is not None and second.validation is not None

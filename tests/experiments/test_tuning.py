@@ -189,7 +189,7 @@ def test_tuning_needs_a_validation_set(suite_file: Path, tmp_path: Path) -> None
         ('fedprox = { key = "strategy.nope", values = [0.1, 1.0] }', "strategy.nope"),
         ('fedprox = { key = "strategy.proximal-mu", values = [0.1] }', "at least two"),
         ('fedprox = { key = "strategy.proximal-mu", values = [0.1, -1.0] }', "proximal-mu"),
-        ('fedprox = { values = [0.1, 1.0] }', "must be"),
+        ("fedprox = { values = [0.1, 1.0] }", "must be"),
     ],
 )
 def test_bad_tune_tables_are_named(tmp_path: Path, tune: str, message: str) -> None:

@@ -340,8 +340,10 @@ def _tune(
                 f"(got {spec!r})"
             )
         values = spec["values"]
-        if not isinstance(values, list) or len(values) < 2 or len(set(map(repr, values))) < len(
-            values
+        if (
+            not isinstance(values, list)
+            or len(values) < 2
+            or len(set(map(repr, values))) < len(values)
         ):
             raise ConfigError(
                 f"suite.tune.{item}.values must list at least two distinct values (got {values!r})"

@@ -89,7 +89,7 @@ def choose(
     seeds = sorted(set.intersection(*(set(s) for s in by_value))) if by_value else []
     means: list[float | None] = []
     for scores in by_value:
-        kept = [scores[s] for s in seeds if scores[s] is not None]
+        kept = [value for s in seeds if (value := scores[s]) is not None]
         means.append(statistics.mean(kept) if kept and len(kept) == len(seeds) else None)
     return TuneChoice(label, alpha, key, list(values), means, seeds, best_index(means))
 
@@ -138,8 +138,8 @@ def tuning_markdown(suite: Suite, choices: Sequence[TuneChoice]) -> str:
             f"{value!r}: " + ("–" if mean is None else f"{mean:.4f}")
             for value, mean in zip(c.values, c.validation_means, strict=True)
         )
-        chosen = "none (no seed finished for every value)" if c.chosen is None else repr(
-            c.chosen_value
+        chosen = (
+            "none (no seed finished for every value)" if c.chosen is None else repr(c.chosen_value)
         )
         lines.append(
             f"| {suite.display(c.label)} | {c.alpha:g} | `{c.key}` | {cells} "
