@@ -107,6 +107,8 @@ def select_tuned(
     """
     choices: dict[tuple[str, float], TuneChoice] = {}
     for label, tune in suite.tune.items():
+        if label not in suite.strategy_labels:
+            continue  # left out by --strategies
         for alpha in suite.alphas:
             candidates = [f for f in finished if f.run.row == label and f.run.alpha == alpha]
             choices[(label, alpha)] = choose(label, alpha, tune.key, tune.values, candidates)
