@@ -10,6 +10,8 @@ import json
 import math
 import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +372,50 @@ def test_library_call_with_typed_options(
     # the command line reproduces the same options
     assert main([*shlex.split(command)[1:], "--no-run", "--no-progress"]) == 0
     assert len(fake.calls) == 4
+
+
+def test_a_run_locked_by_another_process_is_left_to_it(
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "results"
+    narrow = ("--alphas", "0.1", "--seeds", "1", "--no-report")
+    busy = out / "runs" / "alpha0.1" / "seed0" / "fedalign"
+    with runner.run_lock(busy) as acquired:
+        assert acquired and runner.is_busy(busy)
+        assert _run(suite_file, out, "--dry-run", *narrow) == 0
+        assert f"    busy  {busy}" in capsys.readouterr().out
+        assert _run(suite_file, out, *narrow) == 0
+        assert [c[0] for c in fake.calls] == ["fedavg", "fedalign-consistency"]
+        assert "1 run(s) were running in another process" in capsys.readouterr().out
+        assert "left to another process 1" in (out / "COMMAND.txt").read_text()
+    assert not runner.is_busy(busy)
+    fake.calls.clear()
+    assert _run(suite_file, out, *narrow) == 0  # released: this invocation runs it now
+    assert fake.calls == [("fedalign", 0.1, 0, False)]
+
+
+def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "alpha1" / "seed0" / "fedavg"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from fedalign.experiments.benchmark.runner import run_lock\n"
+            "with run_lock(Path(sys.argv[1])) as ok:\n"
+            "    print(ok, flush=True)\n"
+            "    time.sleep(60)\n",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        assert runner.is_busy(folder)
+    finally:
+        holder.kill()  # a crash: no cleanup code runs
+        holder.wait()
+    assert not runner.is_busy(folder)
+    assert runner.lock_path(folder) == folder.parent / ".fedavg.lock"

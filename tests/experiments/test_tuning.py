@@ -200,3 +200,109 @@ def test_bad_tune_tables_are_named(tmp_path: Path, tune: str, message: str) -> N
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_suite(path)
+
+
+CHOSEN_SUITE = """
+[suite]
+name = "final"
+strategies = ["fedavg", "fedprox", "prox-again"]
+alphas = [1.0, 0.1]
+seeds = 2
+reference = "fedavg"
+
+[suite.variants.prox-again]
+strategy = "fedprox"
+
+[suite.chosen]
+fedprox = {{ key = "strategy.proximal-mu", results = "{results}" }}
+prox-again = {{ key = "strategy.proximal-mu", results = "{results}", row = "fedprox" }}
+
+[model]
+name = "tiny-upcycled"
+
+[data]
+max-train-examples = 60
+
+[federated]
+rounds = 2
+"""
+
+
+def _chosen_suite(tmp_path: Path, results: Path, text: str = CHOSEN_SUITE) -> Path:
+    path = tmp_path / "final.toml"
+    path.write_text(text.format(results=results))
+    return path
+
+
+def test_a_second_suite_trains_on_the_whole_pool_with_the_chosen_values(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path
+) -> None:
+    tuned = tmp_path / "tuned"
+    _benchmark(suite_file, tuned)
+    fake.mus.clear()
+    final = tmp_path / "final"
+    _benchmark(_chosen_suite(tmp_path, tuned), final)
+    # the validation winners, per alpha (the test set would have picked 1.0 at both)
+    assert fake.mus == [0.1, 0.1] * 2 + [0.01, 0.01] * 2
+    for alpha, mu in ((1, 0.1), (0.1, 0.01)):
+        saved = ExperimentConfig.from_toml(final / f"runs/alpha{alpha}/seed0/fedprox/config.toml")
+        assert saved.strategy.proximal_mu == mu
+        assert saved.data.validation_examples == 0
+    page_text = (final / "results.md").read_text()
+    assert (
+        f"| prox-again | 0.1 | `strategy.proximal-mu` | 0.01 | `{tuned}` (fedprox) |" in page_text
+    )
+
+
+def test_a_missing_choice_is_named(fake: FakeSimulator, suite_file: Path, tmp_path: Path) -> None:
+    tuned = tmp_path / "tuned"
+    options = BenchmarkOptions(suite=str(_chosen_suite(tmp_path, tuned)))
+    suite, base, _ = resolve(options)
+    with pytest.raises(ConfigError, match=r"suite\.chosen\.fedprox: .*results\.json' not found"):
+        plan_runs(suite, base, tmp_path / "final")
+    _benchmark(suite_file, tuned, "--alphas", "1")  # tuned at alpha 1 only
+    with pytest.raises(ConfigError, match=r"no choice of strategy\.proximal-mu .* alpha 0\.1"):
+        plan_runs(suite, base, tmp_path / "final")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        ('fedmoe = { key = "strategy.proximal-mu", results = "x" }', "no such row"),
+        ('fedprox = { key = "strategy.nope", results = "x" }', "strategy.nope"),
+        ('fedprox = { key = "strategy.proximal-mu" }', "must be"),
+        ('fedprox = { key = "strategy.proximal-mu", results = "x", extra = 1 }', "must be"),
+    ],
+)
+def test_bad_chosen_tables_are_named(tmp_path: Path, chosen: str, message: str) -> None:
+    untuned = SUITE.replace(
+        'fedprox = { key = "strategy.proximal-mu", values = [0.001, 0.01, 0.1, 1.0] }', ""
+    )
+    path = tmp_path / "bad.toml"
+    path.write_text(untuned + "\n[suite.chosen]\n" + chosen + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_suite(path)
+
+
+def test_a_row_is_not_both_tuned_and_chosen(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    chosen = 'fedprox = { key = "strategy.proximal-mu", results = "x" }'
+    path.write_text(SUITE + "\n[suite.chosen]\n" + chosen + "\n")
+    with pytest.raises(ConfigError, match="tuned here too"):
+        load_suite(path)
+
+
+def test_a_provisional_choice_is_refused(
+    fake: FakeSimulator, suite_file: Path, tmp_path: Path
+) -> None:
+    tuned = tmp_path / "tuned"
+    _benchmark(suite_file, tuned)
+    (tuned / "runs/alpha0.1/seed1/fedprox--proximal-mu-1/summary.json").unlink()
+    _benchmark(suite_file, tuned, "--no-run")  # alpha 0.1 chosen on seed 0 only
+    choices = {c["alpha"]: c for c in json.loads((tuned / "results.json").read_text())["tuning"]}
+    assert choices[0.1]["seeds"] == [0] and not choices[0.1]["complete"]
+    assert choices[1.0]["complete"]
+    assert "(provisional: 1 of 2 seeds)" in (tuned / "results.md").read_text()
+    suite, base, _ = resolve(BenchmarkOptions(suite=str(_chosen_suite(tmp_path, tuned))))
+    with pytest.raises(ConfigError, match=r"alpha 0\.1 .* is provisional"):
+        plan_runs(suite, base, tmp_path / "final")

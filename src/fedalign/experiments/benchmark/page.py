@@ -31,7 +31,11 @@ from fedalign.experiments.benchmark.results import (
     target_accuracies,
 )
 from fedalign.experiments.benchmark.suite import Suite
-from fedalign.experiments.benchmark.tuning import select_tuned, tuning_markdown
+from fedalign.experiments.benchmark.tuning import (
+    chosen_markdown,
+    select_tuned,
+    tuning_markdown,
+)
 from fedalign.experiments.plots import GridFigure, layer_mean, plot_grid
 from fedalign.experiments.report.page import build_report
 from fedalign.experiments.tables import (
@@ -57,6 +61,7 @@ class ResultsPage:
     client_key: str
     reports: Sequence[tuple[str, Path]] = ()
     tuning: str = ""
+    chosen: str = ""
 
 
 def setup_text(suite: Suite, base: ExperimentConfig) -> str:
@@ -113,6 +118,14 @@ def results_markdown(suite: Suite, base: ExperimentConfig, page: ResultsPage) ->
             "table above reports that value's runs.",
             "",
             page.tuning,
+            "",
+        ]
+    if page.chosen:
+        lines += [
+            "Rows whose value was chosen by another suite's tuning (on that suite's validation "
+            "split; the runs here train on the whole pool and are paired with the other rows):",
+            "",
+            page.chosen,
             "",
         ]
     if page.missing:
@@ -206,6 +219,7 @@ def write_results(
         client_key=key,
         reports=write_run_reports(suite, finished, out) if reports else [],
         tuning=tuning_markdown(suite, choices),
+        chosen=chosen_markdown(suite),
     )
     atomic_write_text(out / "results.md", results_markdown(suite, base, page))
     atomic_write_text(out / "results.csv", to_csv(rows))
@@ -281,7 +295,7 @@ def write_command(
         f"# finished: {now}",
         f"# wall time of this invocation: {seconds:.1f}s "
         f"(runs reused {counts.get('finished', 0)}, resumed {counts.get('resume', 0)}, "
-        f"run {counts.get('new', 0)})",
+        f"run {counts.get('new', 0)}, left to another process {counts.get('busy', 0)})",
         f"# git commit: {_git_commit()}; python {platform.python_version()}; "
         f"{os.cpu_count()} CPUs visible",
         "",

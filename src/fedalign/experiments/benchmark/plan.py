@@ -11,6 +11,7 @@ no summary (an interrupted run) is resumed; anything else is run from scratch.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from fedalign.config import ConfigError, ExperimentConfig, run_label
 from fedalign.experiments.benchmark.suite import (
+    Chosen,
     Suite,
     Tune,
     Variant,
@@ -176,6 +178,51 @@ def _candidates(label: str, tune: Tune | None) -> list[tuple[str, str | None, An
     return [(candidate_label(label, tune, value), label, value) for value in tune.values]
 
 
+def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
+    """The value of ``chosen.key`` that ``chosen.results`` chose for ``chosen.row`` at ``alpha``.
+
+    Raises
+    ------
+    ConfigError
+        When that results folder has no ``results.json``, or it holds no choice of that key
+        for that row at that alpha (the tuning suite has not been run there, or not to the
+        end).
+    """
+    where = f"suite.chosen.{label}"
+    path = chosen.results / "results.json"
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"{where}: {str(path)!r} not found; run the suite that tunes {chosen.key} "
+            f"(results folder {str(chosen.results)!r}) first"
+        ) from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}: {str(path)!r} is not valid JSON: {error}") from error
+    found = [
+        c
+        for c in payload.get("tuning", [])
+        if c.get("label") == chosen.row and c.get("key") == chosen.key and c.get("alpha") == alpha
+    ]
+    if not found or found[0].get("chosen_value") is None:
+        tuned = sorted(
+            f"{c.get('label')} {c.get('key')} alpha {c.get('alpha'):g}"
+            for c in payload.get("tuning", [])
+            if c.get("chosen_value") is not None
+        )
+        raise ConfigError(
+            f"{where}: {str(path)!r} holds no choice of {chosen.key} for row {chosen.row!r} at "
+            f"alpha {alpha:g} (choices there: {tuned or 'none'})"
+        )
+    if not found[0].get("complete", False):
+        raise ConfigError(
+            f"{where}: the choice of {chosen.key} for row {chosen.row!r} at alpha {alpha:g} in "
+            f"{str(path)!r} is provisional (made on seeds {found[0].get('seeds')} of "
+            f"{found[0].get('planned_seeds')}); finish that suite's runs first"
+        )
+    return found[0]["chosen_value"]
+
+
 def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRun]:
     """Expand the grid; order: alpha, then seed, then strategy (as listed by the suite),
     a tuned row's candidates in their listed order.
@@ -183,7 +230,8 @@ def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRu
     Raises
     ------
     ConfigError
-        When a ``[suite.tune]`` row would run without a validation set.
+        When a ``[suite.tune]`` row would run without a validation set, or a
+        ``[suite.chosen]`` value is not there (:func:`chosen_value`).
     """
     runs = []
     for alpha in suite.alphas:
@@ -192,8 +240,11 @@ def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRu
                 row_label = run_label(name, ablation)
                 variant = suite.variants.get(row_label, Variant(name, ablation))
                 tune = suite.tune.get(row_label)
+                chosen = suite.chosen.get(row_label)
                 for label, row, value in _candidates(row_label, tune):
                     config = apply_variant(base.copy(), variant)
+                    if chosen is not None:
+                        config.set(chosen.key, chosen_value(row_label, chosen, alpha))
                     if tune is not None:
                         config.set(tune.key, value)
                         if config.data.validation_examples < 1:

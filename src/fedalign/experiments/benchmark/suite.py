@@ -17,6 +17,11 @@ A suite file is an ordinary experiment config (the ``[model]``, ``[data]``, ... 
   rows, :func:`candidate_label`) and the results table reports, per alpha, the value with
   the best mean *final validation accuracy* over seeds (ties: the first listed); needs
   ``data.validation-examples`` > 0 (:mod:`.tuning`);
+* an optional ``[suite.chosen]`` table, ``<label> = { key = "strategy.proximal-mu", results =
+  "benchmarks/results/claim-tune", row = "fedprox" }``: the row ``<label>`` runs, at each
+  alpha, with ``key`` set to the value that an earlier suite's ``[suite.tune]`` chose for its
+  row ``row`` (default: ``<label>``) at that alpha (``results.json`` of that results folder):
+  tune on validation examples held out of training, then train on the whole pool;
 * an optional ``[quick]`` table with the same layout (``[quick.suite]``, ``[quick.data]``,
   ...) whose values replace the full-size ones under ``--quick``.
 
@@ -51,6 +56,7 @@ SUITE_KEYS = (
     "labels",
     "variants",
     "tune",
+    "chosen",
 )
 """Keys accepted in the ``[suite]`` table."""
 
@@ -90,6 +96,25 @@ class Tune:
 
     key: str
     values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A config key of one suite row taken, per alpha, from another suite's tuning.
+
+    Parameters
+    ----------
+    key : str
+        ``section.key``, e.g. ``strategy.proximal-mu``.
+    results : Path
+        That suite's results folder (its ``results.json`` lists the choices).
+    row : str
+        The tuned row's run label in that suite.
+    """
+
+    key: str
+    results: Path
+    row: str
 
 
 def _value_text(value: Any) -> str:
@@ -133,6 +158,8 @@ class Suite:
         Rows named by a label of their own (``strategies`` holds ``(label, "full")``).
     tune : dict of str to Tune
         Rows (by run label) whose ``Tune.key`` is chosen on validation accuracy.
+    chosen : dict of str to Chosen
+        Rows (by run label) whose ``Chosen.key`` another suite's tuning chose.
     quick : bool
         Whether the ``[quick]`` overrides were applied.
     """
@@ -151,6 +178,7 @@ class Suite:
     report: list[str] = field(default_factory=list)
     variants: dict[str, Variant] = field(default_factory=dict)
     tune: dict[str, Tune] = field(default_factory=dict)
+    chosen: dict[str, Chosen] = field(default_factory=dict)
     quick: bool = False
 
     @property
@@ -358,6 +386,53 @@ def _tune(
     return tunes
 
 
+def _chosen(
+    table: Mapping[str, Any], strategies: list[tuple[str, str]], tune: Mapping[str, Tune]
+) -> dict[str, Chosen]:
+    """The ``[suite.chosen]`` rows (their values are read when the grid is planned)."""
+    raw = table.get("chosen", {})
+    if not isinstance(raw, Mapping):
+        raise ConfigError("suite.chosen must be a table of label = {key, results, row}")
+    rows = [run_label(name, ablation) for name, ablation in strategies]
+    chosen = {}
+    for item, spec in raw.items():
+        label = label_of(str(item))
+        if label not in rows:
+            raise ConfigError(
+                f"suite.chosen.{item}: no such row in suite.strategies (rows: {rows})"
+            )
+        if label in tune:
+            raise ConfigError(f"suite.chosen.{item}: the row is tuned here too (suite.tune)")
+        if not isinstance(spec, Mapping) or not {"key", "results"} <= set(spec) <= {
+            "key",
+            "results",
+            "row",
+        }:
+            raise ConfigError(
+                f'suite.chosen.{item} must be {{ key = "section.key", results = "<results '
+                f'folder>", row = "<label there>" }} (row optional; got {spec!r})'
+            )
+        key = str(spec["key"])
+        _check_key(key, f"suite.chosen.{item}")
+        row = label_of(str(spec.get("row", label)))
+        chosen[label] = Chosen(key, Path(str(spec["results"])), row)
+    return chosen
+
+
+def _check_key(key: str, where: str) -> None:
+    """Raise naming ``where`` when ``key`` is not a ``section.key`` of the config."""
+    config = ExperimentConfig()
+    section, _, name = key.partition(".")
+    try:
+        current = getattr(getattr(config, section.replace("-", "_")), name.replace("-", "_"))
+    except AttributeError:
+        current = None
+    try:
+        config.set(key, current)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
 def apply_variant(config: ExperimentConfig, variant: Variant) -> ExperimentConfig:
     """``config`` with the variant's strategy, ablation and settings (modified in place)."""
     config.strategy.name = variant.name
@@ -399,6 +474,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
     grid = _grid(table, base_config)
     variants = _variants(table, base_config)
     tune = _tune(table, base_config, grid["strategies"], variants)
+    chosen = _chosen(table, grid["strategies"], tune)
     return Suite(
         name=str(table.get("name", Path(path).stem)),
         path=Path(path),
@@ -408,6 +484,7 @@ def load_suite(path: Path, quick: bool = False) -> Suite:
         quick=quick,
         variants=variants,
         tune=tune,
+        chosen=chosen,
         **grid,
         **_names(table, grid["strategies"]),
     )

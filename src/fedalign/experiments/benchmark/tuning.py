@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedalign.config import ConfigError
+from fedalign.experiments.benchmark.plan import chosen_value
 from fedalign.experiments.benchmark.results import FinishedRun
 from fedalign.experiments.benchmark.suite import Suite
 from fedalign.experiments.tables import number
@@ -42,6 +44,8 @@ class TuneChoice:
         Seeds on which every candidate finished (the means are paired over them).
     chosen : int or None
         Index of the chosen candidate (None: no seed finished for every candidate).
+    planned_seeds : list of int
+        The suite's seeds: the choice is ``complete`` once it is made over all of them.
     """
 
     label: str
@@ -51,13 +55,24 @@ class TuneChoice:
     validation_means: list[float | None]
     seeds: list[int]
     chosen: int | None
+    planned_seeds: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def chosen_value(self) -> Any:
         return None if self.chosen is None else self.values[self.chosen]
 
+    @property
+    def complete(self) -> bool:
+        """Whether every candidate finished on every planned seed (a choice made while the
+        tuning suite still runs may change; ``[suite.chosen]`` refuses it)."""
+        return self.chosen is not None and set(self.planned_seeds) <= set(self.seeds)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "chosen_value": self.chosen_value}
+        return {
+            **dataclasses.asdict(self),
+            "chosen_value": self.chosen_value,
+            "complete": self.complete,
+        }
 
 
 def best_index(means: Sequence[float | None]) -> int | None:
@@ -80,7 +95,12 @@ def _validation(f: FinishedRun) -> float | None:
 
 
 def choose(
-    label: str, alpha: float, key: str, values: Sequence[Any], runs: Sequence[FinishedRun]
+    label: str,
+    alpha: float,
+    key: str,
+    values: Sequence[Any],
+    runs: Sequence[FinishedRun],
+    planned_seeds: Sequence[int] = (),
 ) -> TuneChoice:
     """The :class:`TuneChoice` of one row at one alpha from its finished candidate runs."""
     by_value: list[dict[int, float | None]] = [
@@ -91,7 +111,9 @@ def choose(
     for scores in by_value:
         kept = [value for s in seeds if (value := scores[s]) is not None]
         means.append(statistics.mean(kept) if kept and len(kept) == len(seeds) else None)
-    return TuneChoice(label, alpha, key, list(values), means, seeds, best_index(means))
+    return TuneChoice(
+        label, alpha, key, list(values), means, seeds, best_index(means), list(planned_seeds)
+    )
 
 
 def select_tuned(
@@ -111,7 +133,9 @@ def select_tuned(
             continue  # left out by --strategies
         for alpha in suite.alphas:
             candidates = [f for f in finished if f.run.row == label and f.run.alpha == alpha]
-            choices[(label, alpha)] = choose(label, alpha, tune.key, tune.values, candidates)
+            choices[(label, alpha)] = choose(
+                label, alpha, tune.key, tune.values, candidates, suite.seeds
+            )
     kept = []
     for f in finished:
         if f.run.row is None:
@@ -143,8 +167,33 @@ def tuning_markdown(suite: Suite, choices: Sequence[TuneChoice]) -> str:
         chosen = (
             "none (no seed finished for every value)" if c.chosen is None else repr(c.chosen_value)
         )
+        if c.chosen is not None and not c.complete:
+            chosen += f" (provisional: {len(c.seeds)} of {len(c.planned_seeds)} seeds)"
         lines.append(
             f"| {suite.display(c.label)} | {c.alpha:g} | `{c.key}` | {cells} "
             f"(seeds {c.seeds}) | {chosen} |"
         )
+    return "\n".join(lines)
+
+
+def chosen_markdown(suite: Suite) -> str:
+    """The results page's table of ``[suite.chosen]`` values (empty when there are none)."""
+    if not suite.chosen:
+        return ""
+    lines = [
+        "| row | alpha | key | value | chosen on validation in (row) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, chosen in suite.chosen.items():
+        if label not in suite.strategy_labels:
+            continue  # left out by --strategies
+        for alpha in suite.alphas:
+            try:
+                value = repr(chosen_value(label, chosen, alpha))
+            except ConfigError:
+                value = "not chosen yet"
+            lines.append(
+                f"| {suite.display(label)} | {alpha:g} | `{chosen.key}` | {value} | "
+                f"`{chosen.results}` ({chosen.row}) |"
+            )
     return "\n".join(lines)
