@@ -28,7 +28,9 @@ from fedalign.experiments.benchmark import (
     run_benchmark,
     runner,
 )
+from fedalign.experiments.benchmark.plan import same_experiment
 from fedalign.records import RunSummary
+from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -419,3 +421,21 @@ def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
         holder.wait()
     assert not runner.is_busy(folder)
     assert runner.lock_path(folder) == folder.parent / ".fedavg.lock"
+
+
+@pytest.mark.parametrize("name", ["claim", "claim-tune", "claim-ablation", "claim-tuned"])
+def test_claim_suites_load(name: str) -> None:
+    suite = load_suite(REPO / "benchmarks" / f"{name}.toml")
+    assert suite.reference_label in suite.strategy_labels
+    if name == "claim":
+        assert suite.chosen["fedprox"].results == Path("benchmarks/results/claim-tune")
+    if name == "claim-tune":
+        assert suite.tune["fedprox"].values == (0.01, 0.1, 1.0)
+        assert ExperimentConfig.from_dict(suite.base).data.validation_examples == 400
+
+
+def test_reuse_tells_precisions_apart() -> None:
+    base = tiny_config()
+    assert same_experiment(base, tiny_config(run__threads=1, run__out="x"))
+    assert not same_experiment(base, tiny_config(run__precision="bf16"))
+    assert not same_experiment(base, tiny_config(run__frozen_dtype="bf16"))

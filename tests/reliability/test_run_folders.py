@@ -41,6 +41,21 @@ def test_fingerprint_ignores_run_section_and_rounds() -> None:
     other = tiny_config(federated__rounds=9, run__out="elsewhere", run__threads=1)
     assert config_fingerprint(base) == config_fingerprint(other)
     assert config_fingerprint(base) != config_fingerprint(tiny_config(train__lr=0.5))
+    # what changes the numbers does count: a bf16 run is another run
+    assert config_fingerprint(base) == config_fingerprint(tiny_config(run__precision="fp32"))
+    assert config_fingerprint(base) != config_fingerprint(tiny_config(run__precision="bf16"))
+    assert config_fingerprint(base) != config_fingerprint(tiny_config(run__frozen_dtype="bf16"))
+
+
+def test_a_checkpoint_resumes_only_at_its_precision(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, "fedalign")
+    folder.config = tiny_config()
+    folder.save_checkpoint({"round": 1})
+    payload = folder.recorder.load_checkpoint()
+    assert payload is not None
+    check_resumable(payload, tiny_config(run__threads=1), tmp_path)
+    with pytest.raises(RunFolderError, match=r"run\.precision"):
+        check_resumable(payload, tiny_config(run__precision="bf16"), tmp_path)
 
 
 def test_checkpoint_records_version_and_config(tmp_path: Path) -> None:

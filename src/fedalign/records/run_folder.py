@@ -107,12 +107,28 @@ def claim_run_folder(
 NOT_IDENTITY = ("federated.rounds",)
 """Keys outside the ``[run]`` section that a resume may change (it may extend the rounds)."""
 
+NUMERIC_RUN_KEYS = {"precision": "fp32", "frozen-dtype": "fp32"}
+"""``[run]`` keys that change a run's numbers, with their defaults: part of a run's identity
+when set to anything else (so runs and checkpoints made before they existed keep theirs)."""
+
+
+def numeric_run_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The :data:`NUMERIC_RUN_KEYS` of ``config`` that differ from their default, as
+    ``run.<key>``: the only part of the ``[run]`` section that makes two runs differ."""
+    values = config.to_dict().get("run", {})
+    return {
+        f"run.{key}": values.get(key, default)
+        for key, default in NUMERIC_RUN_KEYS.items()
+        if values.get(key, default) != default
+    }
+
 
 def config_identity(config: ExperimentConfig) -> dict[str, Any]:
-    """``config.to_dict()`` without the ``[run]`` section and ``federated.rounds``, flat.
+    """``config.to_dict()`` without the ``[run]`` section (but with its
+    :func:`numeric_run_settings`) and ``federated.rounds``, flat.
 
     Two configurations with the same identity produce the same rounds, so a checkpoint of
-    one can be resumed with the other.
+    one can be resumed with the other (a bf16 checkpoint is not resumed in fp32).
     """
     flat = {
         f"{section}.{key}": value
@@ -122,6 +138,7 @@ def config_identity(config: ExperimentConfig) -> dict[str, Any]:
     }
     for key in NOT_IDENTITY:
         flat.pop(key, None)
+    flat.update(numeric_run_settings(config))
     return flat
 
 

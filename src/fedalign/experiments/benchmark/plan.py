@@ -31,6 +31,7 @@ from fedalign.experiments.benchmark.suite import (
     read_toml,
     seed_list,
 )
+from fedalign.records.run_folder import numeric_run_settings
 
 BAND_CHOICES = ("minmax", "std")
 """Plot bands across seeds: min-max, or mean ± one sample standard deviation."""
@@ -263,11 +264,13 @@ def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRu
 
 
 def same_experiment(a: ExperimentConfig, b: ExperimentConfig) -> bool:
-    """Equal configurations, ignoring the ``[run]`` section (output folder, progress, threads)."""
+    """Equal configurations, ignoring the ``[run]`` section (output folder, progress, threads,
+    device) except what changes the numbers (``run.precision``, ``run.frozen-dtype``:
+    :func:`~fedalign.records.run_folder.numeric_run_settings`)."""
     left, right = a.to_dict(), b.to_dict()
     left.pop("run", None)
     right.pop("run", None)
-    return left == right
+    return left == right and numeric_run_settings(a) == numeric_run_settings(b)
 
 
 def run_status(run: PlannedRun) -> str:
