@@ -92,6 +92,14 @@ def with_parameter(name: str, tensor: torch.Tensor | None) -> ClientResult:
             dataclasses.replace(good(), routing_statistics=stats(mean_hidden=torch.ones(3, 2))),
             "mean_hidden has shape (3, 2)",
         ),
+        (  # a hidden width other than the layer's would crash the stacking in step D
+            dataclasses.replace(good(), routing_statistics=stats(mean_hidden=torch.ones(2, 3))),
+            "mean_hidden has shape (2, 3), expected (2, 2)",
+        ),
+        (  # the empty (E, 0) of public-probe, sent to a server that needs the vectors
+            dataclasses.replace(good(), routing_statistics=stats(mean_hidden=torch.ones(2, 0))),
+            "mean_hidden has shape (2, 0), expected (2, 2)",
+        ),
         (
             dataclasses.replace(good(), routing_statistics={"other": stats()["moe"]}),
             "unknown MoE layer 'other'",
@@ -102,6 +110,14 @@ def test_result_problem_names_the_reason(result: ClientResult, reason: str) -> N
     problem = result_problem(GLOBAL, result, LAYOUT)
     assert problem is not None and reason in problem
     assert result_problem(GLOBAL, good(), LAYOUT) is None
+
+
+def test_empty_hidden_passes_only_where_the_server_measures_it() -> None:
+    empty = dataclasses.replace(good(), routing_statistics=stats(mean_hidden=torch.ones(2, 0)))
+    assert result_problem(GLOBAL, empty, LAYOUT, allow_empty_hidden=True) is None
+    assert result_problem(GLOBAL, good(), LAYOUT, allow_empty_hidden=True) is None
+    server = ServerState(build_strategy("fedalign", {}, LAYOUT), GLOBAL)
+    assert "expected (2, 2)" in server.screen([empty]).rejected[0]
 
 
 def test_check_results_refuses_non_finite_and_extra_keys() -> None:

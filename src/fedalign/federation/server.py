@@ -173,6 +173,7 @@ class ServerState:
                 result,
                 self.strategy.layout,
                 require_statistics=self.strategy.needs_routing_statistics,
+                allow_empty_hidden=self.semantic_probe is not None,
             )
             if problem is not None:
                 screening.rejected[result.client_id] = problem

@@ -69,12 +69,18 @@ def parameter_problem(
 
 
 def statistics_problem(
-    result: ClientResult, layout: MoELayout, *, required: bool = False
+    result: ClientResult,
+    layout: MoELayout,
+    *,
+    required: bool = False,
+    allow_empty_hidden: bool = False,
 ) -> str | None:
     """Why ``result``'s routing statistics are not valid, or None when they are.
 
     Every reported layer must be a layer of ``layout``; with ``required`` every layer of
-    ``layout`` must be reported. Per layer: shapes ``(E,)`` and ``(E, H)``, finite values,
+    ``layout`` must be reported. Per layer: shapes ``(E,)`` and ``(E, H)`` with ``H`` the
+    layer's ``hidden_size`` (or ``(E, 0)`` with ``allow_empty_hidden``: the server measures
+    the semantics itself, ``strategy.semantic-privacy = public-probe``), finite values,
     ``routing_distribution`` non-negative and summing to 1 (within
     :data:`DISTRIBUTION_TOLERANCE`; all zero when no token was seen), ``usage`` in
     ``[0, 1]``, ``token_count`` non-negative and summing to ``top_k * num_tokens`` (within
@@ -106,9 +112,17 @@ def statistics_problem(
             if not bool(torch.isfinite(vector).all()):
                 return f"{where}: {field_name} has non-finite values"
         hidden = stats.mean_hidden
-        if not isinstance(hidden, Tensor) or hidden.dim() != 2 or hidden.shape[0] != experts:
+        width = layers[name].hidden_size
+        widths = (width, 0) if allow_empty_hidden else (width,)
+        if (
+            not isinstance(hidden, Tensor)
+            or hidden.dim() != 2
+            or hidden.shape[0] != experts
+            or hidden.shape[1] not in widths
+        ):
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden)
-            return f"{where}: mean_hidden has shape {shape}, expected ({experts}, H)"
+            expected = " or ".join(f"({experts}, {w})" for w in widths)
+            return f"{where}: mean_hidden has shape {shape}, expected {expected}"
         if not bool(torch.isfinite(hidden).all()):
             return f"{where}: mean_hidden has non-finite values"
         num_tokens = int(stats.num_tokens)
@@ -143,10 +157,11 @@ def result_problem(
     layout: MoELayout,
     *,
     require_statistics: bool = False,
+    allow_empty_hidden: bool = False,
 ) -> str | None:
     """:func:`parameter_problem`, then :func:`statistics_problem`; None for a valid result."""
     return parameter_problem(global_parameters, result) or statistics_problem(
-        result, layout, required=require_statistics
+        result, layout, required=require_statistics, allow_empty_hidden=allow_empty_hidden
     )
 
 
