@@ -121,8 +121,8 @@ def statistics_problem(
             or hidden.shape[1] not in widths
         ):
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden)
-            expected = " or ".join(f"({experts}, {w})" for w in widths)
-            return f"{where}: mean_hidden has shape {shape}, expected {expected}"
+            shapes = " or ".join(f"({experts}, {w})" for w in widths)
+            return f"{where}: mean_hidden has shape {shape}, expected {shapes}"
         if not bool(torch.isfinite(hidden).all()):
             return f"{where}: mean_hidden has non-finite values"
         num_tokens = int(stats.num_tokens)
