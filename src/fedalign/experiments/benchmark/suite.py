@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,6 +344,24 @@ def _variants(table: Mapping[str, Any], base: ExperimentConfig) -> dict[str, Var
     return variants
 
 
+def _row_items(
+    table: Mapping[str, Any], section: str, strategies: list[tuple[str, str]], shape: str
+) -> Iterator[tuple[str, str, Any]]:
+    """``(item, run label, spec)`` of each entry of ``[suite.<section>]``, whose keys must
+    name rows of ``strategies`` (either spelling)."""
+    raw = table.get(section, {})
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"suite.{section} must be a table of label = {shape}")
+    rows = [run_label(name, ablation) for name, ablation in strategies]
+    for item, spec in raw.items():
+        label = label_of(str(item))
+        if label not in rows:
+            raise ConfigError(
+                f"suite.{section}.{item}: no such row in suite.strategies (rows: {rows})"
+            )
+        yield str(item), label, spec
+
+
 def _tune(
     table: Mapping[str, Any],
     base: ExperimentConfig,
@@ -351,17 +369,9 @@ def _tune(
     variants: Mapping[str, Variant],
 ) -> dict[str, Tune]:
     """The ``[suite.tune]`` rows, each value checked against its row's config."""
-    raw = table.get("tune", {})
-    if not isinstance(raw, Mapping):
-        raise ConfigError("suite.tune must be a table of label = {key, values}")
     pairs = {run_label(name, ablation): (name, ablation) for name, ablation in strategies}
     tunes = {}
-    for item, spec in raw.items():
-        label = label_of(str(item))
-        if label not in pairs:
-            raise ConfigError(
-                f"suite.tune.{item}: no such row in suite.strategies (rows: {list(pairs)})"
-            )
+    for item, label, spec in _row_items(table, "tune", strategies, "{key, values}"):
         if not isinstance(spec, Mapping) or set(spec) != {"key", "values"}:
             raise ConfigError(
                 f'suite.tune.{item} must be {{ key = "section.key", values = [...] }} '
@@ -390,17 +400,8 @@ def _chosen(
     table: Mapping[str, Any], strategies: list[tuple[str, str]], tune: Mapping[str, Tune]
 ) -> dict[str, Chosen]:
     """The ``[suite.chosen]`` rows (their values are read when the grid is planned)."""
-    raw = table.get("chosen", {})
-    if not isinstance(raw, Mapping):
-        raise ConfigError("suite.chosen must be a table of label = {key, results, row}")
-    rows = [run_label(name, ablation) for name, ablation in strategies]
     chosen = {}
-    for item, spec in raw.items():
-        label = label_of(str(item))
-        if label not in rows:
-            raise ConfigError(
-                f"suite.chosen.{item}: no such row in suite.strategies (rows: {rows})"
-            )
+    for item, label, spec in _row_items(table, "chosen", strategies, "{key, results, row}"):
         if label in tune:
             raise ConfigError(f"suite.chosen.{item}: the row is tuned here too (suite.tune)")
         if not isinstance(spec, Mapping) or not {"key", "results"} <= set(spec) <= {
