@@ -497,6 +497,18 @@ class FedAlignMoE(Strategy):
             client_parameters=client_parameters,
         )
 
+    def _step_d_inputs(
+        self, results: Sequence[ClientResult], statistics: Sequence[LayerRoutingStatistics]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Step D's per-layer inputs: example counts ``(C,)``, usage ``(C, E)``, routed-token
+        counts ``(C, E)`` and the semantic similarities ``S`` of every expert ``(E, C, C)``."""
+        counts = example_counts(results)  # (C,)
+        usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
+        token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
+        mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
+        hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
+        return counts, usage, token_count, hidden_similarity
+
     def _aggregate_experts(
         self,
         layer: MoELayerLayout,
@@ -509,12 +521,7 @@ class FedAlignMoE(Strategy):
     ) -> None:
         """Step D for one layer: write every expert into ``parameters``, fill the records."""
         client_ids = [r.client_id for r in results]
-        counts = example_counts(results)  # (C,)
-        usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
-        token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
-        mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
-        # S for all experts at once: (E, C, C).
-        hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
+        counts, usage, token_count, hidden_similarity = self._step_d_inputs(results, statistics)
 
         for expert in range(layer.num_experts):
             expert_record = expert_records[expert]
@@ -701,11 +708,7 @@ class FedAlignMoE(Strategy):
         ``C`` outputs).
         """
         client_ids = [r.client_id for r in results]
-        counts = example_counts(results)  # (C,)
-        usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
-        token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
-        mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
-        hidden_similarity = hidden_similarities(mean_hidden, token_count, self.semantic_centre)
+        counts, usage, token_count, hidden_similarity = self._step_d_inputs(results, statistics)
         signs_by_size: dict[int, Tensor] = {}
         buckets = sketch_buckets(self.sketch_dim)  # a prime <= sketch_dim
 
