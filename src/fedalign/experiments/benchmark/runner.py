@@ -184,10 +184,12 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(suite.path, out / "suite.toml")
     atomic_write_text(out / "base_config.toml", base.to_toml())
+    candidates = sum(run.row is not None for run in runs)
+    tuned = f" (of which {candidates} tuning candidates)" if candidates else ""
     log(
         f"benchmark {suite.name}{' (quick)' if suite.quick else ''}: {len(suite.strategies)} "
-        f"strategies x {len(suite.alphas)} alphas x {len(suite.seeds)} seeds = {len(runs)} runs "
-        f"-> {out}"
+        f"strategies x {len(suite.alphas)} alphas x {len(suite.seeds)} seeds = {len(runs)} runs"
+        f"{tuned} -> {out}"
     )
     counts = {"finished": 0, "resume": 0, "new": 0, "busy": 0}
     if options.execute:
