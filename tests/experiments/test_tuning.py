@@ -205,7 +205,7 @@ def test_bad_tune_tables_are_named(tmp_path: Path, tune: str, message: str) -> N
 CHOSEN_SUITE = """
 [suite]
 name = "final"
-strategies = ["fedavg", "fedprox", "prox-again"]
+strategies = ["fedavg", "fedprox", "prox-again", "align-prox"]
 alphas = [1.0, 0.1]
 seeds = 2
 reference = "fedavg"
@@ -213,9 +213,14 @@ reference = "fedavg"
 [suite.variants.prox-again]
 strategy = "fedprox"
 
+[suite.variants.align-prox]
+strategy = "fedalign:full-sound"
+
 [suite.chosen]
 fedprox = {{ key = "strategy.proximal-mu", results = "{results}" }}
 prox-again = {{ key = "strategy.proximal-mu", results = "{results}", row = "fedprox" }}
+align-prox = {{ key = "strategy.client-proximal-mu", results = "{results}", row = "fedprox", \
+tuned-key = "strategy.proximal-mu" }}
 
 [model]
 name = "tiny-upcycled"
@@ -248,6 +253,9 @@ def test_a_second_suite_trains_on_the_whole_pool_with_the_chosen_values(
         saved = ExperimentConfig.from_toml(final / f"runs/alpha{alpha}/seed0/fedprox/config.toml")
         assert saved.strategy.proximal_mu == mu
         assert saved.data.validation_examples == 0
+        folder = final / f"runs/alpha{alpha}/seed0/align-prox"
+        borrowed = ExperimentConfig.from_toml(folder / "config.toml").strategy
+        assert borrowed.client_proximal_mu == mu and borrowed.ablation == "full-sound"
     page_text = (final / "results.md").read_text()
     assert (
         f"| prox-again | 0.1 | `strategy.proximal-mu` | 0.01 | `{tuned}` (fedprox) |" in page_text

@@ -24,7 +24,7 @@ from fedalign.strategies import (
     build_strategy,
 )
 from fedalign.strategies.fedalign import semantic_alignment
-from tests.helpers import expert_alpha, global_routing, routing_lambda
+from tests.helpers import expert_alpha, global_routing, proximal_mu, routing_lambda
 
 ROUTER_PARAMS = ("moe.router.weight", "moe.router.bias")
 # Two experts of 4 values each, stored fused ((E, 2, 2), rows [e, e+1)) or one tensor pair
@@ -226,6 +226,22 @@ def test_instructions_and_alpha_across_rounds() -> None:
         state["client_weights"][0],
         {"round": 2, "num_selected": 1, "omega": {"moe": torch.ones(2)}},
     )
+
+
+def test_client_proximal_term_sits_beside_the_regulariser() -> None:
+    strategy = FedAlignMoE(FUSED, ablation="full-sound", client_proximal_mu=0.02)
+    first = strategy.configure_train(1, [0, 1], strategy.initial_state())
+    assert [t.name for t in first[0].loss_terms] == ["proximal"]  # no p_g yet
+    assert proximal_mu(first[0]) == 0.02 and first[1].loss_terms[0].coefficient == 0.01
+    state = strategy.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).state
+    second = strategy.configure_train(2, [0], state)
+    assert [t.name for t in second[0].loss_terms] == ["proximal", "routing-alignment"]
+    # off by default (the paper's method), and never in row 1 (plain averaging)
+    assert FedAlignMoE(FUSED).configure_train(1, [0], {})[0].loss_terms == []
+    row_1 = FedAlignMoE(FUSED, ablation="fedavg", client_proximal_mu=0.02)
+    assert row_1.configure_train(1, [0], {})[0].loss_terms == []
+    with pytest.raises(OptionError, match="client_proximal_mu"):
+        FedAlignMoE(FUSED, client_proximal_mu=-1.0)
 
 
 def test_alpha_is_one_below_adaptive_reg() -> None:

@@ -70,6 +70,7 @@ REGISTRY: dict[str, StrategyEntry] = {
                 semantic_centre=o.semantic_centre,
                 selection=o.selection,
                 sketch_dim=o.sketch_dim,
+                client_proximal_mu=o.client_proximal_mu,
             ),
         ),
         StrategyEntry(

@@ -180,7 +180,8 @@ def _candidates(label: str, tune: Tune | None) -> list[tuple[str, str | None, An
 
 
 def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
-    """The value of ``chosen.key`` that ``chosen.results`` chose for ``chosen.row`` at ``alpha``.
+    """The value that ``chosen.results`` chose for ``chosen.row``'s ``chosen.source_key`` at
+    ``alpha`` (to be set as ``chosen.key``).
 
     Raises
     ------
@@ -195,7 +196,7 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
         payload = json.loads(path.read_text())
     except FileNotFoundError as error:
         raise ConfigError(
-            f"{where}: {str(path)!r} not found; run the suite that tunes {chosen.key} "
+            f"{where}: {str(path)!r} not found; run the suite that tunes {chosen.source_key} "
             f"(results folder {str(chosen.results)!r}) first"
         ) from error
     except json.JSONDecodeError as error:
@@ -203,7 +204,9 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
     found = [
         c
         for c in payload.get("tuning", [])
-        if c.get("label") == chosen.row and c.get("key") == chosen.key and c.get("alpha") == alpha
+        if c.get("label") == chosen.row
+        and c.get("key") == chosen.source_key
+        and c.get("alpha") == alpha
     ]
     if not found or found[0].get("chosen_value") is None:
         tuned = sorted(
@@ -212,13 +215,13 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
             if c.get("chosen_value") is not None
         )
         raise ConfigError(
-            f"{where}: {str(path)!r} holds no choice of {chosen.key} for row {chosen.row!r} at "
-            f"alpha {alpha:g} (choices there: {tuned or 'none'})"
+            f"{where}: {str(path)!r} holds no choice of {chosen.source_key} for row "
+            f"{chosen.row!r} at alpha {alpha:g} (choices there: {tuned or 'none'})"
         )
     if not found[0].get("complete", False):
         raise ConfigError(
-            f"{where}: the choice of {chosen.key} for row {chosen.row!r} at alpha {alpha:g} in "
-            f"{str(path)!r} is provisional (made on seeds {found[0].get('seeds')} of "
+            f"{where}: the choice of {chosen.source_key} for row {chosen.row!r} at alpha "
+            f"{alpha:g} in {str(path)!r} is provisional (made on seeds {found[0].get('seeds')} of "
             f"{found[0].get('planned_seeds')}); finish that suite's runs first"
         )
     return found[0]["chosen_value"]

@@ -110,11 +110,19 @@ class Chosen:
         That suite's results folder (its ``results.json`` lists the choices).
     row : str
         The tuned row's run label in that suite.
+    tuned_key : str
+        The key that suite tuned (default ``key``): a value chosen for one knob may set
+        another, e.g. FedProx's chosen ``proximal-mu`` as another row's ``client-proximal-mu``.
     """
 
     key: str
     results: Path
     row: str
+    tuned_key: str = ""
+
+    @property
+    def source_key(self) -> str:
+        return self.tuned_key or self.key
 
 
 def _value_text(value: Any) -> str:
@@ -404,19 +412,17 @@ def _chosen(
     for item, label, spec in _row_items(table, "chosen", strategies, "{key, results, row}"):
         if label in tune:
             raise ConfigError(f"suite.chosen.{item}: the row is tuned here too (suite.tune)")
-        if not isinstance(spec, Mapping) or not {"key", "results"} <= set(spec) <= {
-            "key",
-            "results",
-            "row",
-        }:
+        accepted = {"key", "results", "row", "tuned-key"}
+        if not isinstance(spec, Mapping) or not {"key", "results"} <= set(spec) <= accepted:
             raise ConfigError(
                 f'suite.chosen.{item} must be {{ key = "section.key", results = "<results '
-                f'folder>", row = "<label there>" }} (row optional; got {spec!r})'
+                f'folder>", row = "<label there>", tuned-key = "<key there>" }} (row and '
+                f"tuned-key optional; got {spec!r})"
             )
         key = str(spec["key"])
         _check_key(key, f"suite.chosen.{item}")
         row = label_of(str(spec.get("row", label)))
-        chosen[label] = Chosen(key, Path(str(spec["results"])), row)
+        chosen[label] = Chosen(key, Path(str(spec["results"])), row, str(spec.get("tuned-key", "")))
     return chosen
 
 

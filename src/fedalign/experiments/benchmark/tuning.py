@@ -194,6 +194,8 @@ def chosen_markdown(suite: Suite) -> str:
                 value = "not chosen yet"
             lines.append(
                 f"| {suite.display(label)} | {alpha:g} | `{chosen.key}` | {value} | "
-                f"`{chosen.results}` ({chosen.row}) |"
+                f"`{chosen.results}` ({chosen.row}"
+                + (f", `{chosen.tuned_key}`" if chosen.tuned_key else "")
+                + ") |"
             )
     return "\n".join(lines)

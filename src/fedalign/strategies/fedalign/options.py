@@ -210,6 +210,11 @@ class FedAlignOptions:
         :func:`~fedalign.strategies.fedalign.semantic.sketch_vector`) and merges the experts
         in a second pass over the clients, so the server never stacks the clients' updates
         (memory ``O(C k)`` per expert plus one model). Decisions are then approximate.
+    client_proximal_mu : float, default 0.0
+        FedProx's proximal term ``mu/2 * ||w - w_global||^2`` added to every client's loss
+        beside the routing regulariser (0: off, the paper's method). Not part of the paper:
+        an anchor that, under AdamW, acts on every coordinate whose task gradient is small
+        (docs/method.md, "Which defaults the evidence chose").
     """
 
     ablation: str = "full"
@@ -224,9 +229,11 @@ class FedAlignOptions:
     semantic_centre: str = "uncentred"
     selection: str = "hard"
     sketch_dim: int = 0
+    client_proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("ablation", self.ablation, ABLATIONS)
+        check_option("client_proximal_mu", self.client_proximal_mu, minimum=0.0)
         check_option("routing_lambda", self.routing_lambda, minimum=0.0)
         check_option("beta", self.beta, minimum=0.0)
         check_option("eps", self.eps, minimum=0.0, strict_minimum=True)

@@ -179,6 +179,7 @@ class FedAlignMoE(Strategy):
         semantic_centre: str = "uncentred",
         selection: str = "hard",
         sketch_dim: int = 0,
+        client_proximal_mu: float = 0.0,
     ) -> None:
         super().__init__(layout)
         FedAlignOptions(
@@ -194,6 +195,7 @@ class FedAlignMoE(Strategy):
             semantic_centre,
             selection,
             sketch_dim,
+            client_proximal_mu,
         )
         check_choice("threshold_std", threshold_std, THRESHOLD_STD_CHOICES)
         options = resolve_method_options(
@@ -223,6 +225,7 @@ class FedAlignMoE(Strategy):
         self.personalize_include_self = bool(personalize_include_self)
         self.needs_routing_statistics = ablation != "fedavg"
         self.sketch_dim = int(sketch_dim)
+        self.client_proximal_mu = float(client_proximal_mu)
         if self.personalized_experts and layout.lora_expert_param_names():
             raise OptionError(
                 "personalized_experts",
@@ -274,7 +277,9 @@ class FedAlignMoE(Strategy):
         ``collect_statistics=True``; once the state holds ``p_g`` (from round 2) and
         ``routing_lambda > 0``, the ``"routing-alignment"`` loss term with coefficient
         ``lambda``, tensors ``target`` (``p_g`` per layer) and ``alpha`` (``alpha_i(e)`` per
-        layer); with ``personalized_experts``, the client's stored personalised experts.
+        layer); with ``personalized_experts``, the client's stored personalised experts; with
+        ``client_proximal_mu > 0``, FedProx's ``"proximal"`` term with coefficient ``mu / 2``
+        (not for ablation ``"fedavg"``, plain averaging).
         """
         if self.ablation == "fedavg":
             return {cid: TrainInstructions() for cid in client_ids}
@@ -286,6 +291,8 @@ class FedAlignMoE(Strategy):
             if self.personalized_experts and cid in personalised:
                 start = {name: tensor.clone() for name, tensor in personalised[cid].items()}
             terms = []
+            if self.client_proximal_mu > 0:
+                terms.append(LossTermSpec("proximal", coefficient=0.5 * self.client_proximal_mu))
             if self.routing_lambda > 0 and global_routing:
                 target = {name: p.clone() for name, p in global_routing.items()}
                 alpha = self.expert_alpha(cid, state)
