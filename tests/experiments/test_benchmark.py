@@ -439,3 +439,32 @@ def test_reuse_tells_precisions_apart() -> None:
     assert same_experiment(base, tiny_config(run__threads=1, run__out="x"))
     assert not same_experiment(base, tiny_config(run__precision="bf16"))
     assert not same_experiment(base, tiny_config(run__frozen_dtype="bf16"))
+
+
+def test_versus_pages_pair_every_row_with_another_strategy(
+    fake: FakeSimulator, no_plots: None, suite_file: Path, tmp_path: Path
+) -> None:
+    text = suite_file.read_text().replace(
+        'reference = "fedavg"', 'reference = "fedavg"\nversus = ["fedalign"]'
+    )
+    suite_file.write_text(text)
+    out = tmp_path / "results"
+    assert _run(suite_file, out, "--alphas", "0.1", "--seeds", "2", "--no-report") == 0
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["strategy"]: r for r in payload["versus"]["fedalign"]}
+    finals = {
+        (label, seed): json.loads(
+            (out / f"runs/alpha0.1/seed{seed}/{label}/summary.json").read_text()
+        )["final_accuracy"]
+        for label in ("fedavg", "fedalign")
+        for seed in (0, 1)
+    }
+    expected = statistics.mean(finals[("fedavg", s)] - finals[("fedalign", s)] for s in (0, 1))
+    assert rows["fedavg"]["minus_reference_mean"] == pytest.approx(expected)
+    page_text = (out / "versus-fedalign.md").read_text()
+    assert page_text.startswith("# Benchmark `toy`: every row paired with fedalign")
+    assert "[versus-fedalign.md](versus-fedalign.md)" in (out / "results.md").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('versus = ["fedalign"]', 'versus = "fedalign"'))
+    with pytest.raises(ConfigError, match=r"suite\.versus must be a list"):
+        load_suite(bad)

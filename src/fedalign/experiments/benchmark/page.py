@@ -9,6 +9,7 @@ with a band, one column per alpha), ``reports/`` (``fedalign report`` pages of t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shlex
@@ -110,6 +111,13 @@ def results_markdown(suite: Suite, base: ExperimentConfig, page: ResultsPage) ->
             lines += [paragraph, ""]
     lines += [f"Setup: {setup_text(suite, base)}.", "", page.table, ""]
     lines += [reading_text(suite, page), ""]
+    for label in suite.versus:
+        if label in suite.strategy_labels and label != suite.reference_label:
+            lines += [
+                f"Every row paired with {suite.display(label)} instead: "
+                f"[versus-{label}.md](versus-{label}.md).",
+                "",
+            ]
     if page.tuning:
         lines += [
             "Tuned rows: per alpha, the value with the best mean *final validation accuracy* "
@@ -232,9 +240,42 @@ def write_results(
     }
     if choices:
         payload["tuning"] = [c.to_dict() for c in choices]
+    versus = write_versus_pages(suite, finished, out, page)
+    if versus:
+        payload["versus"] = versus
     atomic_write_text(out / "results.json", to_json(payload))
     write_plots(suite, finished, out, targets, band, key)
     return rows
+
+
+def write_versus_pages(
+    suite: Suite, finished: Sequence[FinishedRun], out: Path, page: ResultsPage
+) -> dict[str, list[dict[str, object]]]:
+    """``versus-<label>.md`` per label of ``suite.versus`` in the grid: the same runs paired
+    with that strategy (and its target) instead of the reference. Returns the rows by label."""
+    pages = {}
+    for label in suite.versus:
+        if label not in suite.strategy_labels or label == suite.reference_label:
+            continue
+        other = dataclasses.replace(suite, reference=label)
+        per_run = run_rows(finished, target_accuracies(finished, other), out)
+        rows = aggregate_rows(other, per_run)
+        name = other.display(label)
+        table = to_markdown(display_rows(rows, name))
+        text = [
+            f"# Benchmark `{suite.name}`: every row paired with {name}",
+            "",
+            f"The runs of `results.md`, compared seed by seed with {name} instead of "
+            f"{suite.display(suite.reference_label)}.",
+            "",
+            table,
+            "",
+            reading_text(other, page),
+            "",
+        ]
+        atomic_write_text(out / f"versus-{label}.md", "\n".join(text))
+        pages[label] = rows
+    return pages
 
 
 def write_run_reports(

@@ -6,7 +6,8 @@ A suite file is an ordinary experiment config (the ``[model]``, ``[data]``, ... 
 * a ``[suite]`` table: ``name``, ``description``, ``note``, ``strategies`` (``"fedavg"``,
   ``"fedalign:consistency"``, ...), ``alphas``, ``seeds`` (a count or a list),
   ``reference`` (the strategy whose mean final accuracy sets the target and to which every
-  strategy is compared seed by seed), ``target-fraction``, ``report`` (strategies that get
+  strategy is compared seed by seed), ``versus`` (more strategies to pair every row with:
+  one page ``versus-<label>.md`` each), ``target-fraction``, ``report`` (strategies that get
   a run report) and optional ``[suite.labels]`` (display names);
 * optional ``[suite.variants.<label>]`` tables, each a row that is a strategy plus config
   settings: ``strategy = "fedalign"`` and ``set = {"strategy.selection" = "soft", ...}``.
@@ -51,6 +52,7 @@ SUITE_KEYS = (
     "alphas",
     "seeds",
     "reference",
+    "versus",
     "report",
     "target-fraction",
     "labels",
@@ -154,6 +156,8 @@ class Suite:
         Seeds; each one seeds partitioning, initialisation and training of its runs.
     reference : str
         Run label of the strategy the others are compared with (e.g. ``"fedavg"``).
+    versus : list of str
+        More run labels to pair every row with (a page each, ``versus-<label>.md``).
     target_fraction : float
         Target accuracy = ``target_fraction`` x the reference's mean final accuracy.
     labels : dict of str to str
@@ -179,6 +183,7 @@ class Suite:
     alphas: list[float]
     seeds: list[int]
     reference: str = "fedavg"
+    versus: list[str] = field(default_factory=list)
     target_fraction: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
     description: str = ""
@@ -449,6 +454,12 @@ def apply_variant(config: ExperimentConfig, variant: Variant) -> ExperimentConfi
     return config
 
 
+def _string_list(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"suite.{key} must be a list of strategy labels (got {value!r})")
+    return value
+
+
 def _names(table: Mapping[str, Any], strategies: list[tuple[str, str]]) -> dict[str, Any]:
     """Reference, display labels and report list, keyed by run label."""
     labels = table.get("labels", {})
@@ -459,6 +470,7 @@ def _names(table: Mapping[str, Any], strategies: list[tuple[str, str]]) -> dict[
         raise ConfigError("suite.report must be a list of strategy labels")
     return {
         "reference": label_of(str(table.get("reference", "fedavg"))),
+        "versus": [label_of(str(v)) for v in _string_list(table.get("versus", []), "versus")],
         "labels": {label_of(str(k)): str(v) for k, v in labels.items()},
         "report": [label_of(str(r)) for r in report],
     }
