@@ -227,7 +227,7 @@ def write_results(
         client_key=key,
         reports=write_run_reports(suite, finished, out) if reports else [],
         tuning=tuning_markdown(suite, choices),
-        chosen=chosen_markdown(suite),
+        chosen=chosen_markdown(suite, runs),
     )
     atomic_write_text(out / "results.md", results_markdown(suite, base, page))
     atomic_write_text(out / "results.csv", to_csv(rows))

@@ -180,7 +180,7 @@ def _candidates(label: str, tune: Tune | None) -> list[tuple[str, str | None, An
 
 
 def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
-    """The value that ``chosen.results`` chose for ``chosen.row``'s ``chosen.source_key`` at
+    """The value that ``chosen.results`` chose for ``chosen.row``'s ``chosen.tuned_key`` at
     ``alpha`` (to be set as ``chosen.key``).
 
     Raises
@@ -196,7 +196,7 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
         payload = json.loads(path.read_text())
     except FileNotFoundError as error:
         raise ConfigError(
-            f"{where}: {str(path)!r} not found; run the suite that tunes {chosen.source_key} "
+            f"{where}: {str(path)!r} not found; run the suite that tunes {chosen.tuned_key} "
             f"(results folder {str(chosen.results)!r}) first"
         ) from error
     except json.JSONDecodeError as error:
@@ -205,7 +205,7 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
         c
         for c in payload.get("tuning", [])
         if c.get("label") == chosen.row
-        and c.get("key") == chosen.source_key
+        and c.get("key") == chosen.tuned_key
         and c.get("alpha") == alpha
     ]
     if not found or found[0].get("chosen_value") is None:
@@ -215,12 +215,12 @@ def chosen_value(label: str, chosen: Chosen, alpha: float) -> Any:
             if c.get("chosen_value") is not None
         )
         raise ConfigError(
-            f"{where}: {str(path)!r} holds no choice of {chosen.source_key} for row "
+            f"{where}: {str(path)!r} holds no choice of {chosen.tuned_key} for row "
             f"{chosen.row!r} at alpha {alpha:g} (choices there: {tuned or 'none'})"
         )
     if not found[0].get("complete", False):
         raise ConfigError(
-            f"{where}: the choice of {chosen.source_key} for row {chosen.row!r} at alpha "
+            f"{where}: the choice of {chosen.tuned_key} for row {chosen.row!r} at alpha "
             f"{alpha:g} in {str(path)!r} is provisional (made on seeds {found[0].get('seeds')} of "
             f"{found[0].get('planned_seeds')}); finish that suite's runs first"
         )
@@ -239,16 +239,20 @@ def plan_runs(suite: Suite, base: ExperimentConfig, out: Path) -> list[PlannedRu
     """
     runs = []
     for alpha in suite.alphas:
+        chosen_values = {  # one read of each tuning suite's results per alpha
+            label: chosen_value(label, chosen, alpha)
+            for label, chosen in suite.chosen.items()
+            if label in suite.strategy_labels
+        }
         for seed in suite.seeds:
             for name, ablation in suite.strategies:
                 row_label = run_label(name, ablation)
                 variant = suite.variants.get(row_label, Variant(name, ablation))
                 tune = suite.tune.get(row_label)
-                chosen = suite.chosen.get(row_label)
                 for label, row, value in _candidates(row_label, tune):
                     config = apply_variant(base.copy(), variant)
-                    if chosen is not None:
-                        config.set(chosen.key, chosen_value(row_label, chosen, alpha))
+                    if row_label in chosen_values:
+                        config.set(suite.chosen[row_label].key, chosen_values[row_label])
                     if tune is not None:
                         config.set(tune.key, value)
                         if config.data.validation_examples < 1:

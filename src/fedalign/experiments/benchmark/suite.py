@@ -113,18 +113,15 @@ class Chosen:
     row : str
         The tuned row's run label in that suite.
     tuned_key : str
-        The key that suite tuned (default ``key``): a value chosen for one knob may set
-        another, e.g. FedProx's chosen ``proximal-mu`` as another row's ``client-proximal-mu``.
+        The key that suite tuned (``tuned-key``, default ``key``): a value chosen for one knob
+        may set another, e.g. FedProx's chosen ``proximal-mu`` as another row's
+        ``client-proximal-mu``.
     """
 
     key: str
     results: Path
     row: str
-    tuned_key: str = ""
-
-    @property
-    def source_key(self) -> str:
-        return self.tuned_key or self.key
+    tuned_key: str
 
 
 def _value_text(value: Any) -> str:
@@ -427,7 +424,8 @@ def _chosen(
         key = str(spec["key"])
         _check_key(key, f"suite.chosen.{item}")
         row = label_of(str(spec.get("row", label)))
-        chosen[label] = Chosen(key, Path(str(spec["results"])), row, str(spec.get("tuned-key", "")))
+        tuned_key = str(spec.get("tuned-key", key))
+        chosen[label] = Chosen(key, Path(str(spec["results"])), row, tuned_key)
     return chosen
 
 

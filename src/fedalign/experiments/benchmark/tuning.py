@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedalign.config import ConfigError
-from fedalign.experiments.benchmark.plan import chosen_value
+from fedalign.experiments.benchmark.plan import PlannedRun
 from fedalign.experiments.benchmark.results import FinishedRun
 from fedalign.experiments.benchmark.suite import Suite
 from fedalign.experiments.tables import number
@@ -176,8 +175,9 @@ def tuning_markdown(suite: Suite, choices: Sequence[TuneChoice]) -> str:
     return "\n".join(lines)
 
 
-def chosen_markdown(suite: Suite) -> str:
-    """The results page's table of ``[suite.chosen]`` values (empty when there are none)."""
+def chosen_markdown(suite: Suite, runs: Sequence[PlannedRun]) -> str:
+    """The results page's table of ``[suite.chosen]`` values, as the planned runs carry them
+    (empty when there are none)."""
     if not suite.chosen:
         return ""
     lines = [
@@ -185,17 +185,15 @@ def chosen_markdown(suite: Suite) -> str:
         "|---|---|---|---|---|",
     ]
     for label, chosen in suite.chosen.items():
-        if label not in suite.strategy_labels:
-            continue  # left out by --strategies
+        section, _, name = chosen.key.partition(".")
         for alpha in suite.alphas:
-            try:
-                value = repr(chosen_value(label, chosen, alpha))
-            except ConfigError:
-                value = "not chosen yet"
+            run = next((r for r in runs if r.label == label and r.alpha == alpha), None)
+            if run is None:
+                continue  # left out by --strategies
+            value = getattr(getattr(run.config, section.replace("-", "_")), name.replace("-", "_"))
+            source = f", `{chosen.tuned_key}`" if chosen.tuned_key != chosen.key else ""
             lines.append(
-                f"| {suite.display(label)} | {alpha:g} | `{chosen.key}` | {value} | "
-                f"`{chosen.results}` ({chosen.row}"
-                + (f", `{chosen.tuned_key}`" if chosen.tuned_key else "")
-                + ") |"
+                f"| {suite.display(label)} | {alpha:g} | `{chosen.key}` | {value!r} | "
+                f"`{chosen.results}` ({chosen.row}{source}) |"
             )
     return "\n".join(lines)
