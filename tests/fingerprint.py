@@ -324,11 +324,13 @@ def compare_states(
         now = tensors[name]
         if (ref["shape"], ref["dtype"]) != (now["shape"], now["dtype"]):
             out.add(
-                f"state/{name}: reference {ref['shape']} {ref['dtype']}, this run {now['shape']} {now['dtype']}"
+                f"state/{name}: reference {ref['shape']} {ref['dtype']}, "
+                f"this run {now['shape']} {now['dtype']}"
             )
         elif abs(ref["norm"] - now["norm"]) > bound:
             out.add(
-                f"state/{name}: norm {now['norm']:.6g}, reference {ref['norm']:.6g} (> {bound:.3g} apart)"
+                f"state/{name}: norm {now['norm']:.6g}, reference {ref['norm']:.6g} "
+                f"(> {bound:.3g} apart)"
             )
     differences = np.asarray(current["projections"]) - np.asarray(reference["projections"])
     distance = float(np.sqrt(np.mean(differences**2)))
