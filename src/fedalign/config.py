@@ -220,6 +220,11 @@ class ModelConfig:
         ``causal-lm`` (the model's language-modelling head; multiple-choice data, scored by
         the log-likelihood of each choice) or ``auto`` (``causal-lm`` when ``data.dataset``
         is multiple-choice, else ``classification``).
+    tokenizer : str, default ""
+        A tokenizer folder or Hugging Face hub id to use instead of the model's own (empty:
+        the model folder's or hub id's own tokenizer; the embedded all-MiniLM-L6-v2
+        tokenizer for tiny configurations and folders saved without one). Its vocabulary
+        must fit the model's input embedding.
     """
 
     name: str = "upcycled-minilm"
@@ -242,6 +247,7 @@ class ModelConfig:
     drop_fraction: float = 0.5
     gating: str = "auto"
     head: str = "auto"
+    tokenizer: str = ""
 
     def resolved_gating(self) -> str:
         """The gating ``auto`` stands for with this ``expert_init``."""

@@ -52,3 +52,26 @@ def test_default_runs_have_no_validation_keys(tmp_path: Path) -> None:
     assert "validation_accuracy" not in line
     saved = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert "final_validation_accuracy" not in saved
+
+
+@pytest.mark.parametrize("min_local_test", [1, 15, 10_000])
+def test_local_figures_are_taken_over_the_same_clients(min_local_test: int) -> None:
+    """Mean, worst and p10 over one set of clients: p10 lies between the worst and the best of them,
+    and the count says how many clients that set holds."""
+    prepared = prepare(tiny_config())
+    data, model = prepared.data, prepared.model
+    result = evaluate_global(model, data, model.trainable_state(), min_local_test=min_local_test)
+    sizes = {c: len(rows) for c, rows in data.client_test.items() if len(rows) > 0}
+    sized = [c for c, n in sizes.items() if n >= min_local_test]
+    assert result["local_clients_with_test"] == len(sizes)
+    assert result["local_clients_evaluated"] == (len(sized) or len(sizes))
+    counted = [
+        acc for c, acc in zip(sorted(sizes), result["local_accuracy"]) if not sized or c in sized
+    ]
+    assert result["mean_local_accuracy"] == pytest.approx(sum(counted) / len(counted))
+    assert result["worst_local_accuracy"] == min(counted)
+    if sized:
+        assert result["worst_local_accuracy"] <= result["local_accuracy_p10"]
+        assert result["local_accuracy_p10"] <= max(counted)
+    else:
+        assert result["local_accuracy_p10"] is None

@@ -519,3 +519,68 @@ def test_trainable_state_round_trip(
     assert all(torch.equal(p, before[n]) for n, p in moe.model.named_parameters())
     with pytest.raises(KeyError, match="unknown parameter"):
         moe.load_trainable_state({"no.such.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------- tokenizer and vocabulary
+def _small_vocabulary_folder(folder: Path, vocab_size: int) -> Path:
+    """An OLMoE folder saved from a config (random weights, no tokenizer), as users save
+    models for tests."""
+    from transformers import OlmoeForCausalLM
+
+    config = _tiny_configs()["tiny-olmoe"]()
+    config.vocab_size = vocab_size
+    OlmoeForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _word_level_tokenizer(folder: Path, size: int) -> Path:
+    """A word-level tokenizer of ``size`` ids built offline (``tokenizers``), saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", *(f"w{i}" for i in range(size - 2))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused_with_both_sizes(tmp_path: Path) -> None:
+    folder = _small_vocabulary_folder(tmp_path / "model", 1000)
+    with pytest.raises(ConfigError) as caught:
+        _load(str(folder))
+    message = str(caught.value)
+    assert "1000 rows" in message and "30522 ids" in message
+    assert "model.tokenizer" in message and "the model folder has none" in message
+
+
+def test_model_tokenizer_that_fits_runs(tmp_path: Path) -> None:
+    folder = _small_vocabulary_folder(tmp_path / "model", 1000)
+    tokenizer = _word_level_tokenizer(tmp_path / "tokenizer", 1000)
+    moe = _load(str(folder), tokenizer=str(tokenizer))
+    assert len(moe.tokenizer) == 1000
+    encoded = moe.tokenizer(["w1 w2 w999", "w3"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = moe.classify(encoded["input_ids"], encoded["attention_mask"])
+    assert logits.shape == (2, 3)
+
+
+def test_model_tokenizer_that_does_not_load_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.tokenizer .* does not load"):
+        _load("tiny-qwen3moe", tokenizer=str(tmp_path / "missing"))
+
+
+def test_cli_says_one_line_and_exits_2_for_a_misfit_vocabulary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedalign.cli import main
+    from tests.helpers import TINY_CLI
+
+    folder = _small_vocabulary_folder(tmp_path / "model", 1000)
+    args = [*TINY_CLI, "--model", str(folder), "--out", str(tmp_path / "run")]
+    capsys.readouterr()  # saving the folder printed progress bars
+    assert main(["run", *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "1000 rows" in error and "30522 ids" in error
+    assert "Traceback" not in error

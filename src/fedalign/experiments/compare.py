@@ -46,7 +46,8 @@ def comparison_table(
     """One row per run; the first run is the reference (difference and rounds-to-target).
 
     ``labels`` name the rows (default: the summaries' strategy); the per-client column is
-    ``local_accuracy_p10`` when every run recorded it, else ``worst_local_accuracy``.
+    ``local_accuracy_p10`` when every run recorded it, else ``worst_local_accuracy``; both
+    per-client columns are taken over the ``local_clients_evaluated`` clients beside them.
     """
     if not summaries:
         return []
@@ -64,6 +65,7 @@ def comparison_table(
                 f"minus_{reference}": summary.final_accuracy - target,
                 "mean_local_accuracy": summary.mean_local_accuracy,
                 key: client_value(key, *source),
+                "local_clients_evaluated": summary.local_clients_evaluated,
                 f"rounds_to_{reference}_final": _rounds_cell(lines, target, summary.rounds),
                 "seconds_per_round": summary.seconds_per_round,
                 "mib_up_per_round": summary.bytes_received / 2**20 / max(summary.rounds, 1),

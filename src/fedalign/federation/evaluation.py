@@ -5,10 +5,12 @@ The validation set (``data.validation-examples``, held out of the training pool)
 through the same :func:`~fedalign.client.evaluate` as the test set; benchmarks tune knobs
 on it so that nothing is selected on the test set.
 
-Per-client figures follow the evaluation rules (docs/method.md): the mean and worst local
-accuracy over every client with a local test split, and the 10th percentile over clients
-with at least ``federated.min-local-test`` local test examples (a worst client measured on
-four examples says little).
+Per-client figures follow the evaluation rules (docs/method.md): the mean, the worst and
+the 10th percentile of local accuracy are all taken over the same clients, those with at
+least ``federated.min-local-test`` local test examples (a worst client measured on four
+examples says little), and ``local_clients_evaluated`` counts them. When no client has that
+many, mean and worst fall back to every client with a local split (the count says how
+many) and the percentile is absent.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def evaluate_global(
     Returns
     -------
     dict
-        ``global_accuracy``, ``global_loss``, ``mean_local_accuracy``,
-        ``worst_local_accuracy``, ``local_accuracy`` (list, client order),
-        ``local_accuracy_p10`` and ``local_clients_evaluated`` (the clients counted in it);
+        ``global_accuracy``, ``global_loss``; ``mean_local_accuracy``,
+        ``worst_local_accuracy`` and ``local_accuracy_p10`` over the same clients (see the
+        module docstring), ``local_clients_evaluated`` (how many) and
+        ``local_clients_with_test`` (clients with any local split); ``local_accuracy``
+        (list, every client with a split, client order);
         ``validation_accuracy`` and ``validation_loss`` only when ``data`` has a validation
         set.
     """
@@ -65,6 +69,7 @@ def evaluate_global(
         local.append(accuracy)
         if len(indices) >= min_local_test:
             sized.append(accuracy)
+    counted = sized or local
     validation: dict[str, Any] = {}
     if data.validation is not None and len(data.validation) > 0:
         validation_eval = evaluate(model, data.validation)
@@ -75,10 +80,11 @@ def evaluate_global(
     return {
         "global_accuracy": global_eval.accuracy,
         "global_loss": global_eval.loss,
-        "mean_local_accuracy": float(np.mean(local)) if local else None,
-        "worst_local_accuracy": float(np.min(local)) if local else None,
+        "mean_local_accuracy": float(np.mean(counted)) if counted else None,
+        "worst_local_accuracy": float(np.min(counted)) if counted else None,
         "local_accuracy": local,
         "local_accuracy_p10": float(np.percentile(sized, 10)) if sized else None,
-        "local_clients_evaluated": len(sized),
+        "local_clients_evaluated": len(counted),
+        "local_clients_with_test": len(local),
         **validation,
     }

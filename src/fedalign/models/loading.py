@@ -325,6 +325,62 @@ def _tokenizer(source: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(source))
 
 
+MINILM_FALLBACK = "the embedded all-MiniLM-L6-v2 tokenizer"
+
+
+def _tokenizer_for(config: ModelConfig, own: str | Path | None) -> Any:
+    """``model.tokenizer`` when given, else ``own`` (the model's), else the embedded MiniLM
+    tokenizer (tiny configurations, folders saved without a tokenizer)."""
+    if config.tokenizer:
+        try:
+            return _tokenizer(config.tokenizer)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"model.tokenizer {config.tokenizer!r} does not load as a tokenizer "
+                f"(accepted: a tokenizer folder or a Hugging Face hub id): {error}"
+            ) from error
+    return _tokenizer(own if own is not None else minilm_path())
+
+
+def tokenizer_source(config: ModelConfig) -> str:
+    """Where the tokenizer of ``config``'s model comes from, in words."""
+    if config.tokenizer:
+        return f"model.tokenizer {config.tokenizer!r}"
+    builtin = config.name in EMBEDDED_MODELS or config.name.startswith("tiny-")
+    if builtin or not _has_tokenizer(config.name):
+        return f"{MINILM_FALLBACK} (the model folder has none)" if not builtin else MINILM_FALLBACK
+    return "the model's own tokenizer"
+
+
+def input_vocabulary(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (None: no token embedding found)."""
+    for candidate in (model, getattr(model, "encoder", None), getattr(model, "model", None)):
+        get = getattr(candidate, "get_input_embeddings", None)
+        if not callable(get):
+            continue
+        try:
+            embedding = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return int(embedding.num_embeddings)
+    return None
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, config: ModelConfig) -> None:
+    """Raise ConfigError when the tokenizer can produce ids the input embedding lacks."""
+    rows = input_vocabulary(model)
+    ids = len(tokenizer)
+    if rows is None or ids <= rows:
+        return
+    raise ConfigError(
+        f"model.name {config.name!r} has an input embedding of {rows} rows, but its tokenizer "
+        f"({tokenizer_source(config)}) has {ids} ids, so ids >= {rows} cannot be embedded; "
+        f"set model.tokenizer to a tokenizer folder or hub id with at most {rows} ids, or "
+        "save the model's own tokenizer into its folder"
+    )
+
+
 def _supported_message() -> str:
     return (
         f"accepted: {list(EMBEDDED_MODELS)}, {list(TINY_MODELS)}, or a Hugging Face model id / "
@@ -408,7 +464,7 @@ def _from_hub_or_folder(config: ModelConfig, num_labels: int) -> tuple[nn.Module
     generic = model_type not in SUPPORTED_TYPES
     if generic:
         _check_generic_moe(name, hf_config, model_type)
-    tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
+    tokenizer = _tokenizer_for(config, name if _has_tokenizer(name) else None)
     if model_type in SEQUENCE_CLASSIFICATION_TYPES or (
         generic and _has_classification_head(hf_config)
     ):
@@ -519,13 +575,13 @@ def build_classifier(config: ModelConfig, num_labels: int, seed: int) -> tuple[n
 
         path = minilm_path()
         encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False)
-        tokenizer = _tokenizer(path)
+        tokenizer = _tokenizer_for(config, path)
         upcycled = _build_encoder_classifier(encoder, config, num_labels, True, tokenizer)
         return upcycled, tokenizer, "bert"
     if config.name.startswith("tiny-"):
         if config.name not in TINY_MODELS:
             raise ConfigError(f"model.name {config.name!r} is unknown; {_supported_message()}")
-        tokenizer = _tokenizer(minilm_path())
+        tokenizer = _tokenizer_for(config, None)
         model, model_type = _build_tiny(config.name, config, num_labels, tokenizer)
         return model, tokenizer, model_type
     return _from_hub_or_folder(config, num_labels)
@@ -617,6 +673,7 @@ def load_moe_model(
         raise ConfigError(
             f"model.head must be one of ['classification', 'causal-lm'] (got {head!r})"
         )
+    check_vocabulary(bare_model, tokenizer, config)
     try:
         full_layout, taps = scan_moe(bare_model)
     except ValueError as error:
@@ -710,7 +767,7 @@ def build_causal_lm(config: ModelConfig, seed: int) -> tuple[nn.Module, Any, str
             )
         hf_config = _tiny_configs()[name]()
         model = AutoModelForCausalLM.from_config(hf_config)
-        return model, _tokenizer(minilm_path()), str(hf_config.model_type)
+        return model, _tokenizer_for(config, None), str(hf_config.model_type)
     quantization = quantization_kwargs(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **quantization)
@@ -718,7 +775,7 @@ def build_causal_lm(config: ModelConfig, seed: int) -> tuple[nn.Module, Any, str
         raise ConfigError(
             f"model.name {name!r} does not load as a causal LM ({accepted}): {error}"
         ) from error
-    tokenizer = _tokenizer(name) if _has_tokenizer(name) else _tokenizer(minilm_path())
+    tokenizer = _tokenizer_for(config, name if _has_tokenizer(name) else None)
     return model, tokenizer, str(getattr(model.config, "model_type", ""))
 
 

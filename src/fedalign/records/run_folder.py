@@ -240,6 +240,8 @@ class RunSummary:
     """The headline numbers of a finished run (``summary.json``).
 
     ``final_accuracy`` is the last evaluated round's; no round is chosen on the test set.
+    The three local-accuracy figures are taken over the same ``local_clients_evaluated``
+    clients (:func:`fedalign.federation.evaluate_global`).
     ``final_validation_accuracy`` (the same round, on the server's validation set) is
     present only in runs with ``data.validation-examples`` > 0 (absent from
     ``summary.json`` otherwise).
@@ -260,11 +262,13 @@ class RunSummary:
     accuracy_curve: list[float] = field(default_factory=list)
     out_dir: str = ""
     final_validation_accuracy: float | None = None
+    local_clients_evaluated: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = dict(self.__dict__)
-        if values["final_validation_accuracy"] is None:
-            del values["final_validation_accuracy"]
+        for optional in ("final_validation_accuracy", "local_clients_evaluated"):
+            if values[optional] is None:
+                del values[optional]
         return values
 
 
@@ -435,6 +439,7 @@ class RunFolder:
                 if final.get("validation_accuracy") is None
                 else float(final["validation_accuracy"])
             ),
+            local_clients_evaluated=final.get("local_clients_evaluated"),
         )
         save_state(self.folder / "final_state.safetensors", global_parameters)
         self.recorder.write_json("summary.json", summary.to_dict())
