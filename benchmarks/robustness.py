@@ -38,7 +38,7 @@ from fedalign.experiments.compare import prepare_shared_data
 from fedalign.experiments.run import Simulation
 from fedalign.models import MoEModel, load_moe_model
 from fedalign.routing import gaussian_dp_mu, gaussian_epsilon
-from fedalign.strategies.common import update_norm
+from fedalign.strategies.screening import update_norm
 
 ROOT = Path(__file__).resolve().parent.parent
 

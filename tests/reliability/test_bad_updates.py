@@ -15,7 +15,7 @@ from fedalign.federation import ServerState, simulator
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.records import read_jsonl
 from fedalign.strategies import build_strategy
-from fedalign.strategies.common import check_results, clip_update, result_problem
+from fedalign.strategies.screening import check_results, clip_update, result_problem
 from tests.helpers import tiny_config
 from tests.reliability.test_aggregation_properties import LAYOUT, SHAPES
 

@@ -8,7 +8,7 @@ written once.
 
 Before a strategy sees them, :meth:`ServerState.screen` restores compressed uploads to
 float32 parameters (:func:`~fedalign.compression.restore_parameters`), checks the results
-(:func:`~fedalign.strategies.common.result_problem`: keys, shapes, dtypes, finite values,
+(:func:`~fedalign.strategies.screening.result_problem`: keys, shapes, dtypes, finite values,
 routing statistics that are distributions, token counts that add up), rejects the bad ones
 with a reason, and clips the updates of the rest when ``federated.clip-update-norm`` > 0.
 
@@ -34,7 +34,7 @@ from fedalign.errors import ConfigError, OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
-from fedalign.strategies.common import clip_update, result_problem
+from fedalign.strategies.screening import clip_update, result_problem
 
 Tensor = torch.Tensor
 

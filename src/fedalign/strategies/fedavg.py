@@ -8,16 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from fedalign.protocol import ClientResult
+from fedalign.strategies.averaging import example_weights, trainable_layout, weighted_average
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
-from fedalign.strategies.common import (
-    base_record,
-    check_results,
-    example_weights,
-    routing_metrics,
-    trainable_layout,
-    weighted_average,
-)
 from fedalign.strategies.lora import aggregate_lora_modules
+from fedalign.strategies.records import base_record, routing_metrics
+from fedalign.strategies.screening import check_results
 
 Tensor = torch.Tensor
 

@@ -17,23 +17,21 @@ import torch
 from fedalign.errors import check_option
 from fedalign.moe.layout import MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult
-from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
-from fedalign.strategies.common import (
-    base_record,
+from fedalign.strategies.averaging import (
     cast_like_reference,
-    check_results,
     client_expert_matrix,
     example_counts,
     example_weights,
     layer_statistics,
     normalise_weights,
-    rounded,
-    routing_metrics,
     trainable_layout,
     weighted_average,
     write_expert_vector_in_place,
 )
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.lora import aggregate_lora_modules, with_remainder, write_lora_expert
+from fedalign.strategies.records import base_record, rounded, routing_metrics
+from fedalign.strategies.screening import check_results
 
 Tensor = torch.Tensor
 

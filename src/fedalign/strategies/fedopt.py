@@ -24,16 +24,10 @@ import torch
 from fedalign.errors import OptionError, check_option
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult
+from fedalign.strategies.averaging import cast_like, example_weights, weighted_tensor_average
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
-from fedalign.strategies.common import (
-    base_record,
-    cast_like,
-    check_results,
-    example_weights,
-    rounded,
-    routing_metrics,
-    weighted_tensor_average,
-)
+from fedalign.strategies.records import base_record, rounded, routing_metrics
+from fedalign.strategies.screening import check_results
 
 Tensor = torch.Tensor
 

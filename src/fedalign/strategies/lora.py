@@ -38,7 +38,7 @@ from fedalign.moe.lora import (
     relative_error,
 )
 from fedalign.protocol import ClientResult
-from fedalign.strategies.common import RECORD_DIGITS
+from fedalign.strategies.records import RECORD_DIGITS
 
 Tensor = torch.Tensor
 
@@ -138,7 +138,7 @@ def aggregate_lora_modules(
     """Every LoRA block of ``layout.lora_modules`` aggregated per ``mode`` with ``weights``.
 
     ``parameters`` must hold the ``weights``-weighted average of every tensor (what
-    :func:`~fedalign.strategies.common.weighted_average` gives), owned by the caller: with
+    :func:`~fedalign.strategies.averaging.weighted_average` gives), owned by the caller: with
     ``"factors"`` it already is the FedIT aggregate and is left as is; with
     ``"product-svd"`` each block's factors are overwritten in place.
 

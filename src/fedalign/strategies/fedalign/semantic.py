@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedalign.strategies.common import (
-    normalise_weights,
-)
+from fedalign.strategies.averaging import normalise_weights
 from fedalign.strategies.fedalign.options import SELECTIONS, SEMANTIC_CENTRES
 
 Tensor = torch.Tensor

@@ -16,24 +16,18 @@ from fedalign.protocol import (
     LossTermSpec,
     TrainInstructions,
 )
-from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
-from fedalign.strategies.common import (
-    base_record,
+from fedalign.strategies.averaging import (
     cast_like_reference,
-    check_results,
     client_expert_matrix,
     example_counts,
     example_weights,
     layer_statistics,
-    per_client,
-    rounded,
-    rounded_list,
     router_rows_average,
-    routing_metrics,
     trainable_layout,
     weighted_average,
     write_expert_vector_in_place,
 )
+from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.fedalign.options import (
     ABLATION_LEVEL,
     CONSISTENCY_SCORES,
@@ -66,6 +60,14 @@ from fedalign.strategies.lora import (
     with_remainder,
     write_lora_expert,
 )
+from fedalign.strategies.records import (
+    base_record,
+    per_client,
+    rounded,
+    rounded_list,
+    routing_metrics,
+)
+from fedalign.strategies.screening import check_results
 
 Tensor = torch.Tensor
 
