@@ -5,6 +5,7 @@ Every expected value is computed by hand in the comments next to it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -686,6 +687,11 @@ def test_centred_cosines_of_a_shared_dominant_direction() -> None:
         hidden_similarities(mean_hidden, counts, "whitened")
 
 
+def with_options(strategy: FedAlignMoE, **changes: object) -> FedAlignMoE:
+    """The same strategy with some options changed."""
+    return FedAlignMoE(strategy.layout, dataclasses.replace(strategy.options, **changes))
+
+
 @LAYOUTS
 def test_centred_semantic_consensus_in_the_strategy(layout: MoELayout) -> None:
     # Same update direction (V, 2V, 3V: D = 1). mu(0) = [10, 1], [10, 1], [10, -2]; expert 1
@@ -695,14 +701,14 @@ def test_centred_semantic_consensus_in_the_strategy(layout: MoELayout) -> None:
     strategy, global_parameters, results = semantic_round(
         layout, (1.0, 2.0, 3.0), [(10.0, 1.0), (10.0, 1.0), (10.0, -2.0)]
     )
-    strategy.semantic_centre = "centred"
+    strategy = with_options(strategy, semantic_centre="centred")
     aggregated = strategy.aggregate(1, global_parameters, results, {})
     record = aggregated.record["layers"]["moe"]["experts"][0]
     assert record["consensus"] == pytest.approx({"0": 0.0, "1": 0.0, "2": -1.0}, abs=1e-6)
     assert record["aligned"] == [0, 1]
     assert aggregated.record["method_options"]["semantic_centre"] == "centred"
     # Uncentred, every consensus is close to 1 (cos([10, 1], [10, -2]) = 98 / sqrt(101 * 104)).
-    strategy.semantic_centre = "uncentred"
+    strategy = with_options(strategy, semantic_centre="uncentred")
     plain = strategy.aggregate(1, global_parameters, results, {})
     cross = 98 / math.sqrt(101 * 104)
     assert plain.record["layers"]["moe"]["experts"][0]["consensus"] == pytest.approx(
@@ -720,7 +726,7 @@ def test_soft_selection_keeps_every_active_client(layout: MoELayout) -> None:
     strategy, global_parameters, results = semantic_round(
         layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, num_examples=(1, 1, 2)
     )
-    strategy.selection = "soft"
+    strategy = with_options(strategy, selection="soft")
     aggregated = strategy.aggregate(1, global_parameters, results, {})
 
     def sigmoid(x: float) -> float:

@@ -40,7 +40,8 @@ def test_build_strategy_maps_names_and_options() -> None:
         LAYOUT,
     )
     assert isinstance(align, FedAlignMoE)
-    assert (align.ablation, align.routing_lambda, align.beta, align.eps) == (
+    options = align.options
+    assert (options.ablation, options.routing_lambda, options.beta, options.eps) == (
         "adaptive-reg",
         0.5,
         2.0,

@@ -71,8 +71,17 @@ class Strategy(ABC):
     """How LoRA pairs are aggregated: ``"factors"`` (FedIT) or ``"product-svd"``; set with
     :meth:`set_lora_aggregation`."""
 
+    options_type: type | None = None
+    """The dataclass of the strategy's options (config keys ``strategy.<field>``); it
+    validates itself."""
+
     def __init__(self, layout: MoELayout) -> None:
         self.layout = layout
+
+    @classmethod
+    def from_options(cls, layout: MoELayout, options: Any) -> Strategy:
+        """The strategy built from its validated :attr:`options_type` instance."""
+        return cls(layout)
 
     def set_lora_aggregation(self, mode: str) -> None:
         """Choose ``"factors"`` or ``"product-svd"`` (``model.lora-aggregation``).

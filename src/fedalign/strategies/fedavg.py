@@ -40,6 +40,7 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    options_type: type | None = FedAvgOptions
 
     def aggregate(
         self,

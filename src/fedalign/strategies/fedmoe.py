@@ -72,6 +72,12 @@ class FedMoE(Strategy):
     """
 
     name = "fedmoe"
+    options_type = FedMoEOptions
+
+    @classmethod
+    def from_options(cls, layout: MoELayout, options: Any) -> FedMoE:
+        return cls(layout, options.fedmoe_u_min)
+
     needs_routing_statistics = True
 
     def __init__(self, layout: MoELayout, u_min: float = 0.01) -> None:

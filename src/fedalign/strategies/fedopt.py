@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,6 +89,17 @@ class FedOpt(Strategy):
 
     name = "fedopt"
     supports_lora_products = False
+    options_type = FedOptOptions
+
+    @classmethod
+    def from_options(cls, layout: MoELayout, options: Any) -> FedOpt:
+        return cls(
+            layout,
+            options.server_lr,
+            options.server_beta1,
+            options.server_beta2,
+            options.server_tau,
+        )
 
     def __init__(
         self,

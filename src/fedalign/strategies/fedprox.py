@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedalign.errors import check_option
 from fedalign.moe.layout import MoELayout
@@ -42,6 +43,11 @@ class FedProx(FedAvg):
     """
 
     name = "fedprox"
+    options_type = FedProxOptions
+
+    @classmethod
+    def from_options(cls, layout: MoELayout, options: Any) -> FedProx:
+        return cls(layout, options.proximal_mu)
 
     def __init__(self, layout: MoELayout, proximal_mu: float = 0.01) -> None:
         super().__init__(layout)

@@ -11,83 +11,55 @@ a name and a mapping of option values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from fedalign.errors import OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.strategies.base import Strategy
-from fedalign.strategies.fedalign import FedAlignMoE, FedAlignOptions
-from fedalign.strategies.fedavg import FedAvg, FedAvgOptions
-from fedalign.strategies.fedmoe import FedMoE, FedMoEOptions
-from fedalign.strategies.fedopt import FedAdam, FedOptOptions, FedYogi
-from fedalign.strategies.fedprox import FedProx, FedProxOptions
+from fedalign.strategies.fedalign import FedAlignMoE
+from fedalign.strategies.fedavg import FedAvg
+from fedalign.strategies.fedmoe import FedMoE
+from fedalign.strategies.fedopt import FedAdam, FedYogi
+from fedalign.strategies.fedprox import FedProx
 
 
 @dataclass(frozen=True)
 class StrategyEntry:
-    """One registered strategy.
+    """One registered strategy: a :class:`Strategy` subclass and its options dataclass.
 
     Parameters
     ----------
-    name : str
-        ``strategy.name`` value.
-    options : type
-        Dataclass of the strategy's options; its fields are the config keys (flat, shared
-        across strategies only with equal type and default) and it validates itself.
-    build : callable
-        ``build(layout, options) -> Strategy``.
+    strategy : type
+        The class; its ``name`` is the ``strategy.name`` value, its ``options_type`` the
+        dataclass whose fields are the config keys (flat, shared across strategies only with
+        equal type and default) and which validates itself, and ``from_options(layout,
+        options)`` builds it.
     """
 
-    name: str
-    options: type
-    build: Callable[[MoELayout, Any], Strategy]
+    strategy: type[Strategy]
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def options(self) -> type:
+        options = self.strategy.options_type
+        if options is None:
+            raise TypeError(f"strategy {self.strategy.__name__} has no options_type")
+        return options
+
+    def build(self, layout: MoELayout, options: Any) -> Strategy:
+        return self.strategy.from_options(layout, options)
 
 
 REGISTRY: dict[str, StrategyEntry] = {
     entry.name: entry
-    for entry in (
-        StrategyEntry("fedavg", FedAvgOptions, lambda layout, _o: FedAvg(layout)),
-        StrategyEntry(
-            "fedprox", FedProxOptions, lambda layout, o: FedProx(layout, proximal_mu=o.proximal_mu)
-        ),
-        StrategyEntry("fedmoe", FedMoEOptions, lambda layout, o: FedMoE(layout, o.fedmoe_u_min)),
-        StrategyEntry(
-            "fedalign",
-            FedAlignOptions,
-            lambda layout, o: FedAlignMoE(
-                layout,
-                ablation=o.ablation,
-                routing_lambda=o.routing_lambda,
-                beta=o.beta,
-                eps=o.eps,
-                personalized_experts=o.personalized_experts,
-                overlap=o.overlap,
-                routing_form=o.routing_form,
-                routing_signal=o.routing_signal,
-                count_weighted=o.count_weighted,
-                semantic_centre=o.semantic_centre,
-                selection=o.selection,
-                sketch_dim=o.sketch_dim,
-                client_proximal_mu=o.client_proximal_mu,
-            ),
-        ),
-        StrategyEntry(
-            "fedadam",
-            FedOptOptions,
-            lambda layout, o: FedAdam(
-                layout, o.server_lr, o.server_beta1, o.server_beta2, o.server_tau
-            ),
-        ),
-        StrategyEntry(
-            "fedyogi",
-            FedOptOptions,
-            lambda layout, o: FedYogi(
-                layout, o.server_lr, o.server_beta1, o.server_beta2, o.server_tau
-            ),
-        ),
-    )
+    for entry in [
+        StrategyEntry(cls) for cls in (FedAvg, FedProx, FedMoE, FedAlignMoE, FedAdam, FedYogi)
+    ]
 }
 """Every strategy, by ``strategy.name``."""
 
