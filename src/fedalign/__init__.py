@@ -12,4 +12,4 @@ from fedalign.strategies.registry import REGISTRY
 __version__ = "0.1.0"
 
 for _entry in REGISTRY.values():
-    register_strategy(_entry.name, _entry.options)
+    register_strategy(_entry.name, _entry.options, _entry.strategy.run_label)

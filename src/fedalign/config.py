@@ -19,7 +19,7 @@ import codecs
 import dataclasses
 import math
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -55,9 +55,13 @@ __all__ = [
 _STRATEGY_OPTIONS: dict[str, type] = {}
 """Registered strategies: name -> options dataclass (see :func:`register_strategy`)."""
 
+_RUN_LABELS: dict[str, Callable[[str], str]] = {}
+"""Registered strategies' run labels: name -> label of a variant (see :func:`run_label`)."""
 
-def register_strategy(name: str, options: type) -> None:
-    """Make strategy ``name`` and the fields of its options dataclass known to the config.
+
+def register_strategy(name: str, options: type, label: Callable[[str], str] | None = None) -> None:
+    """Make strategy ``name`` and the fields of its options dataclass known to the config;
+    ``label(variant)`` names its runs (default: the strategy's name).
 
     Option names are flat in ``[strategy]``: two strategies may share an option only with
     the same type and default (FedAdam and FedYogi share theirs).
@@ -81,6 +85,8 @@ def register_strategy(name: str, options: type) -> None:
             if (other_type, other_default) != (hints[item.name], _default(item)):
                 raise TypeError(f"option {item.name!r} of {name!r} clashes with another strategy")
     _STRATEGY_OPTIONS[name] = options
+    if label is not None:
+        _RUN_LABELS[name] = label
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -112,13 +118,11 @@ def _option_fields() -> dict[str, tuple[Any, Any]]:
 
 
 def run_label(strategy_name: str, ablation: str = "full") -> str:
-    """The label of a run in tables, plots and folder names.
-
-    ``fedalign-<ablation>`` for FedAlign-MoE's ablation rows, else the strategy's name.
-    """
-    if strategy_name == "fedalign" and ablation != "full":
-        return f"fedalign-{ablation}"
-    return strategy_name
+    """The label of a run in tables, plots and folder names: what the strategy registered
+    for the variant ``ablation`` (``strategy.ablation``; FedAlign-MoE gives
+    ``fedalign-<ablation>`` for rows other than ``full``), else the strategy's name."""
+    label = _RUN_LABELS.get(strategy_name)
+    return strategy_name if label is None else label(ablation)
 
 
 PARTITION_METHODS = ("dirichlet", "pathological", "iid")

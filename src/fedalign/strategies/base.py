@@ -83,6 +83,12 @@ class Strategy(ABC):
         """The strategy built from its validated :attr:`options_type` instance."""
         return cls(layout)
 
+    @classmethod
+    def run_label(cls, variant: str) -> str:
+        """The label of this strategy's runs in tables, plots and folder names, for a
+        variant (``strategy.ablation``): the strategy's name unless it has variants."""
+        return cls.name
+
     def set_lora_aggregation(self, mode: str) -> None:
         """Choose ``"factors"`` or ``"product-svd"`` (``model.lora-aggregation``).
 

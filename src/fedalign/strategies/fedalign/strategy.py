@@ -124,6 +124,11 @@ class FedAlignMoE(Strategy):
     def from_options(cls, layout: MoELayout, options: Any) -> FedAlignMoE:
         return cls(layout, options)
 
+    @classmethod
+    def run_label(cls, variant: str) -> str:
+        """``fedalign-<ablation>`` for ablation rows other than ``full``."""
+        return cls.name if variant == "full" else f"{cls.name}-{variant}"
+
     @property
     def ablation(self) -> str:
         return self.options.ablation
