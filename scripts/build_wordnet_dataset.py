@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Build the embedded WordNet supersense dataset from a WordNet 3.0 ``data.noun`` file.
+"""Build the embedded WordNet supersense datasets from WordNet 3.0 ``data.noun`` and
+``data.verb`` files (Debian package ``wordnet-base``).
 
-Each synset line of ``data.noun`` holds its lexicographer file number (the supersense) in
-field 2 and its gloss after ``" | "``. This script keeps the synsets of eight large noun
-supersenses (see :data:`fedalign.data.datasets.WORDNET_LEXFILES`) and writes one JSON line
-``{"label": "animal", "text": "..."}`` per example to a gzip file whose bytes depend only on
-the input (fixed gzip header, input order), so a rebuild is byte-identical.
+Each synset line holds its lexicographer file number (the supersense) in field 2 and its
+gloss after ``" | "``. The noun dataset keeps the synsets of eight large noun supersenses
+(:data:`fedalign.data.datasets.WORDNET_LEXFILES`), the verb dataset every verb synset with
+its fifteen supersenses (:data:`fedalign.data.datasets.WORDNET_VERB_LEXFILES`). Each is
+written as one JSON line ``{"label": "animal", "text": "..."}`` per example to a gzip file
+whose bytes depend only on the input (fixed gzip header, input order), so a rebuild is
+byte-identical.
 
 Text cleaning (kept deliberately simple):
 
@@ -22,6 +25,7 @@ Debian's one-space indentation, into ``WORDNET_LICENSE`` next to the asset.
 Usage::
 
     python scripts/build_wordnet_dataset.py [--data-noun /usr/share/wordnet/data.noun]
+        [--data-verb /usr/share/wordnet/data.verb]
 """
 
 from __future__ import annotations
@@ -34,19 +38,23 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedalign.data.datasets import WORDNET_LEXFILES
+from fedalign.data.datasets import WORDNET_LEXFILES, WORDNET_VERB_LEXFILES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSET_DIR = REPO_ROOT / "src" / "fedalign" / "data" / "assets"
 DEFAULT_DATA_NOUN = Path("/usr/share/wordnet/data.noun")
+DEFAULT_DATA_VERB = Path("/usr/share/wordnet/data.verb")
 DEFAULT_COPYRIGHT = Path("/usr/share/doc/wordnet-base/copyright")
 
 LICENSE_HEADER = """\
 wordnet_supersense.jsonl.gz is derived from WordNet 3.0 (the noun database, data.noun):
 the glosses of the noun synsets of eight lexicographer files (noun.act, noun.animal,
 noun.artifact, noun.communication, noun.food, noun.location, noun.person, noun.plant),
-labelled by that file, with quoted example sentences removed. It is redistributed under
-the WordNet 3.0 licence below.
+labelled by that file, with quoted example sentences removed.
+wordnet_verb_supersense.jsonl.gz is derived from WordNet 3.0 (the verb database,
+data.verb) the same way: the glosses of every verb synset, labelled by its lexicographer
+file (verb.body ... verb.weather). Both are redistributed under the WordNet 3.0 licence
+below.
 
 """
 
@@ -71,13 +79,18 @@ def clean_gloss(gloss: str) -> str:
     return definition or full
 
 
-def parse_data_noun(lines: Iterable[str]) -> list[tuple[str, str]]:
-    """Extract ``(text, label)`` pairs from the lines of a WordNet ``data.noun`` file.
+def parse_data_noun(
+    lines: Iterable[str], lexfiles: dict[int, str] = WORDNET_LEXFILES
+) -> list[tuple[str, str]]:
+    """Extract ``(text, label)`` pairs from the lines of a WordNet ``data.noun`` (or, with
+    ``lexfiles`` = :data:`WORDNET_VERB_LEXFILES`, ``data.verb``) file.
 
     Parameters
     ----------
     lines : iterable of str
         The file's lines; licence header lines (starting with two spaces) are skipped.
+    lexfiles : dict of int to str
+        Lexicographer file numbers to keep, with their labels.
 
     Returns
     -------
@@ -92,7 +105,7 @@ def parse_data_noun(lines: Iterable[str]) -> list[tuple[str, str]]:
         fields = line.split(" ", 2)
         if len(fields) < 3 or not fields[1].isdigit():
             continue
-        label = WORDNET_LEXFILES.get(int(fields[1]))
+        label = lexfiles.get(int(fields[1]))
         if label is None:
             continue
         text = clean_gloss(line.split(" | ", 1)[1])
@@ -186,23 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-noun", type=Path, default=DEFAULT_DATA_NOUN)
+    parser.add_argument("--data-verb", type=Path, default=DEFAULT_DATA_VERB)
     parser.add_argument("--copyright", type=Path, default=DEFAULT_COPYRIGHT)
     parser.add_argument("--out-dir", type=Path, default=ASSET_DIR)
     args = parser.parse_args(argv)
 
-    with args.data_noun.open(encoding="utf-8") as handle:
-        pairs = parse_data_noun(handle)
-    data = to_gzip_jsonl(pairs)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    asset = args.out_dir / "wordnet_supersense.jsonl.gz"
-    asset.write_bytes(data)
+    for source, lexfiles, name in (
+        (args.data_noun, WORDNET_LEXFILES, "wordnet_supersense.jsonl.gz"),
+        (args.data_verb, WORDNET_VERB_LEXFILES, "wordnet_verb_supersense.jsonl.gz"),
+    ):
+        with source.open(encoding="utf-8") as handle:
+            pairs = parse_data_noun(handle, lexfiles)
+        data = to_gzip_jsonl(pairs)
+        asset = args.out_dir / name
+        asset.write_bytes(data)
+        counts = collections.Counter(label for _, label in pairs)
+        print(f"wrote {asset} ({len(data)} bytes, {len(pairs)} examples)")
+        for label in sorted(counts):
+            print(f"  {label:<14} {counts[label]:>6}")
     licence = LICENSE_HEADER + extract_wordnet_license(args.copyright.read_text(encoding="utf-8"))
     (args.out_dir / "WORDNET_LICENSE").write_text(licence, encoding="utf-8")
-
-    counts = collections.Counter(label for _, label in pairs)
-    print(f"wrote {asset} ({len(data)} bytes, {len(pairs)} examples)")
-    for label in sorted(counts):
-        print(f"  {label:<14} {counts[label]:>6}")
     return 0
 
 

@@ -17,11 +17,13 @@ from fedalign.data import (
     AG_NEWS_LABELS,
     DATASETS,
     WORDNET_SUPERSENSES,
+    WORDNET_VERB_SUPERSENSES,
     TextDataset,
     load_ag_news,
     load_data,
     load_text_file,
     load_wordnet_supersense,
+    load_wordnet_verb_supersense,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +64,27 @@ def test_wordnet_loads_offline_with_eight_large_classes() -> None:
     assert len(set(data.texts)) == len(data.texts)
 
 
+def test_wordnet_verbs_load_offline_with_fifteen_long_tailed_classes() -> None:
+    data = load_wordnet_verb_supersense()
+    assert data.label_names == list(WORDNET_VERB_SUPERSENSES) and data.num_classes == 15
+    assert "wordnet-verb-supersense" in DATASETS
+    counts = data.class_counts()
+    assert len(data) >= 13_000 and counts.min() >= 50
+    assert counts.max() / counts.min() > 20  # a long tail: change ~2.3k, weather 81
+    assert data.label_names[int(np.argmin(counts))] == "weather"
+    assert len(set(data.texts)) == len(data.texts)
+    assert sum('; "' in t for t in data.texts) == 0
+
+
+def test_load_data_reads_the_verb_dataset_by_name() -> None:
+    config = DataConfig(dataset="wordnet-verb-supersense", max_train_examples=2000)
+    splits = load_data(config, seed=0)
+    assert splits.train.num_classes == 15 and len(splits.train) == 2000
+    test_counts = splits.test.class_counts()
+    assert test_counts.min() == test_counts.max() > 0  # class-balanced test set
+    assert not set(splits.train.texts) & set(splits.test.texts)
+
+
 def test_wordnet_returns_independent_copies() -> None:
     first = load_wordnet_supersense()
     first.labels[0] = 7 - first.labels[0]
@@ -94,6 +117,8 @@ def test_build_script_parses_synthetic_lines() -> None:
         ("baked food made of flour", "food"),
         ("a genus of cats", "animal"),
     ]
+    verbs = ["07 43 v 01 rain 0 000 | precipitate as rain  \n", *lines]
+    assert script.parse_data_noun(verbs, {43: "weather"}) == [("precipitate as rain", "weather")]
     assert script.clean_gloss('"only an example"') == '"only an example"'
     data = script.to_gzip_jsonl([("a b", "act")])
     assert data == script.to_gzip_jsonl([("a b", "act")])
@@ -104,7 +129,11 @@ def test_build_script_parses_synthetic_lines() -> None:
 def test_build_script_rebuild_is_byte_identical(tmp_path: Path) -> None:
     script = _build_script()
     assert script.main(["--out-dir", str(tmp_path)]) == 0
-    for name in ("wordnet_supersense.jsonl.gz", "WORDNET_LICENSE"):
+    for name in (
+        "wordnet_supersense.jsonl.gz",
+        "wordnet_verb_supersense.jsonl.gz",
+        "WORDNET_LICENSE",
+    ):
         assert (tmp_path / name).read_bytes() == (ASSET_DIR / name).read_bytes()
     assert (ASSET_DIR / "wordnet_supersense.jsonl.gz").stat().st_size < 3_000_000
 

@@ -19,6 +19,7 @@ from fedalign.data.datasets import (
     DATASETS,
     FILE_EXTENSIONS,
     WORDNET_SUPERSENSES,
+    WORDNET_VERB_SUPERSENSES,
     FileReport,
     hold_out_validation,
     holdout_balanced_test,
@@ -27,6 +28,7 @@ from fedalign.data.datasets import (
     load_data,
     load_text_file,
     load_wordnet_supersense,
+    load_wordnet_verb_supersense,
     read_text_file,
 )
 from fedalign.data.examples import DataSplits, MultipleChoiceDataset, TextDataset
@@ -52,6 +54,7 @@ __all__ = [
     "FILE_EXTENSIONS",
     "SAMPLE_FILES",
     "WORDNET_SUPERSENSES",
+    "WORDNET_VERB_SUPERSENSES",
     "ClientSplit",
     "DataSplits",
     "FederatedData",
@@ -71,6 +74,7 @@ __all__ = [
     "load_data",
     "load_text_file",
     "load_wordnet_supersense",
+    "load_wordnet_verb_supersense",
     "mmlu_example",
     "pad_token_id",
     "partition_labels",

@@ -4,8 +4,13 @@ Three kinds of source are supported, chosen by :attr:`fedalign.config.DataConfig
 
 ``wordnet-supersense``
     Embedded in the package (no network): WordNet 3.0 noun glosses labelled by eight noun
-    supersenses (lexicographer files). Built by ``scripts/build_wordnet_dataset.py``; see
-    that script for the text cleaning. Licence: ``assets/WORDNET_LICENSE``.
+    supersenses (lexicographer files), 2.6k-11.6k a class. Built by
+    ``scripts/build_wordnet_dataset.py``; see that script for the text cleaning. Licence:
+    ``assets/WORDNET_LICENSE``.
+``wordnet-verb-supersense``
+    Embedded the same way: the glosses of every WordNet 3.0 verb synset labelled by its
+    fifteen verb supersenses, a long tail from about 2.4k (change) to 81 (weather)
+    examples; short glosses, a harder many-class task.
 ``ag_news``
     The Hugging Face hub dataset, through :func:`datasets.load_dataset` (needs network).
 a path ending in ``.csv``, ``.jsonl`` or ``.json``
@@ -50,7 +55,7 @@ from fedalign.data.choices import (
 from fedalign.data.examples import DataSplits, TextDataset
 from fedalign.errors import DataFileError
 
-DATASETS = ("wordnet-supersense", "ag_news", *MULTIPLE_CHOICE_DATASETS)
+DATASETS = ("wordnet-supersense", "wordnet-verb-supersense", "ag_news", *MULTIPLE_CHOICE_DATASETS)
 """Named sources accepted by ``data.dataset`` (besides file paths)."""
 
 FILE_EXTENSIONS = (".csv", ".jsonl", ".json")
@@ -74,19 +79,44 @@ WORDNET_LEXFILES: dict[int, str] = {
 WORDNET_SUPERSENSES: tuple[str, ...] = tuple(sorted(WORDNET_LEXFILES.values()))
 """Label names of the embedded dataset, in label-id order."""
 
+WORDNET_VERB_LEXFILES: dict[int, str] = {
+    29: "body",
+    30: "change",
+    31: "cognition",
+    32: "communication",
+    33: "competition",
+    34: "consumption",
+    35: "contact",
+    36: "creation",
+    37: "emotion",
+    38: "motion",
+    39: "perception",
+    40: "possession",
+    41: "social",
+    42: "stative",
+    43: "weather",
+}
+"""WordNet lexicographer file number -> verb supersense (all fifteen)."""
+
+WORDNET_VERB_SUPERSENSES: tuple[str, ...] = tuple(sorted(WORDNET_VERB_LEXFILES.values()))
+"""Label names of the embedded verb dataset, in label-id order."""
+
 AG_NEWS_LABELS: tuple[str, ...] = ("World", "Sports", "Business", "Sci-Tech")
 """Label names of AG News in label-id order (the hub calls the last one ``Sci/Tech``)."""
 
 _WORDNET_ASSET = "wordnet_supersense.jsonl.gz"
+_WORDNET_VERB_ASSET = "wordnet_verb_supersense.jsonl.gz"
 _INT_PATTERN = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
 # ------------------------------------------------------------------------------ sources
-@functools.lru_cache(maxsize=1)
-def _read_wordnet_asset() -> tuple[tuple[str, ...], np.ndarray]:
-    resource = importlib.resources.files("fedalign.data").joinpath("assets", _WORDNET_ASSET)
+@functools.lru_cache(maxsize=2)
+def _read_wordnet_asset(
+    asset: str = _WORDNET_ASSET, names: tuple[str, ...] = WORDNET_SUPERSENSES
+) -> tuple[tuple[str, ...], np.ndarray]:
+    resource = importlib.resources.files("fedalign.data").joinpath("assets", asset)
     raw = gzip.decompress(resource.read_bytes()).decode("utf-8")
-    ids = {name: i for i, name in enumerate(WORDNET_SUPERSENSES)}
+    ids = {name: i for i, name in enumerate(names)}
     texts: list[str] = []
     labels: list[int] = []
     for line in raw.splitlines():
@@ -111,6 +141,20 @@ def load_wordnet_supersense() -> TextDataset:
     """
     texts, labels = _read_wordnet_asset()
     return TextDataset(list(texts), labels.copy(), list(WORDNET_SUPERSENSES))
+
+
+def load_wordnet_verb_supersense() -> TextDataset:
+    """Load the embedded WordNet verb supersense dataset (no network).
+
+    Returns
+    -------
+    TextDataset
+        About 13.7k verb glosses in file order, labelled with one of the fifteen
+        :data:`WORDNET_VERB_SUPERSENSES` (a long tail: 81 ``weather`` glosses against about
+        2.4k ``change``). Cached like :func:`load_wordnet_supersense`.
+    """
+    texts, labels = _read_wordnet_asset(_WORDNET_VERB_ASSET, WORDNET_VERB_SUPERSENSES)
+    return TextDataset(list(texts), labels.copy(), list(WORDNET_VERB_SUPERSENSES))
 
 
 def load_ag_news() -> DataSplits:
@@ -700,6 +744,8 @@ def load_data(config: DataConfig, seed: int) -> DataSplits:
     else:
         if config.dataset == "wordnet-supersense":
             pool = load_wordnet_supersense()
+        elif config.dataset == "wordnet-verb-supersense":
+            pool = load_wordnet_verb_supersense()
         else:
             pool, report = read_text_file(
                 config.dataset, config.text_column, config.label_column, config.encoding
