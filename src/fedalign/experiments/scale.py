@@ -846,7 +846,7 @@ def run_scale_benchmark(
     run_folders: Sequence[str | Path] = (),
     log: Any = print,
 ) -> None:
-    """Every part of issue 14's measurement, written under ``out``.
+    """Every part of the scale measurement, written under ``out``.
 
     * ``step``: :func:`run_cell_isolated` for FedAvg, FedAlign-MoE and FedAlign-MoE with
       ``sketch_dim`` per expert size x client count -> ``server_step.{md,json}``;

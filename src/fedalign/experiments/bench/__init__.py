@@ -4,7 +4,7 @@
   aggregation cost, kept bytes per client);
 * :mod:`.backbone`: MoEfied vs copy-upcycled backbone (router gradient, routing entropy and
   divergence, round time, upload bytes, FLOP rate, centralised accuracy);
-* :mod:`.scale`: issue 14's ratios (server step, bytes per client per round with each upload
+* :mod:`.scale`: scale ratios (server step, bytes per client per round with each upload
   compression, simulator memory per client), with :mod:`.memory`.
 """
 

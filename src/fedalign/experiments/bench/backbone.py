@@ -1,4 +1,4 @@
-"""``fedalign bench --suite backbone`` (issue 10): MoEfied vs copy-upcycled, in one run.
+"""``fedalign bench --suite backbone``: MoEfied vs copy-upcycled, in one run.
 
 On the given configuration: the router's task gradient at init and after one round,
 per-token routing entropy and between-client JS divergence of routing after one round,
@@ -198,7 +198,7 @@ def backbone_variant(config: ExperimentConfig, expert_init: str) -> dict[str, fl
 
 
 def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300, repeats: int = 3) -> str:
-    """The backbone table (issue 10): MoEfied vs copy-upcycled, measured in one run."""
+    """The backbone table: MoEfied vs copy-upcycled, measured in one run."""
     require_cpu_classification(config)
     variants = {
         "moefication": ("moefication", True),

@@ -9,7 +9,7 @@ its rounds (:meth:`Simulator.client_state_bytes`: AdamW moments with
 ``train.keep-optimizer-state``, error-feedback residuals with ``federated.upload-compression``,
 personalised parameters).
 
-Issue 14's target: the peak grows by no more than twice the state kept per added client.
+The target: the peak grows by no more than twice the state kept per added client.
 :func:`memory_growth` fits both against the client count (least squares over the cells) and
 reports their ratio. Clients hold a fixed number of examples each, so the data grows with
 them as it would in a real federation.

@@ -1,4 +1,4 @@
-"""``fedalign bench --suite scale``: issue 14's ratios, measured in one run.
+"""``fedalign bench --suite scale``: server-step, upload and memory ratios, measured in one run.
 
 Three tables in one Markdown page:
 
