@@ -37,7 +37,6 @@ from fedalign.data.partition import (
     FederatedData,
     PartitionReport,
     build_federated_data,
-    check_partition_config,
     partition_labels,
 )
 from fedalign.data.tokenize import (
@@ -64,7 +63,6 @@ __all__ = [
     "TextDataset",
     "TokenizedData",
     "build_federated_data",
-    "check_partition_config",
     "hellaswag_example",
     "hold_out_validation",
     "holdout_balanced_test",

@@ -28,7 +28,6 @@ and hyper-parameter selection without the test set).
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import gzip
@@ -44,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from fedalign.config import MULTIPLE_CHOICE_DATASETS, ConfigError, DataConfig
+from fedalign.config import MULTIPLE_CHOICE_DATASETS, ConfigError, DataConfig, check_encoding
 from fedalign.data.choices import (
     SAMPLE,
     choice_dataset,
@@ -202,12 +201,14 @@ def _decode(path: Path, encoding: str) -> str:
     DataFileError
         When the file cannot be read or decoded; a decode error names the line, the column
         and the byte offset of the first bad byte.
+    ConfigError
+        When ``encoding`` is no Python codec (``data.encoding``).
     """
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise DataFileError(f"data.dataset: cannot read {str(path)!r}: {error}") from error
-    codec = codecs.lookup(encoding).name
+    codec = check_encoding(encoding)
     try:
         return raw.decode("utf-8-sig" if codec == "utf-8" else encoding)
     except UnicodeDecodeError as error:
@@ -489,7 +490,8 @@ def load_text_file(
 
 # ------------------------------------------------------------------------ global split
 def _check_data_config(config: DataConfig) -> None:
-    """Validate ``config`` before anything is loaded."""
+    """Validate ``config`` before anything is loaded: the source exists, the section's own
+    rules (:meth:`DataConfig.validate`), a file's columns."""
     name = config.dataset
     is_file = Path(name).suffix.lower() in FILE_EXTENSIONS
     if name not in DATASETS and not is_file:
@@ -512,22 +514,7 @@ def _check_data_config(config: DataConfig) -> None:
             )
         if not Path(config.path).is_file():
             raise ConfigError(f"data.path: file {config.path!r} not found")
-    if not 0.0 < config.test_fraction < 1.0:
-        raise ConfigError(f"data.test-fraction must be in (0, 1) (got {config.test_fraction})")
-    for field_name, value in (
-        ("data.max-train-examples", config.max_train_examples),
-        ("data.max-test-examples", config.max_test_examples),
-        ("data.validation-examples", config.validation_examples),
-    ):
-        if value < 0:
-            raise ConfigError(f"{field_name} must be >= 0 (0 = none; got {value})")
-    try:
-        codecs.lookup(config.encoding)
-    except LookupError as error:
-        raise ConfigError(
-            f"data.encoding must be a Python codec name such as 'utf-8' or 'latin-1' "
-            f"(got {config.encoding!r})"
-        ) from error
+    config.validate()
     if is_file:
         for field_name, column in (
             ("data.text-column", config.text_column),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedalign.config import PARTITION_METHODS, ConfigError, DataConfig, PartitionConfig
+from fedalign.config import ConfigError, DataConfig, PartitionConfig
 from fedalign.data.datasets import DataSplits, TextDataset, load_data
 
 DIRICHLET_MAX_TRIES = 1000
@@ -24,28 +24,6 @@ DIRICHLET_MAX_TRIES = 1000
 
 
 # ------------------------------------------------------------------------- validation
-def _check_method_args(
-    method: str, num_clients: int, alpha: float, classes_per_client: int, min_client_size: int
-) -> None:
-    """Checks that need no data (the method's own arguments only)."""
-    if method not in PARTITION_METHODS:
-        raise ConfigError(
-            f"partition.method must be one of {list(PARTITION_METHODS)} (got {method!r})"
-        )
-    if num_clients < 1:
-        raise ConfigError(f"partition.num-clients must be >= 1 (got {num_clients})")
-    if method == "dirichlet":
-        if not alpha > 0:
-            raise ConfigError(
-                f"partition.alpha must be > 0 (got {alpha}); small values such as 0.1 give "
-                "strong label skew, large values such as 100 are close to iid"
-            )
-        if min_client_size < 0:
-            raise ConfigError(f"partition.min-client-size must be >= 0 (got {min_client_size})")
-    if method == "pathological" and classes_per_client < 1:
-        raise ConfigError(f"partition.classes-per-client must be >= 1 (got {classes_per_client})")
-
-
 def _check_against_labels(
     labels: np.ndarray,
     method: str,
@@ -193,13 +171,20 @@ def partition_labels(
     Raises
     ------
     ConfigError
-        For an unknown method, ``alpha <= 0``, more clients than examples,
+        For an argument :meth:`PartitionConfig.validate` refuses (whatever the method: an
+        unknown method, ``alpha <= 0``, ...), more clients than examples,
         ``classes_per_client`` larger than the number of classes, a minimum size that cannot
         be met, or (pathological) a class with fewer examples than clients holding it. The
         message names the ``partition.*`` field.
     """
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    _check_method_args(method, num_clients, alpha, classes_per_client, min_client_size)
+    PartitionConfig(
+        method=method,
+        num_clients=num_clients,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        min_client_size=min_client_size,
+    ).validate()
     _check_against_labels(labels, method, num_clients, classes_per_client, min_client_size)
     if method == "dirichlet":
         return _dirichlet(labels, num_clients, alpha, min_client_size, seed)
@@ -389,32 +374,6 @@ class FederatedData:
         )
 
 
-def check_partition_config(partition: PartitionConfig) -> None:
-    """Validate the parts of ``partition`` that need no data.
-
-    Parameters
-    ----------
-    partition : PartitionConfig
-        The partition section of the experiment configuration.
-
-    Raises
-    ------
-    ConfigError
-        Naming the offending ``partition.*`` field.
-    """
-    _check_method_args(
-        partition.method,
-        partition.num_clients,
-        partition.alpha,
-        partition.classes_per_client,
-        partition.min_client_size,
-    )
-    if not 0.0 <= partition.local_test_fraction < 1.0:
-        raise ConfigError(
-            f"partition.local-test-fraction must be in [0, 1) (got {partition.local_test_fraction})"
-        )
-
-
 def split_local(
     indices: np.ndarray, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -463,9 +422,9 @@ def build_federated_data(data: DataConfig, partition: PartitionConfig, seed: int
     ------
     ConfigError
         For a bad ``data.*`` or ``partition.*`` value; everything that needs no data is
-        checked before loading.
+        checked before loading (:meth:`PartitionConfig.validate`).
     """
-    check_partition_config(partition)
+    partition.validate()
     splits = load_data(data, seed)
     parts = partition_labels(
         splits.train.labels,
