@@ -276,10 +276,12 @@ def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 def _accuracy_set_size(path: str, sizes: Mapping[str, int]) -> int | None:
     """The number of examples an accuracy at ``path`` was measured on (None: not one)."""
     leaf = path.rsplit("/", 1)[-1]
-    if "accuracy" not in path or leaf.endswith("#len"):
+    if not ("accuracy" in path or "own_router_gain" in path) or leaf.endswith("#len"):
         return None
     if "global_accuracy" in leaf:
         return sizes["test"]
+    if "class_accuracy" in path:
+        return sizes["test_per_class"]
     return sizes["smallest_local_test"]
 
 
@@ -346,8 +348,11 @@ def accuracy_set_sizes(signature: Mapping[str, Any]) -> dict[str, int]:
     """Sizes of the sets accuracies are measured on: the global test set (the config's cap)
     and the smallest local test split (a flipped prediction moves its accuracy most)."""
     local = [int(n) for n in signature["partition"].get("test_sizes", []) if int(n) > 0]
+    test = max(int(signature["config"]["data"]["max-test-examples"]), 1)
+    classes = max(len(signature["partition"].get("label_names", [])), 1)
     return {
-        "test": max(int(signature["config"]["data"]["max-test-examples"]), 1),
+        "test": test,
+        "test_per_class": max(test // classes, 1),
         "smallest_local_test": min(local, default=1),
     }
 

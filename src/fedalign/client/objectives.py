@@ -130,8 +130,9 @@ class TaskObjective(ABC):
         """The task loss of ``routed(batch)`` (a scalar with a graph)."""
 
     @abstractmethod
-    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[int, float]:
-        """Correct predictions and summed loss over the examples of ``batch``."""
+    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[Tensor, float]:
+        """Which examples of ``batch`` are predicted right (``(B,)`` bool) and the summed
+        loss over them."""
 
 
 class ClassificationObjective(TaskObjective):
@@ -153,10 +154,10 @@ class ClassificationObjective(TaskObjective):
         logits = forward_logits(model, batch)  # (B, C)
         return F.cross_entropy(logits, batch.labels)
 
-    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[int, float]:
+    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[Tensor, float]:
         logits = forward_logits(model, batch)
         loss_sum = float(F.cross_entropy(logits.float(), batch.labels, reduction="sum"))
-        return int((logits.argmax(dim=-1) == batch.labels).sum()), loss_sum
+        return logits.argmax(dim=-1) == batch.labels, loss_sum
 
 
 class MultipleChoiceObjective(TaskObjective):
@@ -219,10 +220,10 @@ class MultipleChoiceObjective(TaskObjective):
         shape = (num_examples, num_choices)
         return torch.cat(sums).reshape(shape), torch.cat(counts).reshape(shape)
 
-    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[int, float]:
+    def score(self, model: MoEModel, batch: ModelInputs) -> tuple[Tensor, float]:
         sums, counts = self.choice_log_likelihoods(model, batch)
         scores = choice_scores(sums, counts)  # (B, K)
-        correct = int((scores.argmax(dim=-1) == batch.labels).sum())
+        correct = scores.argmax(dim=-1) == batch.labels
         rows = torch.arange(len(batch), device=scores.device)
         return correct, float(-scores[rows, batch.labels].sum())
 

@@ -129,13 +129,15 @@ class Simulator:
             + tensor_bytes(self.server.personal_parameters)
         )
 
-    def evaluate(self) -> dict[str, Any]:
-        """:func:`evaluate_global` of the current global parameters."""
+    def evaluate(self, results: Sequence[ClientResult] = ()) -> dict[str, Any]:
+        """:func:`evaluate_global` of the current global parameters (with the routing
+        breakdown of ``results``, the round's client results, when given)."""
         return evaluate_global(
             self.model,
             self.data,
             self.server.global_parameters,
             self.config.federated.min_local_test,
+            results,
         )
 
     def _client_round(self, server_round: int, client_id: int, instructions: Any) -> Any:
@@ -288,7 +290,7 @@ class Simulator:
             train_seconds=train_seconds,
             aggregation_seconds=aggregation_seconds,
             client_state_bytes=self.client_state_bytes(),
-            evaluation=self.evaluate() if due else None,
+            evaluation=self.evaluate(results) if due else None,
             extra=round_extra(failed, screening.rejected, screening.clipped),
         )
 

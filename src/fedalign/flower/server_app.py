@@ -76,6 +76,7 @@ class RunFolderRecords:
                 self.prepared.data,
                 server.global_parameters,
                 config.federated.min_local_test,
+                [reply.result for reply in report.replies],
             )
         outcome = RoundOutcome(
             server_round=report.server_round,

@@ -45,6 +45,7 @@ from fedalign.errors import RunFolderError
 from fedalign.federation import RoundOutcome
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import RoutingStatistics
+from fedalign.records.diagnostics import merge_diagnostics
 from fedalign.records.files import RunRecorder, save_state
 from fedalign.records.plots import plot_convergence
 from fedalign.routing import routing_divergence, semantic_dispersion
@@ -295,6 +296,7 @@ class RunFolder:
         self.bytes_received = 0
         self.completed_rounds = 0
         self.config: ExperimentConfig | None = None
+        self.class_counts: list[list[int]] = []
 
     # ------------------------------------------------------------------ setup
     def write_setup(
@@ -303,6 +305,7 @@ class RunFolder:
         """Write the configuration, partition and layout; later checkpoints record the
         configuration's fingerprint."""
         self.config = config
+        self.class_counts = report.counts.tolist()
         self.recorder.write_text("config.toml", config.to_toml())
         self.recorder.write_text("partition.md", report.to_markdown() + "\n")
         self.recorder.write_text("partition.csv", report.to_csv())
@@ -389,6 +392,8 @@ class RunFolder:
             "strategy": strategy_name,
             **outcome.aggregation.record,
         }
+        if self.class_counts:
+            line["merge_diagnostics"] = merge_diagnostics(decision, self.class_counts)
         self.completed_rounds = outcome.server_round
         self.recorder.add_round(line, decision)
         self.recorder.add_routing(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedalign.config import ConfigError
+from fedalign.experiments.report.diagnostics import diagnostics_section_parts
 from fedalign.experiments.report.drawing import plot_accuracy, plot_divergence, plot_routing
 from fedalign.experiments.report.extract import (
     RULE_TEXT,
@@ -118,6 +119,9 @@ def curve_sections(records: RunRecords, out: Path) -> list[Section]:
             [plot_divergence(records, out / "divergence.png")],
         ),
     ]
+    diagnostics = diagnostics_section_parts(records, out)
+    if diagnostics is not None:
+        sections.append(Section("Where accuracy goes", *diagnostics))
     if not records.routing:
         sections.append(
             Section(
