@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 from fedalign.config import ConfigError
 from fedalign.errors import OptionError
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import (
     FedAlignMoE,
@@ -25,38 +25,19 @@ from fedalign.strategies import (
     build_strategy,
 )
 from fedalign.strategies.fedalign import semantic_alignment
-from tests.helpers import expert_alpha, global_routing, proximal_mu, routing_lambda
+from tests.helpers import (
+    FUSED_LAYOUT,
+    PER_EXPERT_LAYOUT,
+    expert_alpha,
+    global_routing,
+    proximal_mu,
+    routing_lambda,
+)
 
-ROUTER_PARAMS = ("moe.router.weight", "moe.router.bias")
 # Two experts of 4 values each, stored fused ((E, 2, 2), rows [e, e+1)) or one tensor pair
 # per expert (w (3,), b (1,)).
-FUSED = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=ROUTER_PARAMS,
-            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
-        ),
-    )
-)
-PER_EXPERT = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=ROUTER_PARAMS,
-            experts=tuple(
-                (ExpertSlice(f"moe.experts.{e}.w"), ExpertSlice(f"moe.experts.{e}.b"))
-                for e in range(2)
-            ),
-        ),
-    )
-)
+FUSED = FUSED_LAYOUT
+PER_EXPERT = PER_EXPERT_LAYOUT
 LAYOUTS = pytest.mark.parametrize("layout", [FUSED, PER_EXPERT], ids=["fused", "per-expert"])
 
 
@@ -938,3 +919,48 @@ def test_routing_form_reaches_the_client_loss(tmp_path: object) -> None:
         losses[form] = read_jsonl(folder / "metrics.jsonl")[-1]["routing_loss"]
     assert len(set(losses.values())) == 3
     assert losses["batch-kl"] >= 0 and losses["topk-kl"] >= 0
+
+
+# ------------------------------------------------------------- merge strength (not the paper's)
+@LAYOUTS
+def test_merge_strength_zero_merges_like_fedavg(layout: MoELayout) -> None:
+    """Opposite updates leave client 2 out of A_0 at full strength; at strength 0 expert 0,
+    the router and the head are the data-share averages FedAvg gives (expert 1, which no
+    client routed to, keeps its value: trained clients leave such an expert unchanged)."""
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, num_examples=(1, 1, 2)
+    )
+    full = strategy.aggregate(1, global_parameters, results, {})
+    assert full.record["layers"]["moe"]["experts"][0]["aligned"] == [0, 1]
+    plain = with_options(strategy, merge_strength=0.0).aggregate(1, global_parameters, results, {})
+    fedavg = FedAvg(layout).aggregate(1, global_parameters, results, {})
+    torch.testing.assert_close(
+        expert(plain.parameters, layout, 0), expert(fedavg.parameters, layout, 0)
+    )
+    for name in ("moe.router.weight", "moe.router.bias", "head.weight"):
+        torch.testing.assert_close(plain.parameters[name], fedavg.parameters[name])
+    assert plain.record["merge_strength"] == 0.0
+    assert plain.record["layers"]["moe"]["experts"][0]["aggregation_weights"] == {
+        "0": 0.25,
+        "1": 0.25,
+        "2": 0.5,
+    }
+    assert "merge_strength" not in full.record
+
+
+@LAYOUTS
+def test_half_merge_strength_bounds_the_distance_from_data_shares(layout: MoELayout) -> None:
+    strategy, global_parameters, results = semantic_round(
+        layout, (1.0, 2.0, -1.0), [(1.0, 0.0)] * 3, num_examples=(1, 1, 2)
+    )
+    shares = {"0": 0.25, "1": 0.25, "2": 0.5}
+    for strength in (1.0, 0.5):
+        half = with_options(strategy, merge_strength=strength)
+        weights = half.aggregate(1, global_parameters, results, {}).record["layers"]["moe"][
+            "experts"
+        ][0]["aggregation_weights"]
+        tv = 0.5 * sum(abs(weights.get(c, 0.0) - s) for c, s in shares.items())
+        assert tv <= strength * 0.5 + 1e-6  # TV(full merge, shares) = 0.5 here
+        assert (tv > 0.49) is (strength == 1.0)
+    with pytest.raises(OptionError, match="merge_strength"):
+        FedAlignMoE(layout, merge_strength=1.5)

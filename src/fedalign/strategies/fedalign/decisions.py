@@ -74,6 +74,7 @@ def fill_expert_record(
         cid for cid, a in zip(client_ids, decision.aligned.tolist(), strict=True) if a
     ]
     merged = decision.aligned if selection == "hard" else active
+    merged = merged | (aggregation_weights > 0)  # a blended merge (merge_strength < 1)
     record["aggregation_weights"] = {
         str(cid): rounded(w)
         for cid, w, a in zip(client_ids, aggregation_weights.tolist(), merged.tolist(), strict=True)

@@ -29,6 +29,7 @@ from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies.averaging import (
     client_expert_matrix,
     example_counts,
+    example_weights,
     write_expert_vector_in_place,
 )
 from fedalign.strategies.fedalign.decisions import fill_expert_record
@@ -63,6 +64,15 @@ class ExpertSettings:
     threshold_std: str
     consensus_tolerance: float
     personalize_include_self: bool
+    merge_strength: float = 1.0
+
+
+def blend_with_shares(weights: Tensor, shares: Tensor, strength: float) -> Tensor:
+    """``strength * weights + (1 - strength) * shares`` (``weights`` unchanged at 1): a merge
+    whose total variation from the data shares is at most ``strength``."""
+    if strength >= 1.0:
+        return weights
+    return strength * weights + (1.0 - strength) * shares
 
 
 class ExpertUpdates(Protocol):
@@ -208,6 +218,7 @@ def aggregate_layer_experts(
     per expert) and, with personalised experts, append to ``personal_vectors``."""
     client_ids = [r.client_id for r in results]
     counts = example_counts(results)  # (C,)
+    shares = example_weights(results)  # (C,)
     usage = torch.stack([s.usage.float() for s in statistics])  # (C, E)
     token_count = torch.stack([s.token_count.float() for s in statistics])  # (C, E)
     mean_hidden = torch.stack([s.mean_hidden.float() for s in statistics])  # (C, E, H)
@@ -238,6 +249,7 @@ def aggregate_layer_experts(
         weights, membership = selection_weights(
             decision, active, counts, usage[:, expert], settings.selection, settings.eps
         )  # (C,), zero outside the aligned set (hard) or the active clients (soft)
+        weights = blend_with_shares(weights, shares, settings.merge_strength)
         write_expert_vector_in_place(layer, parameters, expert, updates.merged(weights))
         fill_expert_record(
             record, client_ids, decision, active, weights, membership, settings.selection
@@ -295,6 +307,7 @@ def aggregate_lora_expert(
     weights, membership = selection_weights(
         decision, active, counts, usage, settings.selection, settings.eps
     )  # (C,)
+    weights = blend_with_shares(weights, example_weights(results), settings.merge_strength)
     states, merge = with_remainder(results, weights, global_parameters)
     error = write_lora_expert(layer, parameters, expert, states, merge, settings.lora_aggregation)
     fill_expert_record(

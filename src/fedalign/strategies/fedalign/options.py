@@ -215,6 +215,13 @@ class FedAlignOptions:
         beside the routing regulariser (0: off, the paper's method). Not part of the paper:
         an anchor that, under AdamW, acts on every coordinate whose task gradient is small
         (docs/method.md, "Which defaults the evidence chose").
+    merge_strength : float, default 1.0
+        How far the router-row and expert merges (steps C and D) follow FedAlign-MoE's
+        weights: each merge uses ``rho * w + (1 - rho) * n_i / n`` (``rho`` this value, in
+        ``[0, 1]``), so its total variation from the clients' data shares is at most
+        ``rho``. 1 is the paper's method; 0 merges every tensor as FedAvg does (an expert no
+        client routed to keeps its value) while the routing target ``p_g`` and the
+        regulariser stay FedAlign-MoE's. Not in the paper.
     """
 
     ablation: str = "full"
@@ -230,11 +237,13 @@ class FedAlignOptions:
     selection: str = "hard"
     sketch_dim: int = 0
     client_proximal_mu: float = 0.0
+    merge_strength: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("ablation", self.ablation, ABLATIONS)
         check_option("client_proximal_mu", self.client_proximal_mu, minimum=0.0)
         check_option("routing_lambda", self.routing_lambda, minimum=0.0)
+        check_option("merge_strength", self.merge_strength, minimum=0.0, maximum=1.0)
         check_option("beta", self.beta, minimum=0.0)
         check_option("eps", self.eps, minimum=0.0, strict_minimum=True)
         check_choice("overlap", self.overlap, OVERLAPS)

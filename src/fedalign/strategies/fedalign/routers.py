@@ -4,7 +4,8 @@ distribution and the router rows.
 A. ``omega_i(e)`` from each client's routing signal against the previous global reference
    (:func:`~fedalign.strategies.fedalign.weights.consistency_weights`);
 B. ``p_g^t(e) = sum_i omega_i(e) pbar_i(e)``;
-C. router row ``e`` = ``sum_i omega_i(e) W_i[e]``.
+C. router row ``e`` = ``sum_i omega_i(e) W_i[e]`` (with ``merge_strength`` ``rho < 1``: the
+   weights ``rho omega_i(e) + (1 - rho) n_i / n``).
 
 Shapes: ``C`` clients in the round, ``E`` experts.
 """
@@ -18,7 +19,7 @@ import torch
 
 from fedalign.moe.layout import MoELayerLayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
-from fedalign.strategies.averaging import router_rows_average
+from fedalign.strategies.averaging import example_weights, router_rows_average
 from fedalign.strategies.fedalign.options import CONSISTENCY_SCORES
 from fedalign.strategies.fedalign.weights import (
     consistency_signal,
@@ -38,6 +39,7 @@ class RoutingSettings:
     overlap: str
     routing_signal: str
     count_weighted: bool
+    merge_strength: float = 1.0
 
 
 @dataclass
@@ -104,6 +106,10 @@ def align_layer_routing(
     global_usage = None
     if settings.routing_signal == "usage":
         global_usage = global_routing_distribution(signal, omega)  # (E,)
+    row_weights = omega
+    if settings.merge_strength < 1.0:
+        shares = example_weights(results)[:, None]  # (C, 1)
+        row_weights = settings.merge_strength * omega + (1.0 - settings.merge_strength) * shares
     for name in layer.router_params:
-        parameters[name] = router_rows_average(results, name, omega, layer.num_experts)
+        parameters[name] = router_rows_average(results, name, row_weights, layer.num_experts)
     return LayerRouting(omega, global_routing, global_usage, reference_source)

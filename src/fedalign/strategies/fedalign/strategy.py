@@ -309,6 +309,8 @@ class FedAlignMoE(Strategy):
             record["method_options"] = self.method_options()
         if self.options.sketch_dim > 0:
             record["sketch_dim"] = int(self.options.sketch_dim)
+        if self.options.merge_strength < 1.0:
+            record["merge_strength"] = float(self.options.merge_strength)
         lora = aggregate_lora_modules(
             parameters,
             results,
@@ -328,6 +330,7 @@ class FedAlignMoE(Strategy):
             overlap=self.method["overlap"],
             routing_signal=self.method["routing_signal"],
             count_weighted=self.method["count_weighted"],
+            merge_strength=float(self.options.merge_strength),
         )
 
     def _expert_settings(self) -> ExpertSettings:
@@ -341,6 +344,7 @@ class FedAlignMoE(Strategy):
             threshold_std=self.threshold_std,
             consensus_tolerance=self.consensus_tolerance,
             personalize_include_self=self.personalize_include_self,
+            merge_strength=float(self.options.merge_strength),
         )
 
     def _updates_factory(self) -> UpdatesFactory:
