@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint typecheck pytest clean lock
+.PHONY: setup demo test test-fast lint typecheck pytest clean lock
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ pytest: $(STAMP)
 	ATEN_CPU_CAPABILITY=default $(BIN)/pytest tests/test_fingerprint.py
 
 test: lint typecheck pytest
+
+# The quick loop while editing: every test except the end-to-end ones marked slow (and the
+# GPU ones); `make test` still runs everything.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow and not gpu"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedalign.config import ExperimentConfig
+from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import TrainInstructions
 
 ROUTING_TERM = "routing-alignment"
@@ -105,3 +106,44 @@ def tiny_choice_config(dataset: str = "mmlu", **overrides: object) -> Experiment
     for key, value in overrides.items():
         config.set(key.replace("__", "."), value)
     return config
+
+
+# ------------------------------------------------------------------------ toy expert layouts
+ROUTER_WEIGHT = ("moe.router.weight",)
+ROUTER_WEIGHT_AND_BIAS = ("moe.router.weight", "moe.router.bias")
+
+
+def toy_layout(
+    *,
+    per_expert: bool = False,
+    router_params: tuple[str, ...] = ROUTER_WEIGHT_AND_BIAS,
+    hidden_size: int = 2,
+    expert_tensors: tuple[str, ...] = ("w", "b"),
+) -> MoELayout:
+    """One MoE layer ``moe``: 2 experts, top-1, a router of ``router_params``.
+
+    Fused (default): expert ``e`` is rows ``[e, e+1)`` of one tensor ``moe.experts.w``
+    (``(E, ...)``). ``per_expert``: expert ``e`` owns whole tensors ``moe.experts.{e}.<t>``,
+    one per name in ``expert_tensors``.
+    """
+    if per_expert:
+        experts = tuple(
+            tuple(ExpertSlice(f"moe.experts.{e}.{t}") for t in expert_tensors) for e in range(2)
+        )
+    else:
+        experts = ((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),))
+    layer = MoELayerLayout(
+        name="moe",
+        num_experts=2,
+        top_k=1,
+        hidden_size=hidden_size,
+        router_params=router_params,
+        experts=experts,
+    )
+    return MoELayout(layers=(layer,))
+
+
+FUSED_LAYOUT = toy_layout()
+"""Two experts stored fused (``moe.experts.w``, ``(2, ...)``), router weight and bias."""
+PER_EXPERT_LAYOUT = toy_layout(per_expert=True)
+"""Two experts of one tensor pair each (``moe.experts.{e}.w``, ``.b``), router weight and bias."""

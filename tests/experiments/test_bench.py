@@ -13,6 +13,7 @@ from fedalign.experiments.bench.design import require_cpu_classification
 from tests.helpers import tiny_choice_config, tiny_config
 
 
+@pytest.mark.slow
 def test_bench_prints_a_ratio_row_per_design_choice(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -47,6 +48,7 @@ def test_bench_prints_a_ratio_row_per_design_choice(
         assert ratio > 0
 
 
+@pytest.mark.slow
 def test_backbone_suite_prints_one_table_moefied_vs_copy(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:

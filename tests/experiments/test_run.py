@@ -48,6 +48,7 @@ def test_different_seed_different_numbers(tmp_path: Path) -> None:
     assert any(not torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+@pytest.mark.slow
 def test_prefix_cache_gives_the_same_numbers(tmp_path: Path) -> None:
     """Caching the frozen prefix once equals recomputing it every step."""
     cached = Simulation(tiny_config(federated__rounds=1), tmp_path / "cached", log=None)
@@ -65,6 +66,7 @@ def test_prefix_cache_gives_the_same_numbers(tmp_path: Path) -> None:
     assert cached_summary.final_loss == pytest.approx(fresh_summary.final_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_memory_grows_only_by_kept_client_state(tmp_path: Path) -> None:
     """No optimizer state kept: nothing per client. Kept: exactly AdamW's two moments."""
     plain = Simulation(tiny_config(federated__rounds=1), tmp_path / "plain", log=None)
@@ -114,6 +116,7 @@ def test_bytes_counted_per_client_and_round(tmp_path: Path) -> None:
         assert counts["received"] > trainable_bytes
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     config = tiny_config(federated__rounds=3, strategy__name="fedalign")
     run_experiment(config.copy(), tmp_path / "whole", log=None)
@@ -131,6 +134,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     assert rounds == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_run_folder_contents(tmp_path: Path) -> None:
     summary = run_experiment(tiny_config(strategy__name="fedalign"), tmp_path / "run", log=None)
     folder = tmp_path / "run"
@@ -173,6 +177,7 @@ def test_client_sampling_is_seeded_and_sized() -> None:
     assert client_seed(0, 1, 2) == client_seed(0, 1, 2) != client_seed(0, 2, 2)
 
 
+@pytest.mark.slow
 def test_extra_loss_hook_reaches_the_client_loss(tmp_path: Path) -> None:
     """A user-supplied loss term on the captured router logits is trained against."""
     from fedalign.models import MoEModel
@@ -197,6 +202,7 @@ def test_extra_loss_hook_reaches_the_client_loss(tmp_path: Path) -> None:
     assert not torch.equal(a[router], b[router])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["int8", "topk"])
 def test_compressed_uploads_bytes_and_kept_residuals(tmp_path: Path, compression: str) -> None:
     """The upload is the compressed payload's real size; each client keeps one residual."""
@@ -226,6 +232,7 @@ def test_compressed_uploads_bytes_and_kept_residuals(tmp_path: Path, compression
     assert line["rejected_clients"] == {}
 
 
+@pytest.mark.slow
 def test_resume_with_error_feedback_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     config = tiny_config(
         federated__rounds=3, strategy__name="fedalign", federated__upload_compression="topk"

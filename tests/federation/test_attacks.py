@@ -44,6 +44,7 @@ def first_round_norms(folder: Path, **overrides: object) -> dict[str, float]:
     return dict(read_jsonl(folder / "metrics.jsonl")[0]["clipped_clients"])
 
 
+@pytest.mark.slow
 def test_simulator_attacks_only_the_chosen_clients(tmp_path: Path) -> None:
     clean = first_round_norms(tmp_path / "clean")
     scaled = first_round_norms(

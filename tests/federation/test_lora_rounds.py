@@ -29,6 +29,7 @@ def _config(strategy: str, aggregation: str, rounds: int) -> ExperimentConfig:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "aggregation", "rounds"),
     [("fedavg", "factors", 1), ("fedalign", "product-svd", 2)],

@@ -48,23 +48,11 @@ from fedalign.flower.strategy import (
     RoundReport,
     discover_partitions,
 )
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import FedAlignMoE, FedAvg, Strategy
-from tests.helpers import expert_alpha, global_routing, routing_lambda
+from tests.helpers import ROUTER_WEIGHT, expert_alpha, global_routing, routing_lambda, toy_layout
 
-LAYOUT = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=3,
-            router_params=("moe.router.weight",),
-            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
-        ),
-    )
-)
+LAYOUT = toy_layout(router_params=ROUTER_WEIGHT, hidden_size=3)
 
 
 def parameters(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -458,6 +446,7 @@ def client_context(config: ExperimentConfig, partition_id: int) -> Context:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "rounds", "compression", "packed"),
     [
@@ -535,6 +524,7 @@ def test_client_refuses_a_different_model(tmp_path: Path) -> None:
         client_app.train(as_delivered(message, "y"), client_context(config, 1))
 
 
+@pytest.mark.slow
 def test_client_keeps_optimizer_state_in_context(tmp_path: Path) -> None:
     config = tiny_config("fedavg")
     config.train.keep_optimizer_state = True

@@ -22,8 +22,8 @@ from fedalign.models import (
     load_moe_model,
     match_generic,
     scan_moe,
+    tiny_hf_config,
 )
-from fedalign.models.loading import _tiny_configs
 from fedalign.moe import ExpertSlice
 
 Tensor = torch.Tensor
@@ -122,7 +122,7 @@ def test_generic_adapter_reads_families_without_an_adapter(
     dedicated = [a for a in ADAPTERS if a is not GENERIC]
     assert not any(a.is_moe_block(m) for a in dedicated for m in moe.model.modules())
     assert find_adapter(moe.model) is GENERIC
-    hf_config = _tiny_configs()[name]()
+    hf_config = tiny_hf_config(name)
     params = dict(moe.model.named_parameters())
     assert len(moe.full_layout.layers) == layers
     for layer in moe.full_layout.layers:

@@ -15,8 +15,14 @@ from safetensors.torch import load_file
 
 from fedalign.config import ModelConfig
 from fedalign.experiments import run_experiment
-from fedalign.models import TINY_MODELS, MoEModel, RoutingCapture, load_moe_model, scan_moe
-from fedalign.models.loading import _tiny_configs
+from fedalign.models import (
+    TINY_MODELS,
+    MoEModel,
+    RoutingCapture,
+    load_moe_model,
+    scan_moe,
+    tiny_hf_config,
+)
 from tests.helpers import tiny_config
 
 Tensor = torch.Tensor
@@ -47,7 +53,7 @@ def _selections(chosen: list[Tensor]) -> Callable[[Any, Any, Any], None]:
 def test_deepseek_layout_skips_dense_layers_and_reads_the_gate(name: str) -> None:
     """First layer dense (first_k_dense_replace=1); E = n_routed_experts, top-k =
     num_experts_per_tok; grouped routing configured (4 groups, 2 kept)."""
-    config = _tiny_configs()[name]()
+    config = tiny_hf_config(name)
     moe = _load(name)
     assert [layer.name for layer in moe.full_layout.layers] == [
         "model.layers.1.mlp",
@@ -128,7 +134,7 @@ def test_switch_encoder_decoder_shows_encoder_and_decoder_moe_layers() -> None:
     from transformers import SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(0)
-    model = SwitchTransformersForConditionalGeneration(_tiny_configs()["tiny-switch"]())
+    model = SwitchTransformersForConditionalGeneration(tiny_hf_config("tiny-switch"))
     layout, taps = scan_moe(model)
     names = [layer.name for layer in layout.layers]
     assert names == [
@@ -216,7 +222,7 @@ def test_causal_lm_has_the_classifier_s_moe_view(name: str) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    causal = AutoModelForCausalLM.from_config(_tiny_configs()[name]()).eval()
+    causal = AutoModelForCausalLM.from_config(tiny_hf_config(name)).eval()
     layout, taps = scan_moe(causal)
     classifier = _load(name).full_layout
     assert layout == classifier

@@ -18,9 +18,9 @@ from fedalign.models import (
     MoEModel,
     build_classifier,
     load_moe_model,
+    tiny_hf_config,
 )
 from fedalign.models.heads import PooledClassifier
-from fedalign.models.loading import _tiny_configs
 
 Tensor = torch.Tensor
 
@@ -177,7 +177,7 @@ def test_folder_with_no_pad_token_pads_like_the_data_pipeline(tmp_path: Path) ->
     from fedalign.data import pad_token_id
     from fedalign.models import minilm_path
 
-    config = _tiny_configs()["tiny-mixtral"]()
+    config = tiny_hf_config("tiny-mixtral")
     config.pad_token_id = None
     MixtralForCausalLM(config).save_pretrained(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -267,7 +267,7 @@ def test_causal_lm_folder_loads_as_classifier(tmp_path: Path) -> None:
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    causal = Qwen3MoeForCausalLM(_tiny_configs()["tiny-qwen3moe"]())
+    causal = Qwen3MoeForCausalLM(tiny_hf_config("tiny-qwen3moe"))
     causal.save_pretrained(tmp_path)
     moe = _load(str(tmp_path), num_labels=4)
     assert moe.architecture == "qwen3_moe"
@@ -285,7 +285,7 @@ def test_switch_seq2seq_folder_loads_its_encoder(tmp_path: Path) -> None:
     from transformers import SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(0)
-    full = SwitchTransformersForConditionalGeneration(_tiny_configs()["tiny-switch"]())
+    full = SwitchTransformersForConditionalGeneration(tiny_hf_config("tiny-switch"))
     full.save_pretrained(tmp_path)
     moe = _load(str(tmp_path))
     assert moe.architecture == "switch_transformers"
@@ -304,7 +304,7 @@ def test_saved_dense_bert_folder_is_upcycled(
     from transformers import BertModel
 
     torch.manual_seed(0)
-    dense = BertModel(_tiny_configs()["tiny-upcycled"](), add_pooling_layer=False).eval()
+    dense = BertModel(tiny_hf_config("tiny-upcycled"), add_pooling_layer=False).eval()
     dense.save_pretrained(tmp_path)
     minilm_tokenizer.save_pretrained(tmp_path)
 
@@ -527,7 +527,7 @@ def _small_vocabulary_folder(folder: Path, vocab_size: int) -> Path:
     models for tests."""
     from transformers import OlmoeForCausalLM
 
-    config = _tiny_configs()["tiny-olmoe"]()
+    config = tiny_hf_config("tiny-olmoe")
     config.vocab_size = vocab_size
     OlmoeForCausalLM(config).save_pretrained(folder)
     return folder

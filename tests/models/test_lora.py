@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fedalign.config import ConfigError, ExperimentConfig, ModelConfig
+from fedalign.models import MoEModel, load_moe_model, tiny_hf_config
 from fedalign.models.capture import RoutingCapture
-from fedalign.models.loading import MoEModel, load_moe_model
 from fedalign.models.lora import expert_targets, quantization_kwargs
 from fedalign.moe import ExpertSlice, MoELayerLayout, MoELayout
 
@@ -185,9 +185,7 @@ def test_4bit_base_with_lora_experts(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForSequenceClassification
 
-    from fedalign.models.loading import _tiny_configs
-
-    hf_config = _tiny_configs()["tiny-qwen3moe"]()
+    hf_config = tiny_hf_config("tiny-qwen3moe")
     hf_config.num_labels = 3
     AutoModelForSequenceClassification.from_config(hf_config).save_pretrained(tmp_path)
     moe = _load(str(tmp_path), quantize="4bit", lora_targets=["q_proj", "v_proj"])

@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedalign.config import ConfigError, ExperimentConfig, ModelConfig
-from fedalign.models import EncoderClassifier, MoEModel, RoutingCapture, UpcycledMoE, load_moe_model
-from fedalign.models.loading import _tiny_configs, sample_text
+from fedalign.models import (
+    EncoderClassifier,
+    MoEModel,
+    RoutingCapture,
+    UpcycledMoE,
+    load_moe_model,
+    tiny_hf_config,
+)
+from fedalign.models.block import gate_weights
+from fedalign.models.classifier import sample_text
 from fedalign.models.moefy import (
     balanced_assign,
     balanced_kmeans,
@@ -19,7 +27,6 @@ from fedalign.models.moefy import (
     group_activation_mass,
     moefy_ffn,
 )
-from fedalign.models.upcycle import gate_weights
 
 Tensor = torch.Tensor
 
@@ -36,7 +43,7 @@ def _dense_tiny_bert(seed: int) -> Any:
     from transformers import BertModel
 
     torch.manual_seed(seed)
-    return BertModel(_tiny_configs()["tiny-upcycled"](), add_pooling_layer=False).eval()
+    return BertModel(tiny_hf_config("tiny-upcycled"), add_pooling_layer=False).eval()
 
 
 # ------------------------------------------------------------------------------ clustering

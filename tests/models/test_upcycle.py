@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedalign.config import ModelConfig
-from fedalign.models import EncoderClassifier, MoEModel, UpcycledMoE, load_moe_model, minilm_path
-from fedalign.models.loading import _tiny_configs
+from fedalign.models import (
+    EncoderClassifier,
+    MoEModel,
+    UpcycledMoE,
+    load_moe_model,
+    minilm_path,
+    tiny_hf_config,
+)
 
 Tensor = torch.Tensor
 
@@ -28,7 +34,7 @@ def _dense_tiny_bert(seed: int) -> Any:
     from transformers import BertModel
 
     torch.manual_seed(seed)
-    return BertModel(_tiny_configs()["tiny-upcycled"](), add_pooling_layer=False).eval()
+    return BertModel(tiny_hf_config("tiny-upcycled"), add_pooling_layer=False).eval()
 
 
 def _dense_minilm() -> Any:

@@ -14,22 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import build_strategy
+from tests.helpers import FUSED_LAYOUT
 
-LAYOUT = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=("moe.router.weight", "moe.router.bias"),
-            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
-        ),
-    )
-)
+LAYOUT = FUSED_LAYOUT
 SHAPES = {
     "moe.experts.w": (2, 2, 2),
     "moe.router.weight": (2, 2),

@@ -174,6 +174,7 @@ def corrupting(clients: set[int]) -> Any:
     return run
 
 
+@pytest.mark.slow
 def test_simulator_records_rejections_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -95,6 +95,7 @@ def test_simulation_refuses_resumes_and_overwrites(tmp_path: Path) -> None:
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == []
 
 
+@pytest.mark.slow
 def test_cli_run_out_needs_resume_or_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

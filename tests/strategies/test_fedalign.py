@@ -885,6 +885,7 @@ def test_build_strategy_and_instructions_carry_the_options() -> None:
     assert term is not None and term.options == {"form": "literal"}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_one_thread")
 def test_routing_form_reaches_the_client_loss(tmp_path: object) -> None:
     """Tiny runs: the round-2 routing loss differs between forms; batch-kl is >= 0."""

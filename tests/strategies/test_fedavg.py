@@ -8,23 +8,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import FedAvg
+from tests.helpers import FUSED_LAYOUT
 
 # One fused MoE layer: 2 experts, router (2, 2) + bias, experts (2, 2, 2), plus a head.
-LAYOUT = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=("moe.router.weight", "moe.router.bias"),
-            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
-        ),
-    )
-)
+LAYOUT = FUSED_LAYOUT
 
 
 def parameters(value: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -8,37 +8,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies import FedMoE
+from tests.helpers import ROUTER_WEIGHT, toy_layout
 
-FUSED = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=("moe.router.weight",),
-            experts=((ExpertSlice("moe.experts.w", 0, 1),), (ExpertSlice("moe.experts.w", 1, 2),)),
-        ),
-    )
-)
-PER_EXPERT = MoELayout(
-    layers=(
-        MoELayerLayout(
-            name="moe",
-            num_experts=2,
-            top_k=1,
-            hidden_size=2,
-            router_params=("moe.router.weight",),
-            experts=tuple(
-                (ExpertSlice(f"moe.experts.{e}.w"), ExpertSlice(f"moe.experts.{e}.b"))
-                for e in range(2)
-            ),
-        ),
-    )
-)
+# Two experts, stored fused or one tensor pair (w (3,), b (1,)) each; a router weight only.
+FUSED = toy_layout(router_params=ROUTER_WEIGHT)
+PER_EXPERT = toy_layout(per_expert=True, router_params=ROUTER_WEIGHT)
 
 
 def build(layout: MoELayout, router: float, experts: list[list[float]]) -> dict[str, torch.Tensor]:

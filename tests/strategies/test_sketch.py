@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.errors import OptionError
-from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
+from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult
 from fedalign.strategies import FedAlignMoE, build_strategy
 from fedalign.strategies.fedalign.semantic import (
@@ -20,6 +20,7 @@ from fedalign.strategies.fedalign.semantic import (
     sketch_signs,
     sketch_vector,
 )
+from tests.helpers import ROUTER_WEIGHT, toy_layout
 from tests.strategies.test_fedalign import (
     FUSED,
     LAYOUTS,
@@ -146,18 +147,7 @@ def test_identical_clients_get_their_common_update_with_a_small_sketch(layout: M
 
 def test_large_identical_updates_merge_to_the_common_update() -> None:
     # Same property on a 20,000-value expert with a 64-value sketch and 5 clients.
-    layout = MoELayout(
-        layers=(
-            MoELayerLayout(
-                name="moe",
-                num_experts=2,
-                top_k=1,
-                hidden_size=2,
-                router_params=("moe.router.weight",),
-                experts=tuple((ExpertSlice(f"moe.experts.{e}.w"),) for e in range(2)),
-            ),
-        )
-    )
+    layout = toy_layout(per_expert=True, router_params=ROUTER_WEIGHT, expert_tensors=("w",))
     generator = torch.Generator().manual_seed(0)
     previous = {
         "moe.router.weight": torch.randn(2, 2, generator=generator),

@@ -9,7 +9,10 @@ from fedalign.models.adapters import (
     match_generic,
     scan_moe,
 )
+from fedalign.models.block import UpcycledMoE
 from fedalign.models.capture import RouterTap, RoutingCapture
+from fedalign.models.causal import build_causal_lm
+from fedalign.models.classifier import build_classifier
 from fedalign.models.device import (
     autocast,
     bf16_supported,
@@ -18,29 +21,32 @@ from fedalign.models.device import (
     set_deterministic,
 )
 from fedalign.models.heads import PooledClassifier, mean_pool
-from fedalign.models.loading import (
+from fedalign.models.loading import load_moe_model
+from fedalign.models.moe_model import MoEModel
+from fedalign.models.tiny import (
     CAUSAL_TINY_MODELS,
     EMBEDDED_MODELS,
+    FAMILIES,
     SUPPORTED_TYPES,
     TINY_MODELS,
-    MoEModel,
-    build_causal_lm,
-    build_classifier,
-    load_moe_model,
-    minilm_path,
+    ModelFamily,
+    tiny_hf_config,
 )
-from fedalign.models.upcycle import EncoderClassifier, UpcycledMoE, upcycle_encoder
+from fedalign.models.tokenizer import minilm_path
+from fedalign.models.upcycle import EncoderClassifier, upcycle_encoder
 
 __all__ = [
     "ADAPTERS",
     "CAUSAL_TINY_MODELS",
     "EMBEDDED_MODELS",
+    "FAMILIES",
     "GENERIC",
     "SUPPORTED_TYPES",
     "TINY_MODELS",
     "EncoderClassifier",
     "MoEAdapter",
     "MoEModel",
+    "ModelFamily",
     "PooledClassifier",
     "RouterTap",
     "RoutingCapture",
@@ -58,5 +64,6 @@ __all__ = [
     "resolve_precision",
     "scan_moe",
     "set_deterministic",
+    "tiny_hf_config",
     "upcycle_encoder",
 ]

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedalign.models.block import UpcycledMoE
 from fedalign.models.capture import RouterTap
-from fedalign.models.upcycle import UpcycledMoE
 from fedalign.moe.layout import ExpertSlice, MoELayerLayout, MoELayout
 
 Tensor = torch.Tensor

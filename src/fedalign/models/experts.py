@@ -5,7 +5,7 @@ docs/privacy.md) route probe tokens with a client's router and pass the tokens r
 expert ``e`` through that client's expert ``e``. The MoE blocks' own ``forward`` mixes all
 experts, so this module knows how to call one of them:
 
-* our upcycled encoders (:class:`~fedalign.models.upcycle.UpcycledMoE`): ``experts[e]``;
+* our upcycled encoders (:class:`~fedalign.models.block.UpcycledMoE`): ``experts[e]``;
 * transformers 5 fused experts (Qwen3-MoE, Qwen2-MoE, Mixtral, ...): row ``e`` of
   ``gate_up_proj`` ``(E, 2I, H)`` and ``down_proj`` ``(E, H, I)``, ``act(gate) * up``;
 * Switch Transformers: ``experts["expert_<e>"]``.
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedalign.models.block import UpcycledMoE
 from fedalign.models.capture import RouterTap
-from fedalign.models.upcycle import UpcycledMoE
 
 Tensor = torch.Tensor
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedalign.models.upcycle import UpcycledExpert, UpcycledMoE
+from fedalign.models.block import UpcycledExpert, UpcycledMoE
 
 Tensor = torch.Tensor
 
