@@ -269,6 +269,7 @@ def benchmark_options(args: argparse.Namespace) -> experiments.BenchmarkOptions:
         keep_states=args.keep_states,
         dry_run=args.dry_run,
         overwrite=args.overwrite,
+        rerun_other_machines=args.rerun_other_machines,
     )
 
 
@@ -308,6 +309,12 @@ def _benchmark_flags(parser: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace run folders that hold a run of another configuration",
+    )
+    parser.add_argument(
+        "--rerun-other-machines",
+        action="store_true",
+        help="run again (replacing them) the finished or interrupted runs recorded on another "
+        "machine or before provenance (provenance.json), so that the table comes from this one",
     )
 
 

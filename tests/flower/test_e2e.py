@@ -167,6 +167,7 @@ def test_flwr_run_simulation_with_three_supernodes(tmp_path: Path) -> None:
         "decisions.jsonl",
         "routing.jsonl",
         "summary.json",
+        "provenance.json",
         "final_state.safetensors",
         "partition.json",
         "layout.json",
@@ -179,6 +180,7 @@ def test_flwr_run_simulation_with_three_supernodes(tmp_path: Path) -> None:
     assert all(m["global_accuracy"] is not None for m in metrics)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["strategy"] == "fedalign"
+    assert summary["provenance"]["transport"] == "flower"  # the ServerApp's machine
     assert "partition.num-clients is 10 in the run config" in output  # adopted 3 partitions
 
     # the global model changed

@@ -10,7 +10,9 @@ rounds on a :class:`~fedalign.federation.ServerState` (the simulator's), and aft
 aggregation :class:`RunFolderRecords` evaluates the global model when due and writes the
 round through :class:`~fedalign.records.RunFolder`, as the simulator does. Differences from
 a simulator run folder: ``routing.jsonl`` has no round 0 (the server never sees client
-training data), and metrics lines carry ``failed_clients``.
+training data), metrics lines carry ``failed_clients``, and ``provenance.json`` describes
+the ServerApp's machine (``"transport": "flower"``: aggregation and evaluation; the clients
+train on their SuperNodes' machines).
 
 A relative ``run.out`` resolves against the working directory of the process that runs the
 ServerApp (the SuperLink's, or the simulation's); an empty one gives
@@ -156,7 +158,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
     claim_run_folder(out_dir, overwrite=options.overwrite, command="flwr run")
     folder = RunFolder(out_dir, run_label(config.strategy.name, config.strategy.ablation))
     folder.start_fresh()
-    folder.write_setup(config, prepared.data.report, prepared.model.layout)
+    folder.write_setup(config, prepared.data.report, prepared.model.layout, transport="flower")
     records = RunFolderRecords(config, prepared, folder)
     strategy = FlowerStrategy(
         strategy_from_config(config, prepared.model.layout),

@@ -3,6 +3,8 @@
 * :mod:`fedalign.records.files`: atomic writes, JSON lines, safetensors, the checkpoint;
 * :mod:`fedalign.records.run_folder`: :class:`RunFolder` (round lines, routing snapshots,
   checkpoints, the summary) shared by the simulator and the Flower ServerApp;
+* :mod:`fedalign.records.provenance`: where a run ran (``provenance.json``: CPU, kernel
+  flags, torch capability, GPU, versions; a short machine identifier);
 * :mod:`fedalign.records.plots`: convergence plots.
 """
 
@@ -16,6 +18,14 @@ from fedalign.records.files import (
     write_jsonl,
 )
 from fedalign.records.plots import plot_convergence
+from fedalign.records.provenance import (
+    UNKNOWN_LABEL,
+    UNKNOWN_MACHINE,
+    current_machine,
+    describe_environment,
+    read_provenance,
+    recorded_machine,
+)
 from fedalign.records.run_folder import (
     RunFolder,
     RunSummary,
@@ -29,6 +39,8 @@ from fedalign.records.run_folder import (
 )
 
 __all__ = [
+    "UNKNOWN_LABEL",
+    "UNKNOWN_MACHINE",
     "RunFolder",
     "RunRecorder",
     "RunSummary",
@@ -38,9 +50,13 @@ __all__ = [
     "claim_run_folder",
     "config_fingerprint",
     "config_identity",
+    "current_machine",
+    "describe_environment",
     "peak_memory_mib",
     "plot_convergence",
     "read_jsonl",
+    "read_provenance",
+    "recorded_machine",
     "routing_snapshot",
     "run_marker",
     "save_state",

@@ -6,6 +6,7 @@ Layout of a run folder::
     partition.md / .csv / .json   client x class counts
     metrics.jsonl          one line per round: accuracies, losses, seconds, bytes, divergences
     decisions.jsonl        one line per round: the strategy's decision record
+    provenance.json        where it ran (machine, kernel flags, versions, sessions)
     summary.json           final numbers
     final_state.safetensors  global trainable parameters after the last round
     checkpoint/            the last finished round (written atomically) for --resume

@@ -8,7 +8,9 @@ Layout::
     metrics.jsonl            one line per round: accuracies, losses, seconds, bytes, divergences
     decisions.jsonl          one line per round: the strategy's decision record
     routing.jsonl            per round: clients x experts usage and routing, semantic similarity
-    summary.json             final numbers
+    provenance.json          where it ran: CPU model and kernel flags, torch capability, GPU,
+                             threads, versions; one session per machine that ran rounds
+    summary.json             final numbers (and the provenance)
     final_state.safetensors  global trainable parameters after the last round
     checkpoint/state.pt      the last finished round (written atomically), for resuming
     convergence.png          accuracy and loss per round
@@ -32,6 +34,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,12 @@ from fedalign.protocol import RoutingStatistics
 from fedalign.records.diagnostics import merge_diagnostics
 from fedalign.records.files import RunRecorder, save_state
 from fedalign.records.plots import plot_convergence
+from fedalign.records.provenance import (
+    describe_environment,
+    finish_sessions,
+    read_provenance,
+    start_session,
+)
 from fedalign.routing import routing_divergence, semantic_dispersion
 
 Tensor = torch.Tensor
@@ -58,6 +67,7 @@ RUN_MARKERS = ("config.toml", "metrics.jsonl")
 REPLACED_ON_OVERWRITE = (
     "checkpoint",
     "summary.json",
+    "provenance.json",
     "final_state.safetensors",
     "convergence.png",
     "report",
@@ -245,7 +255,8 @@ class RunSummary:
     clients (:func:`fedalign.federation.evaluate_global`).
     ``final_validation_accuracy`` (the same round, on the server's validation set) is
     present only in runs with ``data.validation-examples`` > 0 (absent from
-    ``summary.json`` otherwise).
+    ``summary.json`` otherwise). ``provenance`` is the run's ``provenance.json``
+    (:mod:`fedalign.records.provenance`; absent when the folder was never set up).
     """
 
     strategy: str
@@ -264,10 +275,11 @@ class RunSummary:
     out_dir: str = ""
     final_validation_accuracy: float | None = None
     local_clients_evaluated: int | None = None
+    provenance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = dict(self.__dict__)
-        for optional in ("final_validation_accuracy", "local_clients_evaluated"):
+        for optional in ("final_validation_accuracy", "local_clients_evaluated", "provenance"):
             if values[optional] is None:
                 del values[optional]
         return values
@@ -296,15 +308,29 @@ class RunFolder:
         self.bytes_received = 0
         self.completed_rounds = 0
         self.config: ExperimentConfig | None = None
+        self.provenance: dict[str, Any] | None = None
         self.class_counts: list[list[int]] = []
 
     # ------------------------------------------------------------------ setup
     def write_setup(
-        self, config: ExperimentConfig, report: PartitionReport, layout: MoELayout
+        self,
+        config: ExperimentConfig,
+        report: PartitionReport,
+        layout: MoELayout,
+        transport: str = "simulator",
     ) -> None:
-        """Write the configuration, partition and layout; later checkpoints record the
-        configuration's fingerprint."""
+        """Write the configuration, partition, layout and ``provenance.json`` (this
+        process's machine as a session from the next round, after the sessions of a resumed
+        run: :func:`~fedalign.records.provenance.start_session`); later checkpoints record
+        the configuration's fingerprint. ``transport``: ``simulator`` or ``flower``."""
         self.config = config
+        self.provenance = start_session(
+            read_provenance(self.folder) if self.completed_rounds else None,
+            describe_environment(config.run.device, transport),
+            self.completed_rounds + 1,
+            datetime.now().isoformat(timespec="seconds"),
+        )
+        self.recorder.write_json("provenance.json", self.provenance)
         self.class_counts = report.counts.tolist()
         self.recorder.write_text("config.toml", config.to_toml())
         self.recorder.write_text("partition.md", report.to_markdown() + "\n")
@@ -424,6 +450,9 @@ class RunFolder:
         rows = self.recorder.metrics
         evaluated = [r for r in rows if r.get("global_accuracy") is not None]
         final = evaluated[-1] if evaluated else {}
+        if self.provenance is not None:
+            self.provenance = finish_sessions(self.provenance, self.completed_rounds)
+            self.recorder.write_json("provenance.json", self.provenance)
         summary = RunSummary(
             strategy=self.label,
             rounds=self.completed_rounds,
@@ -445,6 +474,7 @@ class RunFolder:
                 else float(final["validation_accuracy"])
             ),
             local_clients_evaluated=final.get("local_clients_evaluated"),
+            provenance=self.provenance,
         )
         save_state(self.folder / "final_state.safetensors", global_parameters)
         self.recorder.write_json("summary.json", summary.to_dict())

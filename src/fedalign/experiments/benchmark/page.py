@@ -3,8 +3,10 @@
 ``results.md`` / ``results.csv`` / ``results.json`` (one row per strategy and alpha),
 ``runs.csv`` (one row per run; a tuned row's chosen candidate only), the tuning table
 (:mod:`.tuning`), ``convergence.png`` and ``divergence.png`` (mean over seeds
-with a band, one column per alpha), ``reports/`` (``fedalign report`` pages of the suite's
-``report`` strategies, first seed) and ``COMMAND.txt`` (the command that made them).
+with a band, one column per alpha), the machines the runs came from (beside each table,
+and ``machines`` in ``results.json``: :mod:`.machines`), ``reports/`` (``fedalign
+report`` pages of the suite's ``report`` strategies, first seed) and ``COMMAND.txt`` (the
+command that made them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedalign.config import ExperimentConfig
+from fedalign.experiments.benchmark.machines import machine_table, machines_markdown
 from fedalign.experiments.benchmark.plan import PlannedRun, alpha_name
 from fedalign.experiments.benchmark.results import (
     FinishedRun,
@@ -63,6 +66,7 @@ class ResultsPage:
     reports: Sequence[tuple[str, Path]] = ()
     tuning: str = ""
     chosen: str = ""
+    machines: str = ""
 
 
 def setup_text(suite: Suite, base: ExperimentConfig) -> str:
@@ -110,6 +114,8 @@ def results_markdown(suite: Suite, base: ExperimentConfig, page: ResultsPage) ->
         if paragraph:
             lines += [paragraph, ""]
     lines += [f"Setup: {setup_text(suite, base)}.", "", page.table, ""]
+    if page.machines:
+        lines += [page.machines, ""]
     lines += [reading_text(suite, page), ""]
     for label in suite.versus:
         if label in suite.strategy_labels and label != suite.reference_label:
@@ -217,9 +223,11 @@ def write_results(
     per_run = run_rows(finished, targets, out)
     rows = aggregate_rows(suite, per_run)
     key = table_client_key(rows)
+    machines = machine_table(per_run)
+    reference = suite.display(suite.reference_label)
     out.mkdir(parents=True, exist_ok=True)
     page = ResultsPage(
-        table=to_markdown(display_rows(rows, suite.display(suite.reference_label))),
+        table=to_markdown(display_rows(rows, reference)),
         command=command,
         missing=len(runs) - len(loaded),
         compute_seconds=sum(number(r["seconds"]) or 0.0 for r in per_run),
@@ -228,6 +236,7 @@ def write_results(
         reports=write_run_reports(suite, finished, out) if reports else [],
         tuning=tuning_markdown(suite, choices),
         chosen=chosen_markdown(suite, runs),
+        machines=machines_markdown(machines, rows, reference),
     )
     atomic_write_text(out / "results.md", results_markdown(suite, base, page))
     atomic_write_text(out / "results.csv", to_csv(rows))
@@ -236,6 +245,7 @@ def write_results(
         "suite": suite.name,
         "quick": suite.quick,
         "client_metric": key,
+        "machines": machines,
         "rows": rows,
     }
     if choices:
@@ -269,6 +279,8 @@ def write_versus_pages(
             f"{suite.display(suite.reference_label)}.",
             "",
             table,
+            "",
+            machines_markdown(machine_table(per_run), rows, name),
             "",
             reading_text(other, page),
             "",
@@ -336,7 +348,9 @@ def write_command(
         f"# finished: {now}",
         f"# wall time of this invocation: {seconds:.1f}s "
         f"(runs reused {counts.get('finished', 0)}, resumed {counts.get('resume', 0)}, "
-        f"run {counts.get('new', 0)}, left to another process {counts.get('busy', 0)})",
+        f"run {counts.get('new', 0)}, left to another process {counts.get('busy', 0)}"
+        + (f", re-run from other machines {counts['rerun']}" if counts.get("rerun") else "")
+        + ")",
         f"# git commit: {_git_commit()}; python {platform.python_version()}; "
         f"{os.cpu_count()} CPUs visible",
         "",

@@ -6,7 +6,9 @@ under the output folder (``label`` from :func:`fedalign.config.run_label`); a ro
 :func:`~.suite.candidate_label`). A folder whose
 ``summary.json`` exists and whose ``config.toml`` equals the planned configuration (the
 ``[run]`` section aside) is reused; one with the same configuration and a checkpoint but
-no summary (an interrupted run) is resumed; anything else is run from scratch.
+no summary (an interrupted run) is resumed; anything else is run from scratch. With
+``rerun_other_machines``, a finished or interrupted run recorded on another machine than
+this one (its ``provenance.json``; none counts as another) is run again from scratch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fedalign.experiments.benchmark.suite import (
     read_toml,
     seed_list,
 )
+from fedalign.records.provenance import read_provenance, recorded_machine
 from fedalign.records.run_folder import numeric_run_settings
 
 BAND_CHOICES = ("minmax", "std")
@@ -80,6 +83,10 @@ class BenchmarkOptions:
     overwrite : bool, default False
         Replace run folders that hold a run of another configuration (status
         ``"differs"``); without it such a folder stops the benchmark before anything runs.
+    rerun_other_machines : bool, default False
+        Run again (replacing them) the finished or interrupted runs recorded on another
+        machine than this one, or recorded before provenance (status ``"rerun"``), so that
+        every run of the table comes from this machine.
     """
 
     suite: str = "main"
@@ -100,6 +107,7 @@ class BenchmarkOptions:
     keep_states: bool = False
     dry_run: bool = False
     overwrite: bool = False
+    rerun_other_machines: bool = False
 
 
 @dataclass
@@ -280,10 +288,15 @@ def same_experiment(a: ExperimentConfig, b: ExperimentConfig) -> bool:
     return left == right and numeric_run_settings(a) == numeric_run_settings(b)
 
 
-def run_status(run: PlannedRun) -> str:
+def run_status(run: PlannedRun, machine: str | None = None) -> str:
     """``"finished"`` (reuse), ``"resume"`` (interrupted, same config), ``"new"`` (nothing
     there, or the same config that never checkpointed) or ``"differs"`` (the folder holds a
-    run of another or an unreadable configuration: replaced only with ``overwrite``)."""
+    run of another or an unreadable configuration: replaced only with ``overwrite``).
+
+    Given ``machine`` (this machine's id, :func:`~fedalign.records.current_machine`), a
+    run that would be reused or resumed but was recorded on another machine, partly or
+    wholly, or before provenance, is ``"rerun"`` (run again from scratch).
+    """
     config_path = run.folder / "config.toml"
     if not config_path.exists():
         return "differs" if (run.folder / "metrics.jsonl").exists() else "new"
@@ -294,10 +307,14 @@ def run_status(run: PlannedRun) -> str:
     if not same_experiment(saved, run.config):
         return "differs"
     if (run.folder / "summary.json").exists():
-        return "finished"
-    if (run.folder / "checkpoint" / "state.pt").exists():
-        return "resume"
-    return "new"
+        status = "finished"
+    elif (run.folder / "checkpoint" / "state.pt").exists():
+        status = "resume"
+    else:
+        return "new"
+    if machine is not None and recorded_machine(read_provenance(run.folder))[0] != machine:
+        return "rerun"
+    return status
 
 
 def _grid_flags(options: BenchmarkOptions) -> list[str]:

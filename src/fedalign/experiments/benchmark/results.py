@@ -7,6 +7,9 @@ the worst client for runs that predate it); the rounds after which global accura
 or above the target, with the seeds that never got there counted as censored.
 
 Target accuracy, per alpha: ``target_fraction`` x the reference's mean final accuracy.
+
+Every run row names the machine it ran on (``provenance.json``, :mod:`.machines`); every
+aggregated row its machines and whether its paired comparison mixes machines.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedalign.experiments.benchmark.machines import MIXED_MARK, row_machines
 from fedalign.experiments.benchmark.plan import PlannedRun, run_status
 from fedalign.experiments.benchmark.suite import Suite
 from fedalign.experiments.stats import (
@@ -38,7 +42,7 @@ from fedalign.experiments.tables import (
     pm,
     wins_cell,
 )
-from fedalign.records import read_jsonl
+from fedalign.records import read_jsonl, read_provenance, recorded_machine
 
 AVERAGED = ("final_accuracy", P10, WORST, "mean_local_accuracy")
 """Per-run metrics reported as mean ± std over seeds."""
@@ -46,11 +50,13 @@ AVERAGED = ("final_accuracy", P10, WORST, "mean_local_accuracy")
 
 @dataclass
 class FinishedRun:
-    """The records of one finished run folder."""
+    """The records of one finished run folder (``provenance``: None for a run recorded
+    before provenance)."""
 
     run: PlannedRun
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
+    provenance: dict[str, Any] | None = None
 
     @property
     def last(self) -> dict[str, Any]:
@@ -65,7 +71,8 @@ def load_finished(runs: Sequence[PlannedRun]) -> list[FinishedRun]:
         if run_status(run) != "finished":
             continue
         summary = json.loads((run.folder / "summary.json").read_text())
-        finished.append(FinishedRun(run, summary, read_jsonl(run.folder / "metrics.jsonl")))
+        metrics = read_jsonl(run.folder / "metrics.jsonl")
+        finished.append(FinishedRun(run, summary, metrics, read_provenance(run.folder)))
     return finished
 
 
@@ -109,6 +116,7 @@ def _relative(path: Path, start: Path | None) -> str:
 def run_row(f: FinishedRun, target: float | None, out: Path | None) -> dict[str, object]:
     """The ``runs.csv`` row of one finished run (final round; no best-round selection)."""
     rounds = max(int(f.summary.get("rounds", 0)), 1)
+    machine, label = recorded_machine(f.provenance)
     return {
         "strategy": f.run.label,
         "alpha": f.run.alpha,
@@ -125,6 +133,9 @@ def run_row(f: FinishedRun, target: float | None, out: Path | None) -> dict[str,
         "seconds_per_round": median_round_seconds(f),
         "mib_up_per_round": float(f.summary.get("bytes_received", 0)) / 2**20 / rounds,
         "folder": _relative(f.run.folder, out),
+        "machine": machine,
+        "machine_label": label,
+        "software": (f.provenance or {}).get("software", "unknown"),
     }
 
 
@@ -192,7 +203,8 @@ def aggregate_rows(
     Columns: ``<metric>_mean`` / ``<metric>_std`` over seeds (unpaired);
     ``minus_reference_*``: mean and 95% interval of the per-seed difference of final
     accuracy to the reference, ``wins`` of ``pairs``; rounds to target over the ``reached``
-    seeds, with ``censored`` seeds known to need more than ``censored_at`` rounds.
+    seeds, with ``censored`` seeds known to need more than ``censored_at`` rounds;
+    ``machines`` and ``mixed_machines`` (:func:`~.machines.row_machines`).
     """
     rows: list[dict[str, object]] = []
     reference = suite.reference_label
@@ -215,6 +227,7 @@ def aggregate_rows(
                     0
                 ],
                 "mib_up_per_round_mean": mean_std([number(r["mib_up_per_round"]) for r in cell])[0],
+                **row_machines(cell, baseline),
             }
             rows.append(row)
     return rows
@@ -256,7 +269,8 @@ def _paired_cells(row: Mapping[str, object]) -> tuple[str, str]:
 
 
 def display_row(row: Mapping[str, object], key: str, reference: str) -> dict[str, object]:
-    """One numeric row formatted for Markdown (``mean ± std`` cells; no std of one seed)."""
+    """One numeric row formatted for Markdown (``mean ± std`` cells; no std of one seed;
+    :data:`~.machines.MIXED_MARK` after the name of a row that mixes machines)."""
     spread = _count(row["seeds"]) > 1
 
     def cell(metric: str) -> str:
@@ -264,8 +278,9 @@ def display_row(row: Mapping[str, object], key: str, reference: str) -> dict[str
 
     difference, wins = _paired_cells(row)
     alpha = number(row["alpha"])
+    mark = MIXED_MARK if row.get("mixed_machines") else ""
     return {
-        "strategy": row["name"],
+        "strategy": f"{row['name']}{mark}",
         "alpha": f"{alpha:g}" if alpha is not None else "-",
         "seeds": row["seeds"],
         "final accuracy": cell("final_accuracy"),

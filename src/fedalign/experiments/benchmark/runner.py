@@ -7,7 +7,8 @@ ends, however it ends) tells every other invocation on the same results folder t
 run alone: two invocations of one suite share its runs instead of both running (and
 overwriting) one. Tokenisation and the frozen-prefix cache are computed
 once per (alpha, seed) and shared by that cell's strategies. A finished run's checkpoint
-and final parameters are deleted unless ``keep_states``.
+and final parameters are deleted unless ``keep_states``. With ``rerun_other_machines``
+the runs recorded on another machine are run again here (:func:`~.plan.run_status`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fedalign.experiments.benchmark.results import display_rows
 from fedalign.experiments.compare import prepare_shared_data
 from fedalign.experiments.run import run_experiment as simulate
 from fedalign.experiments.tables import to_markdown
-from fedalign.records import RunSummary, atomic_write_text
+from fedalign.records import RunSummary, atomic_write_text, current_machine
 
 STATE_FILES = ("checkpoint", "final_state.safetensors")
 """What a finished run folder holds only for resuming or reloading the model (large)."""
@@ -103,6 +104,8 @@ def _run_one(
 ) -> None:
     if status == "resume":
         log(f"{where}: resuming the interrupted run")
+    elif status == "rerun":
+        log(f"{where}: recorded on another machine (or before provenance), running it here")
     else:
         stale = run.folder / "summary.json"
         if stale.exists():
@@ -124,16 +127,21 @@ def _run_one(
 
 
 def execute_plan(
-    runs: Sequence[PlannedRun], log: Callable[[str], None] = print, keep_states: bool = False
+    runs: Sequence[PlannedRun],
+    log: Callable[[str], None] = print,
+    keep_states: bool = False,
+    machine: str | None = None,
 ) -> dict[str, int]:
-    """Run what is not finished; returns how many runs were reused, resumed, run and left to
-    another process (``"busy"``: its lock was held, see :func:`run_lock`).
+    """Run what is not finished; returns how many runs were reused, resumed, run, run again
+    because another machine recorded them (``"rerun"``, only given ``machine``: this
+    machine's id) and left to another process (``"busy"``: its lock was held, see
+    :func:`run_lock`).
 
     Data is prepared lazily, once per (alpha, seed) group, and only when one of the
     group's runs has to compute. Unless ``keep_states``, a run's checkpoint and final
     parameters are deleted once it has finished (the table needs neither).
     """
-    counts = {"finished": 0, "resume": 0, "new": 0, "busy": 0}
+    counts = {"finished": 0, "resume": 0, "new": 0, "rerun": 0, "busy": 0}
     prepared: dict[tuple[float, int], Any] = {}
     for index, run in enumerate(runs, start=1):
         where = f"[{index}/{len(runs)}] alpha={run.alpha:g} seed={run.seed} {run.label}"
@@ -142,7 +150,7 @@ def execute_plan(
                 counts["busy"] += 1
                 log(f"{where}: another process is running it, left to that one")
                 continue
-            status = run_status(run)  # read under the lock: another process may have ended it
+            status = run_status(run, machine)  # under the lock: another process may have ended it
             status = "new" if status == "differs" else status  # run_benchmark allowed it
             counts[status] += 1
             if status == "finished":
@@ -168,9 +176,14 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
     suite, base, out = resolve(options)
     runs = plan_runs(suite, base, out)
     command = command_text(options)
+    machine = None
+    if options.rerun_other_machines:
+        machine, label = current_machine(base.run.device)
+        log(f"this machine: {machine} ({label}); runs recorded on others are run again")
     if options.dry_run:
         for run in runs:
-            log(f"{'busy' if is_busy(run.folder) else run_status(run):>8}  {run.folder}")
+            status = "busy" if is_busy(run.folder) else run_status(run, machine)
+            log(f"{status:>8}  {run.folder}")
         return out
     conflicts = [
         run.folder for run in runs if run_status(run) == "differs" and not is_busy(run.folder)
@@ -191,9 +204,9 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
         f"strategies x {len(suite.alphas)} alphas x {len(suite.seeds)} seeds = {len(runs)} runs"
         f"{tuned} -> {out}"
     )
-    counts = {"finished": 0, "resume": 0, "new": 0, "busy": 0}
+    counts = {"finished": 0, "resume": 0, "new": 0, "rerun": 0, "busy": 0}
     if options.execute:
-        counts = execute_plan(runs, log, keep_states=options.keep_states)
+        counts = execute_plan(runs, log, keep_states=options.keep_states, machine=machine)
     rows = write_results(
         suite, base, runs, out, command, band=options.band, reports=options.reports
     )
