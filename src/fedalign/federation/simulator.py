@@ -32,7 +32,7 @@ Malicious clients: ``federated.attack`` (``scale``, ``sign-flip``) poisons the u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
