@@ -9,7 +9,7 @@ Usage (one torch thread; every server-step cell in a fresh process)::
 Writes ``server_step.{md,json}``, ``sketch_accuracy.{md,json}``, ``bytes.{md,json}``,
 ``compression.{md,json}`` (part ``compression``, from ``--run-folder`` folders of ``fedalign
 run``) and appends the command to ``COMMAND.txt`` under ``--out`` (each part only when run).
-The work is :func:`fedalign.experiments.scale.run_scale_benchmark`.
+The work is :func:`fedalign.experiments.bench.scale.run_scale_benchmark`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedalign.experiments.scale import run_scale_benchmark
+from fedalign.experiments.bench.scale import run_scale_benchmark
 
 
 def main() -> None:

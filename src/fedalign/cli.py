@@ -378,56 +378,55 @@ def _register_report(sub: Any) -> None:
 # ----------------------------------------------------------------------------- bench
 def _cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    if args.suite == "backbone":
-        table = bench.run_backbone_suite(
-            config, central_steps=args.central_steps, repeats=args.repeats
-        )
-    elif args.suite == "scale":
-        table = bench.run_scale_suite(
-            args.quick, out=args.out_dir, log=lambda line: print(line, flush=True)
-        )
-    else:
-        table = bench.format_table(bench.run_bench(config, repeats=args.repeats))
+    suite = bench.get_suite(args.suite)
+    request = bench.BenchRequest(
+        config=config,
+        options={option.dest: getattr(args, option.dest) for option in suite.options},
+        log=lambda line: print(line, flush=True),
+    )
+    table = suite.run(request)
     print(table)
     if args.out_table:
-        Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_table).write_text(table + "\n")
+        suite.write(table, Path(args.out_table))
     return 0
 
 
+def bench_suites_help() -> str:
+    """Every registered suite with its description and options (for ``--help``)."""
+    lines = ["suites (--suite NAME) and their options:"]
+    for suite in bench.SUITES.values():
+        options = " ".join(f"--{option.name}" for option in suite.options)
+        lines.append(f"  {suite.name}: {suite.description}" + (f" [{options}]" if options else ""))
+    return "\n".join(lines)
+
+
+def _add_suite_option(parser: argparse.ArgumentParser, option: bench.SuiteOption) -> None:
+    if option.kind is None:
+        parser.add_argument(f"--{option.name}", action="store_true", help=option.help)
+    else:
+        parser.add_argument(
+            f"--{option.name}", type=option.kind, default=option.default, help=option.help
+        )
+
+
 def _register_bench(sub: Any) -> None:
+    names = bench.suite_names()
     parser = sub.add_parser(
         "bench",
         help="speed and memory ratios of the design choices; the backbone comparison",
         description=bench.__doc__,
+        epilog=bench_suites_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_experiment_options(parser)
     parser.add_argument(
-        "--repeats",
-        type=int,
-        default=5,
-        help="timed repeats (median); the backbone suite: rounds per variant, interleaved",
-    )
-    parser.add_argument(
         "--suite",
-        choices=("design", "backbone", "scale"),
-        default="design",
-        help="design: the simulator's choices (default); backbone: MoEfied vs copy-upcycled; "
-        "scale: server step, bytes per client and simulator memory at 10-100 clients",
+        choices=names,
+        default=names[0],
+        help="; ".join(f"{s.name}: {s.description}" for s in bench.SUITES.values()),
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="scale suite: a tiny size that runs in seconds"
-    )
-    parser.add_argument(
-        "--out-dir", type=Path, help="scale suite: also write scale.md and scale.json here"
-    )
-    parser.add_argument(
-        "--central-steps",
-        type=int,
-        default=300,
-        help="backbone suite: steps of the centralised quality comparison",
-    )
+    for option in bench.suite_options():
+        _add_suite_option(parser, option)
     parser.add_argument("--out-table", type=Path, help="also write the table (Markdown) here")
     parser.set_defaults(handler=_cmd_bench)
 

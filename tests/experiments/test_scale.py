@@ -1,4 +1,4 @@
-"""experiments/scale: synthetic rounds, one timed cell, sketch accuracy, bytes per client."""
+"""experiments/bench/scale: synthetic rounds, one timed cell, sketch accuracy, bytes per client."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedalign.experiments.scale import (
+from fedalign.experiments.bench.scale import (
     CellResult,
     compression_table,
     delta_compression,

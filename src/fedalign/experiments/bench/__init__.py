@@ -1,11 +1,17 @@
 """``fedalign bench``: speed, memory and backbone measurements, each table from one run.
 
+Every suite registers itself in :data:`SUITES` (:mod:`.registry`); the command line lists
+and runs what is registered:
+
 * :mod:`.design`: ratios of the simulator's design choices (prefix cache, padding skip,
   aggregation cost, kept bytes per client);
 * :mod:`.backbone`: MoEfied vs copy-upcycled backbone (router gradient, routing entropy and
   divergence, round time, upload bytes, FLOP rate, centralised accuracy);
-* :mod:`.scale`: scale ratios (server step, bytes per client per round with each upload
-  compression, simulator memory per client), with :mod:`.memory`.
+* :mod:`.scale`: the server step at scale (synthetic rounds, sketch accuracy, bytes per
+  client, update compression) and the scale suite (server step, bytes per client per round
+  with each upload compression, simulator memory per client, with :mod:`.memory`).
+
+:mod:`.process` measures a function in a fresh process (resident and peak memory).
 """
 
 from fedalign.experiments.bench.backbone import (
@@ -18,18 +24,39 @@ from fedalign.experiments.bench.backbone import (
     run_backbone_suite,
 )
 from fedalign.experiments.bench.design import format_table, median_seconds, run_bench
-from fedalign.experiments.bench.scale import run_scale_suite
+from fedalign.experiments.bench.registry import (
+    SUITES,
+    BenchRequest,
+    BenchSuite,
+    SuiteOption,
+    get_suite,
+    register,
+    suite_names,
+    suite_options,
+    suites_using,
+)
+from fedalign.experiments.bench.scale import run_scale_benchmark, run_scale_suite
 
 __all__ = [
+    "SUITES",
+    "BenchRequest",
+    "BenchSuite",
+    "SuiteOption",
     "backbone_measurements",
     "backbone_variant",
     "central_accuracy",
     "format_table",
+    "get_suite",
     "matmul_flop_rate",
     "median_seconds",
+    "register",
     "router_grad_norm",
     "routing_entropy",
     "run_backbone_suite",
     "run_bench",
+    "run_scale_benchmark",
     "run_scale_suite",
+    "suite_names",
+    "suite_options",
+    "suites_using",
 ]

@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedalign.client import evaluate, forward_logits, run_client_round, train_local
 from fedalign.config import ExperimentConfig
-from fedalign.experiments.bench.design import median_seconds, require_cpu_classification
+from fedalign.experiments.bench.design import REPEATS, median_seconds, require_cpu_classification
+from fedalign.experiments.bench.registry import BenchRequest, BenchSuite, SuiteOption, register
 from fedalign.experiments.run import Simulation
 from fedalign.models import EncoderClassifier, RoutingCapture
 from fedalign.protocol import TrainInstructions
@@ -253,3 +254,26 @@ def run_backbone_suite(config: ExperimentConfig, central_steps: int = 300, repea
         f"{ratio(moefied, copied)} |",
     ]
     return "\n".join(lines)
+
+
+CENTRAL_STEPS = SuiteOption(
+    "central-steps", "backbone suite: steps of the centralised quality comparison", int, 300
+)
+
+
+def _run_backbone(request: BenchRequest) -> str:
+    return run_backbone_suite(
+        request.config,
+        central_steps=request.options["central_steps"],
+        repeats=request.options["repeats"],
+    )
+
+
+register(
+    BenchSuite(
+        name="backbone",
+        description="MoEfied vs copy-upcycled",
+        run=_run_backbone,
+        options=(REPEATS, CENTRAL_STEPS),
+    )
+)

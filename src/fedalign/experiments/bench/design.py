@@ -22,6 +22,7 @@ import torch
 from fedalign.client import ModelInputs, forward_logits, run_client_round, train_local
 from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.data import build_federated_data, tokenize_dataset
+from fedalign.experiments.bench.registry import BenchRequest, BenchSuite, SuiteOption, register
 from fedalign.experiments.run import Simulation
 from fedalign.models import UpcycledMoE
 from fedalign.protocol import TrainInstructions, tensor_bytes
@@ -185,3 +186,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ours = "-" if row["ours_s"] is None else f"{row['ours_s']:.4f}"
         lines.append(f"| {row['what']} | {base} | {ours} | {row['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+REPEATS = SuiteOption(
+    "repeats",
+    "timed repeats (median); the backbone suite: rounds per variant, interleaved",
+    int,
+    5,
+)
+"""``--repeats``, shared by the design and backbone suites."""
+
+
+def _run_design(request: BenchRequest) -> str:
+    return format_table(run_bench(request.config, repeats=request.options["repeats"]))
+
+
+register(
+    BenchSuite(
+        name="design",
+        description="the simulator's choices (default)",
+        run=_run_design,
+        options=(REPEATS,),
+    )
+)

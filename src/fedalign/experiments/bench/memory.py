@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from fedalign.config import ExperimentConfig
+from fedalign.experiments.bench.process import (
+    MB,
+    in_fresh_process,
+    peak_resident_bytes,
+    resident_bytes,
+)
 from fedalign.experiments.run import Simulation
-from fedalign.experiments.scale import MB, in_fresh_process, peak_resident_bytes, resident_bytes
 from fedalign.protocol import tensor_bytes
 
 MEMORY_OVERRIDES = (

@@ -4,7 +4,7 @@ Three tables in one Markdown page:
 
 * **server step**: FedAlign-MoE (exact and sketched) vs FedAvg, time and working memory of
   ``aggregate`` at several client counts, each cell in a fresh process
-  (:func:`fedalign.experiments.scale.run_cell_isolated`);
+  (:func:`.server_step.run_cell_isolated`);
 * **bytes per client per round**: the upload of each strategy with each
   ``federated.upload-compression``, counted on the real compressed payload of the model's
   trainable tensors (:func:`fedalign.compression.compress_update`), its ratio to the float32
@@ -25,10 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fedalign.compression import COMPRESSIONS, compress_update
-from fedalign.config import ModelConfig
 from fedalign.experiments.bench.memory import (
     MEMORY_OVERRIDES,
     MemoryCell,
@@ -36,16 +32,13 @@ from fedalign.experiments.bench.memory import (
     memory_growth,
     memory_table,
 )
-from fedalign.experiments.scale import (
+from fedalign.experiments.bench.registry import BenchRequest, BenchSuite, SuiteOption, register
+from fedalign.experiments.bench.scale.payload import CompressedBytes, bytes_table, compressed_bytes
+from fedalign.experiments.bench.scale.server_step import (
     CellResult,
-    payload_bytes,
     run_cell_isolated,
     server_step_table,
 )
-from fedalign.models.loading import load_moe_model
-from fedalign.protocol import tensor_bytes
-
-SCALE_STRATEGIES = ("fedavg", "fedalign")
 
 
 @dataclass
@@ -80,66 +73,6 @@ QUICK = ScaleSize(
 """The quick size (a test runs it in seconds)."""
 
 
-@dataclass
-class CompressedBytes:
-    """One (strategy, compression) upload of one client in one round."""
-
-    model: str
-    strategy: str
-    compression: str
-    upload_bytes: int
-    vs_float32: float  # upload / the uncompressed upload of the same strategy
-    statistics_share: float  # routing statistics / upload
-
-
-def compressed_bytes(
-    model_name: str, topk_fraction: float = 0.1, strategies: Sequence[str] = SCALE_STRATEGIES
-) -> list[CompressedBytes]:
-    """Upload bytes per strategy and compression, on the model's real tensor shapes.
-
-    The compressed sizes depend on shapes only (bf16: 2 bytes a value; int8: 1 byte a value
-    plus 4 a row; topk: 8 bytes a kept value), so a random delta of the model's shapes gives
-    the exact payload size.
-    """
-    model = load_moe_model(ModelConfig(name=model_name), 8, seed=0)
-    parameters = model.trainable_state()
-    generator = torch.Generator().manual_seed(0)
-    delta = {n: torch.randn(t.shape, generator=generator) for n, t in parameters.items()}
-    sizes = {"none": tensor_bytes(parameters)}
-    for method in COMPRESSIONS[1:]:
-        update, _ = compress_update(delta, method, fraction=topk_fraction)
-        sizes[method] = tensor_bytes(update)
-    rows = []
-    for base in payload_bytes(model.layout, parameters, model_name, strategies):
-        for method, size in sizes.items():
-            upload = size + base.statistics_bytes
-            rows.append(
-                CompressedBytes(
-                    model=model_name,
-                    strategy=base.strategy,
-                    compression=method if method != "topk" else f"topk {topk_fraction:g}",
-                    upload_bytes=upload,
-                    vs_float32=round(upload / base.upload_bytes, 4),
-                    statistics_share=round(base.statistics_bytes / upload, 5),
-                )
-            )
-    return rows
-
-
-def bytes_table(rows: Sequence[CompressedBytes]) -> str:
-    lines = [
-        "| model | strategy | upload compression | upload B/client/round | vs float32 "
-        "| routing statistics share |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.strategy} | {r.compression} | {r.upload_bytes:,} | "
-            f"{r.vs_float32:.3f} | {100 * r.statistics_share:.3f}% |"
-        )
-    return "\n".join(lines)
-
-
 def run_scale_suite(
     quick: bool = False,
     *,
@@ -166,7 +99,27 @@ def run_scale_suite(
         memory.append(memory_cell_isolated(clients, size.memory_examples, size.memory_overrides))
         say(f"memory C={clients}: peak {memory[-1].peak_mb} MB")
     growth = memory_growth(memory)
-    page = "\n".join(
+    page = scale_page(quick, size, cells, payload, memory)
+    if out is not None:
+        data: dict[str, Any] = {
+            "server_step": [asdict(c) for c in cells],
+            "bytes": [asdict(r) for r in payload],
+            "memory": [asdict(m) for m in memory],
+            "memory_growth": asdict(growth),
+        }
+        write_scale(Path(out), page, data)
+    return page
+
+
+def scale_page(
+    quick: bool,
+    size: ScaleSize,
+    cells: Sequence[CellResult],
+    payload: Sequence[CompressedBytes],
+    memory: Sequence[MemoryCell],
+) -> str:
+    """The suite's Markdown page: the three tables under their headings."""
+    return "\n".join(
         [
             "# Scale suite" + (" (quick size: pipeline check, not a measurement)" if quick else ""),
             "",
@@ -187,15 +140,30 @@ def run_scale_suite(
             "",
         ]
     )
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "scale.md").write_text(page)
-        data: dict[str, Any] = {
-            "server_step": [asdict(c) for c in cells],
-            "bytes": [asdict(r) for r in payload],
-            "memory": [asdict(m) for m in memory],
-            "memory_growth": asdict(growth),
-        }
-        (folder / "scale.json").write_text(json.dumps(data, indent=1))
-    return page
+
+
+def write_scale(folder: Path, page: str, data: dict[str, Any]) -> None:
+    """``scale.md`` (the page) and ``scale.json`` (every row) under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scale.md").write_text(page)
+    (folder / "scale.json").write_text(json.dumps(data, indent=1))
+
+
+QUICK_OPTION = SuiteOption("quick", "scale suite: a tiny size that runs in seconds")
+OUT_DIR = SuiteOption("out-dir", "scale suite: also write scale.md and scale.json here", Path)
+
+
+def _run_scale(request: BenchRequest) -> str:
+    return run_scale_suite(
+        request.options["quick"], out=request.options["out_dir"], log=request.log
+    )
+
+
+register(
+    BenchSuite(
+        name="scale",
+        description="server step, bytes per client and simulator memory at 10-100 clients",
+        run=_run_scale,
+        options=(QUICK_OPTION, OUT_DIR),
+    )
+)
