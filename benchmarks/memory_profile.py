@@ -19,8 +19,8 @@ import torch
 
 from fedalign.config import ExperimentConfig
 from fedalign.experiments.bench.memory import MEMORY_OVERRIDES
-from fedalign.experiments.run import Simulation
 from fedalign.experiments.bench.process import MB, peak_resident_bytes, resident_bytes
+from fedalign.experiments.run import Simulation
 from fedalign.protocol import tensor_bytes
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import statistics
 import time
@@ -32,11 +31,11 @@ from typing import Any
 
 import torch
 
-import fedalign.experiments.run as run_module
+from fedalign.client import load_model
 from fedalign.config import ExperimentConfig
 from fedalign.experiments.compare import prepare_shared_data
 from fedalign.experiments.run import Simulation
-from fedalign.models import MoEModel, load_moe_model
+from fedalign.models import MoEModel
 from fedalign.routing import gaussian_dp_mu, gaussian_epsilon
 from fedalign.strategies.screening import update_norm
 
@@ -52,17 +51,39 @@ SOFT = {"fedalign (soft)": {"strategy.name": "fedalign", "strategy.selection": "
 ATTACKS = ("none", "scale", "sign-flip")
 
 
-@functools.lru_cache(maxsize=2)
-def _initial_model(model_toml: str, num_labels: int, seed: int) -> MoEModel:
-    config = ExperimentConfig.from_dict({"model": json.loads(model_toml)})
-    return load_moe_model(config.model, num_labels=num_labels, seed=seed)
+class CachedModels:
+    """A :data:`~fedalign.client.ModelLoader` that builds each initial model once and hands
+    out copies (loading is deterministic in the configuration and seed; the MoEfication fit
+    costs about 7 CPU seconds a run). Keeps the two most recent models."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.models: dict[str, MoEModel] = {}
+
+    def __call__(self, config: ExperimentConfig, num_labels: int) -> MoEModel:
+        key = json.dumps(
+            [
+                dataclasses.asdict(config.model),
+                config.model_head(),
+                config.federated.seed,
+                config.run.device,
+                config.run.precision,
+                config.run.frozen_dtype,
+                config.run.deterministic,
+                num_labels,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        if key not in self.models:  # load_model's inputs: the key above
+            self.models[key] = load_model(config, num_labels)
+            while len(self.models) > self.size:
+                self.models.pop(next(iter(self.models)))
+        return copy.deepcopy(self.models[key])
 
 
-def cached_load_moe_model(model_config: Any, num_labels: int, seed: int = 0) -> MoEModel:
-    """A copy of the seed's initial model, built once (loading is deterministic in the seed;
-    the MoEfication fit costs about 7 CPU seconds a run)."""
-    key = json.dumps(dataclasses.asdict(model_config), sort_keys=True)
-    return copy.deepcopy(_initial_model(key, num_labels, seed))
+CACHED_MODELS = CachedModels()
+"""The loader every run of this script uses."""
 
 
 def strategies(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -109,7 +130,14 @@ def run_one(
             norms.extend(json.loads(norms_path.read_text()))
         return dict(json.loads(summary_path.read_text()))
     started = time.perf_counter()
-    simulation = Simulation(config, folder, prepared=data.get(), overwrite=True, log=None)
+    simulation = Simulation(
+        config,
+        folder,
+        prepared=data.get(),
+        overwrite=True,
+        log=None,
+        model_loader=CACHED_MODELS,
+    )
     seen: list[float] = []
     for server_round in range(1, config.federated.rounds + 1):
         before = dict(simulation.global_parameters)
@@ -304,7 +332,6 @@ def main() -> None:
     args.noise = [float(v) for v in args.noise.split(",") if v]
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
-    run_module.load_moe_model = cached_load_moe_model  # type: ignore[attr-defined]
     out, runs = Path(args.out), Path(args.runs)
     started = time.perf_counter()
     for done in range(1, len(seeds) + 1):  # seed by seed: tables after each seed

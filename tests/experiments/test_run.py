@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedalign.client import CallableTerm, client_seed
+from fedalign.client import CallableTerm, client_seed, load_model
 from fedalign.config import ExperimentConfig
 from fedalign.experiments.run import Simulation, run_experiment
 from fedalign.federation import sample_clients
+from fedalign.models import MoEModel
 from fedalign.protocol import tensor_bytes
 from fedalign.records import read_jsonl
 from tests.helpers import tiny_config
@@ -36,6 +38,26 @@ def test_same_seed_same_numbers_twice(tmp_path: Path) -> None:
     decisions_a = read_jsonl(tmp_path / "a" / "decisions.jsonl")
     decisions_b = read_jsonl(tmp_path / "b" / "decisions.jsonl")
     assert decisions_a == decisions_b
+
+
+def test_a_model_loader_builds_the_model_and_changes_nothing(tmp_path: Path) -> None:
+    """``run_experiment(model_loader=...)`` builds the model with it (a cached copy of the
+    default loader's model gives bitwise the same run: benchmarks/robustness.py does that)."""
+    calls: list[int] = []
+    cached: dict[int, MoEModel] = {}
+
+    def loader(config: ExperimentConfig, num_labels: int) -> MoEModel:
+        calls.append(num_labels)
+        if num_labels not in cached:
+            cached[num_labels] = load_model(config, num_labels)
+        return copy.deepcopy(cached[num_labels])
+
+    config = tiny_config(federated__rounds=1)
+    run_experiment(config.copy(), tmp_path / "default", log=None)
+    run_experiment(config.copy(), tmp_path / "loaded", log=None, model_loader=loader)
+    assert len(calls) == 1
+    state_a, state_b = final_state(tmp_path / "default"), final_state(tmp_path / "loaded")
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 def test_different_seed_different_numbers(tmp_path: Path) -> None:
@@ -180,8 +202,6 @@ def test_client_sampling_is_seeded_and_sized() -> None:
 @pytest.mark.slow
 def test_extra_loss_hook_reaches_the_client_loss(tmp_path: Path) -> None:
     """A user-supplied loss term on the captured router logits is trained against."""
-    from fedalign.models import MoEModel
-
     calls: list[int] = []
 
     def router_entropy_bonus(model: MoEModel, captured: dict) -> torch.Tensor:  # type: ignore[type-arg]

@@ -27,7 +27,14 @@ from fedalign.client.objectives import (
     lm_loss,
     objective_for,
 )
-from fedalign.client.prepare import Prepared, PreparedData, load_model, prepare, prepare_data
+from fedalign.client.prepare import (
+    ModelLoader,
+    Prepared,
+    PreparedData,
+    load_model,
+    prepare,
+    prepare_data,
+)
 from fedalign.client.round import (
     ClientRound,
     client_loss_terms,
@@ -49,6 +56,7 @@ __all__ = [
     "LocalTrainingResult",
     "LossTerm",
     "ModelInputs",
+    "ModelLoader",
     "MultipleChoiceObjective",
     "Prepared",
     "PreparedData",

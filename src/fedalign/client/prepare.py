@@ -19,7 +19,7 @@ the examples of the reported accuracy nor any client's data.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,10 @@ Tensor = torch.Tensor
 
 PREFIX_BATCH = 64
 """Examples per batch when the frozen prefix is cached."""
+
+ModelLoader = Callable[[ExperimentConfig, int], MoEModel]
+"""``(config, num_labels) -> model``: how a run builds its model (default :func:`load_model`;
+a benchmark may pass a cached one)."""
 
 
 @dataclass
@@ -255,6 +259,7 @@ def prepare(
     clients: Sequence[int] | None = None,
     include_train: bool = True,
     include_test: bool = True,
+    model_loader: ModelLoader | None = None,
 ) -> Prepared:
     """Partition, model and prepared data for ``config`` (seeded by ``federated.seed``).
 
@@ -267,10 +272,13 @@ def prepare(
         False prepares only local test rows and the global test set (a server evaluating).
     include_test : bool, default True
         False leaves out the global test set (a client that never evaluates on it).
+    model_loader : ModelLoader or None, default None
+        Builds the model from ``(config, num_labels)``; None is :func:`load_model`.
     """
     seed = config.federated.seed
     federated = build_federated_data(config.data, config.partition, seed)
-    model = load_model(config, num_labels=federated.splits.train.num_classes)
+    loader = model_loader or load_model
+    model = loader(config, federated.splits.train.num_classes)
     data = prepare_data(
         config,
         model,

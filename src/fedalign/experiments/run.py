@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedalign.client import (
+    ModelLoader,
     Prepared,
     PreparedData,
     client_seed,
@@ -40,11 +41,17 @@ def default_out_dir(config: ExperimentConfig, transport: str = "") -> Path:
     return Path("runs") / "-".join(part for part in (label, transport, stamp) if part)
 
 
-def prepare_for(config: ExperimentConfig, data: PreparedData | None) -> Prepared:
-    """The model and data of ``config``: all prepared, or a fresh model on ``data``."""
+def prepare_for(
+    config: ExperimentConfig,
+    data: PreparedData | None,
+    model_loader: ModelLoader | None = None,
+) -> Prepared:
+    """The model and data of ``config``: all prepared, or a fresh model on ``data``
+    (``model_loader``: ``(config, num_labels) -> model``, default :func:`load_model`)."""
     if data is None:
-        return prepare(config)
-    model = load_model(config, num_labels=len(data.label_names))
+        return prepare(config, model_loader=model_loader)
+    loader = model_loader or load_model
+    model = loader(config, len(data.label_names))
     return Prepared(model=model, data=data)
 
 
@@ -68,6 +75,10 @@ class Simulation:
         holds a run (``config.toml`` or ``metrics.jsonl``) is refused.
     log : callable or None, default print
         Receives the one-line summary of each round.
+    model_loader : ModelLoader or None, default None
+        Builds the model from ``(config, num_labels)``; None is
+        :func:`fedalign.client.load_model` (``run.workers`` > 1: worker processes load
+        their own with it).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class Simulation:
         resume: bool = False,
         overwrite: bool = False,
         log: Callable[[str], None] | None = print,
+        model_loader: ModelLoader | None = None,
     ) -> None:
         config.validate()
         folder = Path(out_dir) if out_dir is not None else default_out_dir(config)
@@ -87,7 +99,7 @@ class Simulation:
         self.log = log or (lambda _message: None)
         if config.run.threads > 0:
             torch.set_num_threads(config.run.threads)
-        ready = prepare_for(config, prepared)
+        ready = prepare_for(config, prepared, model_loader)
         self.model, self.data = ready.model, ready.data
         self.simulator = Simulator(config, ready)
         self.label = run_label(config.strategy.name, config.strategy.ablation)
@@ -202,9 +214,16 @@ def run_experiment(
     overwrite: bool = False,
     prepared: PreparedData | None = None,
     log: Callable[[str], None] | None = print,
+    model_loader: ModelLoader | None = None,
 ) -> RunSummary:
-    """Build a :class:`Simulation` and run it to the end (``resume`` / ``overwrite``: see
-    :class:`Simulation`)."""
+    """Build a :class:`Simulation` and run it to the end (``resume`` / ``overwrite`` /
+    ``model_loader``: see :class:`Simulation`)."""
     return Simulation(
-        config, out_dir, prepared=prepared, resume=resume, overwrite=overwrite, log=log
+        config,
+        out_dir,
+        prepared=prepared,
+        resume=resume,
+        overwrite=overwrite,
+        log=log,
+        model_loader=model_loader,
     ).run()
