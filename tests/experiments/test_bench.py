@@ -126,3 +126,26 @@ def test_bench_scale_suite_quick_writes_every_table(tmp_path: Path) -> None:
     # every kind of kept state is on: optimizer moments and residuals grow with the clients
     assert memory[1]["client_state_mb"] > memory[0]["client_state_mb"] > 0
     assert data["memory_growth"]["ratio"] > 0
+
+
+def test_the_cli_lists_and_accepts_every_registered_suite(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`fedalign bench` is built from the registry: --help lists every suite and option."""
+    from fedalign.cli import build_parser
+    from fedalign.experiments import bench
+
+    assert bench.suite_names() == ["design", "backbone", "scale"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for suite in bench.SUITES.values():
+        assert f"  {suite.name}: {suite.description}" in text
+        for option in suite.options:
+            assert f"--{option.name}" in text
+    args = build_parser().parse_args(["bench", "--suite", "scale", "--quick"])
+    assert (args.suite, args.quick, args.repeats, args.central_steps) == ("scale", True, 5, 300)
+    with pytest.raises(ValueError, match="registered twice"):
+        bench.register(bench.SUITES["design"])
+    with pytest.raises(ConfigError, match="unknown bench suite"):
+        bench.get_suite("nope")

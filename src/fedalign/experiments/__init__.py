@@ -4,6 +4,8 @@
 * :mod:`.compare`: several strategies on one partition, seed and initial model;
 * :mod:`.benchmark`: the paper's grid of strategies x Dirichlet alphas x seeds;
 * :mod:`.report`: figures and a page of one run folder;
+* :mod:`.bench`: every measurement (the registered ``fedalign bench`` suites, the scale
+  measurement of ``benchmarks/scale.py``);
 * :mod:`.stats`, :mod:`.tables`, :mod:`.plots`: the evaluation statistics (paired
   differences, censored rounds to target), table rendering and curves they share.
 
