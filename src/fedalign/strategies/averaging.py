@@ -236,3 +236,20 @@ def router_rows_average(
             f"{num_experts} rows along dimension 0"
         )
     return weighted_sum(stacked, row_weights)
+
+
+def average_outside_experts(
+    layout: MoELayout,
+    global_parameters: Mapping[str, Tensor],
+    results: Sequence[ClientResult],
+    weights: Tensor,
+) -> dict[str, Tensor]:
+    """FedAvg of the non-expert tensors; expert tensors start as copies of the global ones
+    (for step D paths that write every expert themselves)."""
+    expert_names = layout.expert_param_names()
+    rest = {n: t for n, t in global_parameters.items() if n not in expert_names}
+    parameters = weighted_average(rest, results, weights)
+    for name in global_parameters:
+        if name in expert_names:
+            parameters[name] = global_parameters[name].clone()
+    return {name: parameters[name] for name in global_parameters}

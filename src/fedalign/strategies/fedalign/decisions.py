@@ -1,5 +1,27 @@
 """FedAlign-MoE's decision records: one entry per expert, filled by steps B-D.
 
+    Record (JSON-able)::
+
+        {"strategy": "fedalign", "round", "clients", "num_examples", "example_weights",
+         "ablation", "routing_lambda",
+         "layers": {layer: {
+             "routing_reference": "previous-global" | "client-mean",
+             "global_routing": [E floats],               # p_g^t
+             "expert_aggregation": "semantic" | "fedavg",
+             "experts": [{"expert": e,
+                          "omega": {id: omega_i(e)}, "p_g": p_g^t(e),
+                          "active": [ids] | None, "consensus": {id: c_i} | None,
+                          "tau": float | None, "aligned": [ids] | None,
+                          "aggregation_weights": {id: w_i} | None,
+                          "fallback": str | None}, ...]}},
+         "routing_divergence": {...}, "semantic_dispersion": {...}}
+
+    With a method option of :data:`RECORDED_OPTIONS` off its default the record holds
+    ``"method_options"``; with ``selection = "soft"`` each semantic expert holds
+    ``"selection": "soft"`` and ``"soft_membership"`` (``"aligned"`` stays the hard
+    set). Ablation ``"fedavg"``: the FedAvg record with ``"layers": {}``. LoRA pairs add
+    ``"lora"``; LoRA experts ``"lora_update_size"`` and ``"lora_product_error"``.
+
 Shapes: ``C`` clients in the round, ``E`` experts.
 """
 

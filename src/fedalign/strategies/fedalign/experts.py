@@ -24,9 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
-from fedalign.moe.layout import MoELayerLayout
+from fedalign.moe.layout import MoELayerLayout, MoELayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies.averaging import (
+    cast_like_reference,
     client_expert_matrix,
     example_counts,
     example_weights,
@@ -373,3 +374,23 @@ def expert_parts(
         parts.append((offset, part))
         offset += part.numel()
     return parts
+
+
+def personal_parameters(
+    layout: MoELayout,
+    parameters: Mapping[str, Tensor],
+    global_parameters: Mapping[str, Tensor],
+    personal_vectors: PersonalVectors,
+) -> dict[int, dict[str, Tensor]]:
+    """Per client with personal experts, its expert tensors: the new global ones with its
+    personal ``(layer, expert, vector)`` entries written in, cast like the global ones."""
+    expert_names = sorted(layout.expert_param_names())
+    client_parameters: dict[int, dict[str, Tensor]] = {}
+    for cid, vectors in personal_vectors.items():
+        if not vectors:
+            continue
+        own = {name: parameters[name].clone() for name in expert_names}
+        for layer, expert, vector in vectors:
+            write_expert_vector_in_place(layer, own, expert, vector)
+        client_parameters[cid] = cast_like_reference(own, global_parameters)
+    return client_parameters

@@ -16,12 +16,12 @@ from fedalign.errors import OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, LossTermSpec, TrainInstructions
 from fedalign.strategies.averaging import (
+    average_outside_experts,
     cast_like_reference,
     example_weights,
     layer_statistics,
     trainable_layout,
     weighted_average,
-    write_expert_vector_in_place,
 )
 from fedalign.strategies.base import AggregationResult, Strategy, StrategyState
 from fedalign.strategies.fedalign.decisions import expert_records, layer_record
@@ -31,6 +31,7 @@ from fedalign.strategies.fedalign.experts import (
     PersonalVectors,
     UpdatesFactory,
     aggregate_layer_experts,
+    personal_parameters,
     sketched_factory,
 )
 from fedalign.strategies.fedalign.options import (
@@ -201,27 +202,7 @@ class FedAlignMoE(Strategy):
     ) -> AggregationResult:
         """Steps A-E of FedAlign-MoE (docs/method.md).
 
-        Record (JSON-able)::
-
-            {"strategy": "fedalign", "round", "clients", "num_examples", "example_weights",
-             "ablation", "routing_lambda",
-             "layers": {layer: {
-                 "routing_reference": "previous-global" | "client-mean",
-                 "global_routing": [E floats],               # p_g^t
-                 "expert_aggregation": "semantic" | "fedavg",
-                 "experts": [{"expert": e,
-                              "omega": {id: omega_i(e)}, "p_g": p_g^t(e),
-                              "active": [ids] | None, "consensus": {id: c_i} | None,
-                              "tau": float | None, "aligned": [ids] | None,
-                              "aggregation_weights": {id: w_i} | None,
-                              "fallback": str | None}, ...]}},
-             "routing_divergence": {...}, "semantic_dispersion": {...}}
-
-        With a method option of :data:`RECORDED_OPTIONS` off its default the record holds
-        ``"method_options"``; with ``selection = "soft"`` each semantic expert holds
-        ``"selection": "soft"`` and ``"soft_membership"`` (``"aligned"`` stays the hard
-        set). Ablation ``"fedavg"``: the FedAvg record with ``"layers": {}``. LoRA pairs add
-        ``"lora"``; LoRA experts ``"lora_update_size"`` and ``"lora_product_error"``.
+        The round record's format: :mod:`.decisions`.
         """
         parameters, record = self._start(server_round, global_parameters, results)
         if self.ablation == "fedavg":
@@ -360,37 +341,14 @@ class FedAlignMoE(Strategy):
         personal_vectors: PersonalVectors,
         new_state: StrategyState,
     ) -> dict[int, dict[str, Tensor]]:
-        """Per client, its expert tensors (the new global ones with its personal experts),
-        also stored in ``new_state["personalized_experts"]``; empty when not personalised."""
+        """Per client, its expert tensors (:func:`personal_parameters`), also stored in
+        ``new_state["personalized_experts"]``; empty when not personalised."""
         if not self.options.personalized_experts:
             return {}
-        expert_names = sorted(layout.expert_param_names())
-        client_parameters: dict[int, dict[str, Tensor]] = {}
-        for cid, vectors in personal_vectors.items():
-            if not vectors:
-                continue
-            own = {name: parameters[name].clone() for name in expert_names}
-            for layer, expert, vector in vectors:
-                write_expert_vector_in_place(layer, own, expert, vector)
-            client_parameters[cid] = cast_like_reference(own, global_parameters)
+        client_parameters = personal_parameters(
+            layout, parameters, global_parameters, personal_vectors
+        )
         stored = dict(new_state.get("personalized_experts", {}))
         stored.update(client_parameters)
         new_state["personalized_experts"] = stored
         return client_parameters
-
-
-def average_outside_experts(
-    layout: MoELayout,
-    global_parameters: Mapping[str, Tensor],
-    results: Sequence[ClientResult],
-    weights: Tensor,
-) -> dict[str, Tensor]:
-    """FedAvg of the non-expert tensors; expert tensors start as copies of the global ones
-    (for step D paths that write every expert themselves)."""
-    expert_names = layout.expert_param_names()
-    rest = {n: t for n, t in global_parameters.items() if n not in expert_names}
-    parameters = weighted_average(rest, results, weights)
-    for name in global_parameters:
-        if name in expert_names:
-            parameters[name] = global_parameters[name].clone()
-    return {name: parameters[name] for name in global_parameters}
