@@ -23,7 +23,6 @@ from fedalign.experiments.benchmark import (
     BenchmarkOptions,
     command_text,
     load_suite,
-    page,
     plan_runs,
     run_benchmark,
     runner,
@@ -134,27 +133,6 @@ class FakeSimulator:
         (folder / "checkpoint").mkdir(exist_ok=True)
         (folder / "checkpoint" / "state.pt").write_bytes(b"state")
         return summary
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSimulator:
-    simulator = FakeSimulator()
-    monkeypatch.setattr(runner, "run_experiment", simulator.run)
-    monkeypatch.setattr(runner, "prepare_shared_data", simulator.prepare)
-    return simulator
-
-
-@pytest.fixture
-def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skip drawing (checked once, in the first test) to keep the other tests fast."""
-    monkeypatch.setattr(page, "plot_grid", lambda *args, **kwargs: None)
-
-
-@pytest.fixture
-def suite_file(tmp_path: Path) -> Path:
-    path = tmp_path / "toy.toml"
-    path.write_text(SUITE)
-    return path
 
 
 def _run(suite_file: Path, out: Path, *extra: str) -> int:

@@ -13,46 +13,23 @@ from typing import Any
 
 import pytest
 
-from fedalign.cli import build_parser, main
+from fedalign.cli import build_parser
 from fedalign.config import ExperimentConfig
-from fedalign.experiments.benchmark import PlannedRun, page, run_status, runner
+from fedalign.experiments.benchmark import PlannedRun, run_status
 from fedalign.records import UNKNOWN_LABEL, current_machine
 from fedalign.records.provenance import describe_environment, start_session
-from tests.experiments.test_benchmark import SUITE, FakeSimulator
+from tests.experiments.test_benchmark import FakeSimulator
+from tests.experiments.test_benchmark import _run as run_benchmark
 
 A = ("aaaaaaaaaaaa", "Intel Xeon, AVX512 kernels")
 B = ("bbbbbbbbbbbb", "AMD EPYC, AVX2 kernels")
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSimulator:
-    simulator = FakeSimulator()
-    monkeypatch.setattr(runner, "run_experiment", simulator.run)
-    monkeypatch.setattr(runner, "prepare_shared_data", simulator.prepare)
-    monkeypatch.setattr(page, "plot_grid", lambda *args, **kwargs: None)
-    return simulator
-
-
-@pytest.fixture
-def suite_file(tmp_path: Path) -> Path:
-    path = tmp_path / "toy.toml"
-    path.write_text(SUITE)
-    return path
+pytestmark = pytest.mark.usefixtures("no_plots")
 
 
 def _run(suite_file: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "benchmark",
-            "--suite",
-            str(suite_file),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--no-report",
-            *extra,
-        ]
-    )
+    return run_benchmark(suite_file, out, "--no-report", *extra)
 
 
 def ran_on(folder: Path, machine: tuple[str, str]) -> None:
