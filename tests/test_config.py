@@ -46,12 +46,23 @@ def test_round_trip_through_toml(tmp_path: Path) -> None:
         ("partition.method=random", "partition.method"),
         ("model.trainable=some", "model.trainable"),
         ("federated.fraction=0", "federated.fraction"),
+        ("train.label-calibration=-0.5", "train.label-calibration"),
+        ("train.label-calibration=inf", "train.label-calibration"),
     ],
 )
 def test_bad_values_name_the_field(override: str, named: str) -> None:
     config = ExperimentConfig()
     config.apply_overrides([override])
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        config.validate()
+
+
+def test_label_calibration_is_for_classification_only() -> None:
+    config = ExperimentConfig()
+    config.apply_overrides(["train.label-calibration=1.0"])
+    config.validate()  # the default data are classification
+    config.apply_overrides(["data.dataset=mmlu"])
+    with pytest.raises(ConfigError, match=r"train\.label-calibration applies to classification"):
         config.validate()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,3 +139,26 @@ def test_routing_term_from_instructions_reaches_the_client(prepared) -> None:  #
     assert not torch.equal(plain.result.parameters[router], aligned.result.parameters[router])
     # the instructions' tensors count as sent bytes
     assert aligned.bytes_sent == plain.bytes_sent + 2 * len(layers) * 8 * 4
+
+
+def test_label_calibration_leaves_classes_the_client_lacks_untouched(prepared) -> None:  # type: ignore[no-untyped-def]
+    """With FedLC's calibration a class the client has no example of leaves its softmax,
+    so the head's row for that class gets no gradient and stays where it started; plain
+    cross-entropy pushes that row down."""
+    model, data = prepared.model, prepared.data
+    start = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+    everything = data.client_rows(0)
+    rows = everything.select(torch.nonzero(everything.labels != 0).squeeze(1))  # no class 0
+    head = next(k for k in start if start[k].dim() == 2 and "classifier" in k)
+    absent = sorted(set(range(start[head].shape[0])) - set(rows.labels.tolist()))
+    assert 0 in absent
+
+    def head_rows(tau: float) -> torch.Tensor:
+        model.load_trainable_state(start)
+        config = tiny_config(train__label_calibration=tau)
+        done = train_local(model, rows, [], config.train, global_parameters=start, seed=3)
+        assert math.isfinite(done.metrics["task_loss"])
+        return done.parameters[head][absent]
+
+    assert torch.equal(head_rows(1.0), start[head][absent])
+    assert not torch.equal(head_rows(0.0), start[head][absent])

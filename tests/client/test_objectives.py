@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from fedalign.client import (
+    OBJECTIVES,
+    ClassificationObjective,
     ModelInputs,
     MultipleChoiceObjective,
+    calibrated_cross_entropy,
     choice_scores,
     continuation_log_likelihood,
     evaluate,
@@ -183,3 +186,57 @@ def test_objective_checks_the_head() -> None:
     unknown = ModelInputs(attention_mask=torch.ones(1, 2), labels=torch.zeros(1), task="regress")
     with pytest.raises(FedAlignError, match="unknown task 'regress'"):
         objective_for(unknown, model)
+
+
+# ------------------------------------------------------------- label calibration (FedLC)
+def test_calibrated_cross_entropy_is_the_shifted_softmax_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 2])
+    counts = torch.tensor([16.0, 1.0, 81.0])
+    tau = 0.7
+    shifted = logits - tau * counts.pow(-0.25)
+    by_hand = -(shifted.log_softmax(-1)[torch.arange(2), labels]).mean()
+    got = calibrated_cross_entropy(logits, labels, counts, tau)
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    assert not torch.allclose(got, torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_calibration_zero_is_plain_cross_entropy() -> None:
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    got = calibrated_cross_entropy(logits, labels, torch.tensor([3.0, 1, 1, 1]), 0.0)
+    assert torch.allclose(got, plain)
+
+
+def test_a_class_the_client_lacks_leaves_the_softmax_and_gets_no_gradient() -> None:
+    logits = torch.tensor([[1.0, 0.0, 5.0]], requires_grad=True)
+    labels = torch.tensor([0])
+    counts = torch.tensor([4.0, 1.0])  # class 2 absent (shorter than C counts 0 too)
+    loss = calibrated_cross_entropy(logits, labels, counts, 1.0)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 2] == 0.0  # the absent class does not compete
+    two_class = torch.tensor([[1.0 - 4**-0.25, 0.0 - 1.0]])
+    expected = torch.nn.functional.cross_entropy(two_class, labels)
+    assert torch.allclose(loss.detach(), expected, atol=1e-6)
+
+
+def test_rare_classes_are_pushed_harder_than_common_ones() -> None:
+    """With equal logits, the loss of a rare class's example exceeds a common class's."""
+    logits = torch.zeros(2, 2)
+    counts = torch.tensor([100.0, 2.0])
+    common = calibrated_cross_entropy(logits[:1], torch.tensor([0]), counts, 1.0)
+    rare = calibrated_cross_entropy(logits[1:], torch.tensor([1]), counts, 1.0)
+    assert rare > common
+
+
+def test_only_classification_can_be_calibrated() -> None:
+    labels = torch.tensor([0, 0, 1])
+    classification = OBJECTIVES["classification"]
+    assert classification.calibrated(labels, 0.0) is classification
+    calibrated = classification.calibrated(labels, 0.5)
+    assert isinstance(calibrated, ClassificationObjective)
+    assert calibrated.class_counts is not None and calibrated.class_counts.tolist() == [2, 1]
+    with pytest.raises(FedAlignError, match=r"train\.label-calibration applies to classification"):
+        MultipleChoiceObjective().calibrated(labels, 0.5)

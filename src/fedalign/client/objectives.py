@@ -106,6 +106,25 @@ def lm_loss(logits: Tensor, input_ids: Tensor, target_mask: Tensor, first: int =
     )
 
 
+def calibrated_cross_entropy(
+    logits: Tensor, labels: Tensor, class_counts: Tensor, calibration: float
+) -> Tensor:
+    """FedLC's calibrated cross-entropy: the mean over ``labels`` of
+    ``-log softmax(logits - calibration * n ** -0.25)[label]``.
+
+    ``class_counts`` (``n``, the client's examples per class) may be shorter than the
+    logits' ``C``: missing classes count 0. A class with ``n_c = 0`` gets an offset of
+    ``-inf`` and leaves the softmax (no probability, no gradient).
+    """
+    num_classes = logits.shape[-1]
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    kept = class_counts[:num_classes].to(torch.float64)
+    counts[: len(kept)] = kept
+    offsets = -calibration * counts.pow(-0.25)  # 0 ** -0.25 = inf -> offset -inf
+    shifted = logits.float() + offsets.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(shifted, labels)
+
+
 # ----------------------------------------------------------------------------- objectives
 class TaskObjective(ABC):
     """How one kind of task trains and is scored."""
@@ -134,11 +153,43 @@ class TaskObjective(ABC):
         """Which examples of ``batch`` are predicted right (``(B,)`` bool) and the summed
         loss over them."""
 
+    def calibrated(self, labels: Tensor, calibration: float) -> TaskObjective:
+        """This objective training with label calibration ``calibration`` (``tau``) from
+        the client's ``labels``; only classification has one."""
+        if calibration > 0:
+            raise FedAlignError(
+                f"train.label-calibration applies to classification; this task is "
+                f"{self.name!r} (set train.label-calibration = 0)"
+            )
+        return self
+
 
 class ClassificationObjective(TaskObjective):
-    """Cross-entropy of class logits ``(B, C)``."""
+    """Cross-entropy of class logits ``(B, C)``.
+
+    Parameters
+    ----------
+    class_counts : Tensor or None, default None
+        The client's training examples per class. With ``calibration`` > 0 the training
+        loss is FedLC's calibrated cross-entropy (Zhang et al., ICML 2022): the logits are
+        shifted by ``-calibration * n_c ** -0.25`` before the softmax, so that classes the
+        client holds few of are pushed harder and classes it holds none of (``n_c = 0``)
+        leave the softmax. Scoring is never calibrated.
+    calibration : float, default 0.0
+        FedLC's ``tau`` (0 = plain cross-entropy).
+    """
 
     name = "classification"
+
+    def __init__(self, class_counts: Tensor | None = None, calibration: float = 0.0) -> None:
+        self.calibration = float(calibration)
+        self.class_counts = class_counts
+
+    def calibrated(self, labels: Tensor, calibration: float) -> ClassificationObjective:
+        """This objective training with FedLC's calibration from ``labels``' counts."""
+        if calibration <= 0:
+            return self
+        return ClassificationObjective(torch.bincount(labels.cpu()).double(), calibration)
 
     def check(self, model: MoEModel) -> None:
         if model.head != "classification":
@@ -152,7 +203,9 @@ class ClassificationObjective(TaskObjective):
 
     def loss(self, model: MoEModel, batch: ModelInputs) -> Tensor:
         logits = forward_logits(model, batch)  # (B, C)
-        return F.cross_entropy(logits, batch.labels)
+        if self.class_counts is None or self.calibration <= 0:
+            return F.cross_entropy(logits, batch.labels)
+        return calibrated_cross_entropy(logits, batch.labels, self.class_counts, self.calibration)
 
     def score(self, model: MoEModel, batch: ModelInputs) -> tuple[Tensor, float]:
         logits = forward_logits(model, batch)

@@ -141,7 +141,7 @@ def train_local(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)  # moves the state to the parameters' device
     reference = {k: v.detach().to(model.device, copy=True) for k, v in global_parameters.items()}
-    objective = objective_for(data, model)
+    objective = objective_for(data, model).calibrated(data.labels, config.label_calibration)
     top_k = {layer.name: layer.top_k for layer in model.full_layout.layers}
 
     n = len(data)

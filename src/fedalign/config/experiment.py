@@ -121,6 +121,11 @@ class ExperimentConfig:
                 f"{list(MULTIPLE_CHOICE_DATASETS)} (got {dataset!r}); accepted for "
                 "classification data: ['classification', 'auto']"
             )
+        if task == "multiple-choice" and self.train.label_calibration > 0:
+            raise ConfigError(
+                f"train.label-calibration applies to classification; {dataset!r} is "
+                f"multiple-choice (got {self.train.label_calibration}; accepted here: 0)"
+            )
 
     def _validate_attack_clients(self) -> None:
         """``federated.attack-clients`` are ids of clients that ``partition.num-clients``

@@ -4,6 +4,7 @@ validates itself."""
 from __future__ import annotations
 
 import codecs
+import math
 from dataclasses import dataclass
 
 from fedalign.config.checks import at_least_one, in_unit_interval, one_of
@@ -159,6 +160,11 @@ class TrainConfig:
         Max gradient norm (0 disables clipping).
     keep_optimizer_state : bool, default False
         Keep each client's AdamW state between its rounds (costs memory per client).
+    label_calibration : float, default 0.0
+        FedLC's ``tau`` (Zhang et al., ICML 2022): each client trains on the cross-entropy
+        of its logits shifted by ``-tau * n_c ** -0.25``, ``n_c`` its own examples of class
+        ``c`` (classes it has none of leave its softmax); a label-skew correction any
+        strategy can use. 0 = plain cross-entropy; classification only.
     """
 
     lr: float = 1e-4
@@ -168,11 +174,17 @@ class TrainConfig:
     local_steps: int = 0
     grad_clip: float = 1.0
     keep_optimizer_state: bool = False
+    label_calibration: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first ``train.*`` key out of range."""
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        if not (self.label_calibration >= 0 and math.isfinite(self.label_calibration)):
+            raise ConfigError(
+                f"train.label-calibration must be a finite number >= 0 (0 = off; "
+                f"got {self.label_calibration})"
+            )
         at_least_one("train.batch-size", self.batch_size)
         if self.local_epochs < 1 and self.local_steps < 1:
             raise ConfigError("train.local-epochs or train.local-steps must be >= 1")
