@@ -13,9 +13,32 @@ Heterogeneity", arXiv 2603.21276, 2026) as specified in ``docs/method.md``:
   (optionally personalised starting experts);
 * E. FedAvg for everything else.
 
-Choices of ours (docs/method.md's **[ours]** items) are constructor options of
-:class:`FedAlignMoE` or documented in its Notes. Shapes: ``C`` clients in the round, ``E``
-experts, ``H`` hidden width, ``P_e`` values in one expert.
+Choices of ours (docs/method.md's **[ours]** items) are options of :class:`FedAlignOptions`
+or listed here. Shapes: ``C`` clients in the round, ``E`` experts, ``H`` hidden width,
+``P_e`` values in one expert.
+
+* Round 1 (no ``p_g`` in the state yet): clients get no routing term (no target).
+* ``alpha_i(e) = clip(|S_t'| * omega_i(e), 0, 1)`` from the client's last participating
+  round ``t'``; ones before its first round and for ablations below ``"adaptive-reg"``.
+* Step D weights ``w_i ∝ n_i * u_i(e)`` over ``A_e``; if they are all 0, ``n_i``; then
+  uniform. A client with ``count_i(e) = 0`` contributes nothing to expert ``e``.
+* Hidden-state similarities ``S`` of a layer are one batched ``einsum`` over all
+  experts; update similarities ``D`` one ``(C, P_e) x (P_e, C)`` product per expert
+  (exact), or the cosines of ``k``-value sketches (``sketch_dim = k``: memory
+  ``O(C k + P_e)``, the experts not FedAvg'd first, the record holds ``"sketch_dim"``).
+* Personalised experts: client ``i``'s region holds itself and the active ``j`` with
+  ``gamma_ij >= tau_e`` and ``gamma_ij > 0``. Inactive clients of ``e`` start from the
+  new global ``theta(e)``; the tensors stay in the state until the client's next round.
+* ``routing_divergence`` in the record is measured against the new ``p_g^t``.
+* LoRA experts: step D works on each expert's weight update ``s B_e A_e``, exact even
+  with ``sketch_dim > 0``. Not combinable with ``personalized_experts``.
+* As specified, ``o_i(e) = sqrt(pbar_i(e) * p_g^{t-1}(e))``: the common factor
+  ``sqrt(p_g^{t-1}(e))`` cancels when ``s_i(e)`` is normalised over clients.
+
+Modules: :mod:`.options` (options, ablation rows, presets), :mod:`.client_side` (client
+instructions), :mod:`.step_e` (step E, record head), :mod:`.weights` and :mod:`.routers`
+(steps A-C), :mod:`.semantic` and :mod:`.experts` (step D), :mod:`.decisions` (records),
+:mod:`.strategy` (the round's orchestration).
 """
 
 from __future__ import annotations

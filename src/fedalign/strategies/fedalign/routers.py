@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedalign.moe.layout import MoELayerLayout
 from fedalign.protocol import ClientResult, LayerRoutingStatistics
 from fedalign.strategies.averaging import example_weights, router_rows_average
-from fedalign.strategies.fedalign.options import CONSISTENCY_SCORES
+from fedalign.strategies.fedalign.options import CONSISTENCY_SCORES, FedAlignOptions
 from fedalign.strategies.fedalign.weights import (
     consistency_signal,
     consistency_weights,
@@ -40,6 +41,18 @@ class RoutingSettings:
     routing_signal: str
     count_weighted: bool
     merge_strength: float = 1.0
+
+
+def routing_settings(options: FedAlignOptions, method: Mapping[str, Any]) -> RoutingSettings:
+    """Steps A-B's settings from the strategy's options and resolved method options."""
+    return RoutingSettings(
+        ablation=options.ablation,
+        eps=float(options.eps),
+        overlap=method["overlap"],
+        routing_signal=method["routing_signal"],
+        count_weighted=method["count_weighted"],
+        merge_strength=float(options.merge_strength),
+    )
 
 
 @dataclass
