@@ -175,10 +175,11 @@ def _describe_switch(name: str, block: Any) -> tuple[MoELayerLayout, RouterTap]:
         router_params=tuple(router_params),
         experts=tuple(experts),
     )
-    # the Switch router returns (dispatch mask, top probability, router logits)
-    return layout, RouterTap(
-        layer=name, module=block.router, logits_from_output=lambda output: output[2]
-    )
+    # the tap is the router's linear classifier, whose output is the raw logits (E per
+    # token): the router's own return value is (dispatch mask, top probability, logits) in
+    # transformers 5.23 but (top probability, dispatch mask, max probability) in 5.17
+    tap = block.router.classifier  # a LoRA wrapper when peft wraps it: its output has the delta
+    return layout, RouterTap(layer=name, module=tap, logits_from_output=_first)
 
 
 SWITCH = MoEAdapter("switch", _is_switch_block, _describe_switch)
