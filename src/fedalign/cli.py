@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,9 +112,14 @@ def named_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """Defaults, then the TOML file, then named options, then ``--set`` overrides."""
-    config = ExperimentConfig.from_toml(args.config) if args.config else ExperimentConfig()
+def config_from_args(
+    args: argparse.Namespace, *, config_file: str | None = None, defaults: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Defaults, then the TOML file (``--config``, else ``config_file``), then ``defaults``
+    (``section.key=value``), then named options, then ``--set`` overrides."""
+    path = args.config or config_file
+    config = ExperimentConfig.from_toml(path) if path else ExperimentConfig()
+    config.apply_overrides(defaults)
     for key, value in named_settings(args).items():
         config.set(key, value)
     config.apply_overrides(args.overrides)
@@ -377,12 +383,13 @@ def _register_report(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- bench
 def _cmd_bench(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
     suite = bench.get_suite(args.suite)
+    config = config_from_args(args, config_file=suite.config_file, defaults=suite.defaults)
     request = bench.BenchRequest(
         config=config,
         options={option.dest: getattr(args, option.dest) for option in suite.options},
         log=lambda line: print(line, flush=True),
+        command="fedalign " + shlex.join(args.argv),
     )
     table = suite.run(request)
     print(table)
@@ -397,6 +404,11 @@ def bench_suites_help() -> str:
     for suite in bench.SUITES.values():
         options = " ".join(f"--{option.name}" for option in suite.options)
         lines.append(f"  {suite.name}: {suite.description}" + (f" [{options}]" if options else ""))
+        start = ([f"--config {suite.config_file}"] if suite.config_file else []) + [
+            f"--set {item}" for item in suite.defaults
+        ]
+        if start:
+            lines.append(f"    starts from: {' '.join(start)}")
     return "\n".join(lines)
 
 
@@ -548,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code: int = args.handler(args)
         return code

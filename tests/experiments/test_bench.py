@@ -135,7 +135,14 @@ def test_the_cli_lists_and_accepts_every_registered_suite(
     from fedalign.cli import build_parser
     from fedalign.experiments import bench
 
-    assert bench.suite_names() == ["design", "backbone", "scale"]
+    assert bench.suite_names() == [
+        "design",
+        "backbone",
+        "lora-error",
+        "memory-profile",
+        "parallel",
+        "scale",
+    ]
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out

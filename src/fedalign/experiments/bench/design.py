@@ -190,11 +190,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 REPEATS = SuiteOption(
     "repeats",
-    "timed repeats (median); the backbone suite: rounds per variant, interleaved",
+    "timed repeats (median); backbone: rounds per variant; parallel, flower-overhead: "
+    "runs per setting (all interleaved)",
     int,
     5,
 )
-"""``--repeats``, shared by the design and backbone suites."""
+"""``--repeats``, shared by the design, backbone, parallel and flower-overhead suites."""
 
 
 def _run_design(request: BenchRequest) -> str:

@@ -7,6 +7,10 @@ the command line lists them). :mod:`fedalign.cli` builds ``fedalign bench`` from
 a flag, ``--help`` lists the suites, and the chosen suite's ``run`` gets a
 :class:`BenchRequest` with the experiment configuration and its own options' values.
 
+A suite may start from a configuration of its own: ``config_file`` (read when ``--config``
+is not given) and ``defaults`` (``section.key=value`` overrides applied over the file); the
+command line's named options and ``--set`` apply over both.
+
 No argparse here: an option says its name, value type, default and help, and the command
 line turns it into a flag.
 """
@@ -43,11 +47,13 @@ class SuiteOption:
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """What a suite's ``run`` gets: the configuration, its options' values, a line logger."""
+    """What a suite's ``run`` gets: the configuration, its options' values, a line logger
+    and the command line that asked for it (suites that keep a ``COMMAND.txt`` record it)."""
 
     config: ExperimentConfig
     options: Mapping[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _line: None
+    command: str = ""
 
 
 def write_markdown(table: str, path: Path) -> None:
@@ -62,7 +68,8 @@ class BenchSuite:
 
     ``run`` measures and returns the Markdown table (or page) that is printed; ``write``
     writes it to ``--out-table`` when given (suites may write more files themselves, from
-    their own options).
+    their own options). ``config_file`` and ``defaults``: the suite's starting configuration
+    (see the module).
     """
 
     name: str
@@ -70,6 +77,8 @@ class BenchSuite:
     run: Callable[[BenchRequest], str]
     options: tuple[SuiteOption, ...] = ()
     write: Callable[[str, Path], None] = write_markdown
+    config_file: str | None = None
+    defaults: tuple[str, ...] = ()
 
 
 SUITES: dict[str, BenchSuite] = {}
@@ -108,6 +117,25 @@ def suite_options() -> list[SuiteOption]:
         for option in suite.options:
             seen.setdefault(option.name, option)
     return list(seen.values())
+
+
+OUT_DIR = SuiteOption(
+    "out-dir",
+    "also write the suite's result files here (its page as .md, its rows as .json; the "
+    "suites with a results folder of their own append the command to COMMAND.txt)",
+    Path,
+)
+"""``--out-dir``, shared by the suites that write result files of their own."""
+
+
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """Parser of a comma-separated option value: ``"2,4"`` -> ``[kind("2"), kind("4")]``."""
+
+    def parse(text: str) -> list[Any]:
+        return [kind(item) for item in text.split(",") if item.strip()]
+
+    parse.__name__ = f"list of {getattr(kind, '__name__', 'value')}"
+    return parse
 
 
 def suites_using(option: SuiteOption) -> list[str]:

@@ -32,7 +32,13 @@ from fedalign.experiments.bench.memory import (
     memory_growth,
     memory_table,
 )
-from fedalign.experiments.bench.registry import BenchRequest, BenchSuite, SuiteOption, register
+from fedalign.experiments.bench.registry import (
+    OUT_DIR,
+    BenchRequest,
+    BenchSuite,
+    SuiteOption,
+    register,
+)
 from fedalign.experiments.bench.scale.payload import CompressedBytes, bytes_table, compressed_bytes
 from fedalign.experiments.bench.scale.server_step import (
     CellResult,
@@ -150,7 +156,6 @@ def write_scale(folder: Path, page: str, data: dict[str, Any]) -> None:
 
 
 QUICK_OPTION = SuiteOption("quick", "scale suite: a tiny size that runs in seconds")
-OUT_DIR = SuiteOption("out-dir", "scale suite: also write scale.md and scale.json here", Path)
 
 
 def _run_scale(request: BenchRequest) -> str:

@@ -1,0 +1,118 @@
+"""The lora-error, memory-profile and parallel bench suites: registered, and tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedalign.cli import build_parser, main
+from fedalign.config import ExperimentConfig
+from fedalign.experiments import bench
+from fedalign.experiments.bench import parallel
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("lora-error", ["models", "ranks", "lrs", "out-dir"]),
+        ("memory-profile", ["examples-per-client"]),
+        ("parallel", ["workers", "repeats", "out-dir"]),
+    ],
+)
+def test_suite_is_registered_with_its_options(name: str, options: list[str]) -> None:
+    suite = bench.get_suite(name)
+    assert [option.name for option in suite.options] == options
+    assert suite.defaults  # each starts from a configuration of its own
+
+
+def test_suite_defaults_sit_under_the_command_line() -> None:
+    """`--config`/config_file, then the suite's defaults, then named options and --set."""
+    from fedalign.cli import config_from_args
+
+    suite = bench.get_suite("lora-error")
+    args = build_parser().parse_args(
+        ["bench", "--suite", "lora-error", "--clients", "3", "--ranks", "2,4"]
+    )
+    config = config_from_args(args, config_file=suite.config_file, defaults=suite.defaults)
+    assert config.partition.num_clients == 3  # the command line over the suite
+    assert config.federated.rounds == 2 and config.train.batch_size == 8  # the suite's
+    assert args.ranks == [2, 4] and args.lrs == [0.001, 0.01]  # comma lists, defaults parsed
+
+
+@pytest.mark.slow
+def test_lora_error_tiny_run_writes_page_rows_and_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--suite", "lora-error", "--models", "tiny-qwen3moe", "--ranks", "2"]
+    argv += ["--lrs", "0.01", "--rounds", "1", "--clients", "2", "--local-steps", "1"]
+    argv += ["--max-train-examples", "40", "--set", "partition.min-client-size=5"]
+    assert main([*argv, "--out-dir", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert [row.split(" | ")[4] for row in rows] == ["attention", "experts"]
+    data = json.loads((tmp_path / "error.json").read_text())
+    assert data["meta"]["setup"]["clients"] == 2 and len(data["rows"]) == 2
+    assert all(0 <= row["svd_mean"] <= row["fedit_mean"] + 1e-6 for row in data["rows"])
+    assert "FedAvg, 2 clients (Dirichlet 0.5 over 40" in (tmp_path / "error.md").read_text()
+    assert (tmp_path / "COMMAND.txt").read_text().startswith("fedalign bench --suite lora-error")
+
+
+@pytest.mark.slow
+def test_memory_profile_marks_every_phase() -> None:
+    config = ExperimentConfig()
+    config.apply_overrides(bench.get_suite("memory-profile").defaults)
+    config.apply_overrides(
+        ["model.name=tiny-upcycled", "model.max-length=16", "data.max-test-examples=20"]
+    )
+    config.apply_overrides(["partition.num-clients=2", "federated.rounds=1"])
+    config.apply_overrides(["federated.eval-every=1", "strategy.stats-max-examples=8"])
+    text = bench.get_suite("memory-profile").run(
+        bench.BenchRequest(config, {"examples_per_client": 10})
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("kept per client state")
+    phases = [line.split(" resident ")[0].strip() for line in lines[1:]]
+    assert phases[0] == "prepared" and phases[-1] == "end"
+    assert phases[1] == "before training" and phases[2].startswith("after training (results")
+    assert phases[3].startswith("after screening (restored") and phases[4] == "after aggregation"
+
+
+def test_parallel_suite_tables_interleaved_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runs themselves are faked: the suite's order, table, page and files."""
+    calls: list[tuple[int, str]] = []
+
+    def fake_run(workers: int, config_file: Path, out: Path) -> dict[str, Any]:
+        assert ExperimentConfig.from_toml(config_file).federated.rounds == 3
+        calls.append((workers, out.name))
+        per_round = 6.0 / workers**0.5
+        return {
+            "workers": workers,
+            "round_seconds": [9.0, per_round, per_round],
+            "per_round": per_round,
+            "first_round": 9.0,
+            "wall": 30.0,
+            "final_state": "same",
+            "load_before": 1.0,
+            "load_after": 1.5,
+        }
+
+    monkeypatch.setattr(parallel, "one_run", fake_run)
+    config = ExperimentConfig()
+    config.apply_overrides(bench.get_suite("parallel").defaults)
+    options = {"workers": [1, 4], "repeats": 2, "out_dir": tmp_path}
+    table = bench.get_suite("parallel").run(bench.BenchRequest(config, options, command="cmd"))
+    assert calls == [(1, "w1-0"), (4, "w4-0"), (1, "w1-1"), (4, "w4-1")]
+    lines = table.splitlines()
+    assert lines[0].endswith("| final state = workers 1 |")
+    assert lines[2] == "| 1 | 6.00 | 6.0, 6.0 | 1.00x | 9.0 | 30 | yes |"
+    assert lines[3] == "| 4 | 3.00 | 3.0, 3.0 | 2.00x | 9.0 | 30 | yes |"
+    page = (tmp_path / "speedup.md").read_text()
+    assert page.startswith("# Simulator: a round's clients in worker processes\n\n`cmd`")
+    assert table in page
+    data = json.loads((tmp_path / "speedup.json").read_text())
+    assert data["config"]["federated"]["rounds"] == 3 and len(data["results"]) == 4
+    assert (tmp_path / "COMMAND.txt").read_text().startswith("cmd\nfinished ")
