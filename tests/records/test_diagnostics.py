@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedalign.client import prepare
+from fedalign.client import evaluate, expert_specialisation, prepare
 from fedalign.experiments.report.page import build_report
 from fedalign.experiments.run import run_experiment
 from fedalign.federation import evaluate_global
@@ -87,12 +87,42 @@ def test_class_accuracy_and_routing_breakdown() -> None:
     assert "own_router_gain" not in evaluate_global(model, data, parameters)
 
 
+def test_expert_specialisation_is_zero_when_blurred_and_one_when_experts_decide() -> None:
+    blurred = torch.tensor([[5.0, 5.0, 10.0], [1.0, 1.0, 2.0]])  # every class routed alike
+    assert expert_specialisation(blurred) == pytest.approx(0.0, abs=1e-12)
+    decided = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 3.0]])  # the expert gives the class
+    assert expert_specialisation(decided) == pytest.approx(1.0)
+    partial = torch.tensor([[4.0, 1.0], [1.0, 4.0]])
+    assert 0.0 < expert_specialisation(partial) < 1.0  # type: ignore[operator]
+    assert expert_specialisation(torch.zeros(2, 3)) is None
+    assert expert_specialisation(torch.tensor([[3.0, 1.0]])) is None  # one class: nothing to say
+
+
+def test_routing_counts_by_class_add_up_to_the_tokens() -> None:
+    """Each real token adds 1 (k routes of 1/k) to its example's class row, per layer."""
+    prepared = prepare(tiny_config())
+    model, test = prepared.model, prepared.data.test
+    plain = evaluate(model, test, batch_size=16)
+    counted = evaluate(model, test, batch_size=16, expert_classes=True)
+    assert counted.accuracy == plain.accuracy and not plain.expert_label_counts
+    tokens = test.attention_mask.sum(1).double()
+    by_class = torch.zeros(model.num_labels, dtype=torch.float64).index_add_(
+        0, test.labels, tokens
+    )
+    assert set(counted.expert_label_counts) == {layer.name for layer in model.full_layout.layers}
+    for counts in counted.expert_label_counts.values():
+        assert counts.shape[0] == model.num_labels
+        assert torch.allclose(counts.sum(1).double(), by_class, atol=1e-3)
+
+
 def test_run_records_and_report_carry_the_diagnostics(tmp_path: Path) -> None:
     run_experiment(tiny_config(strategy__name="fedalign"), tmp_path / "run", log=None)
     line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     assert line["merge_diagnostics"]["source"] == "expert-weights"
     assert 0.0 <= line["merge_diagnostics"]["tv_mean"] <= 1.0
     assert len(line["class_accuracy"]) == 8 and "own_router_gain_mean" in line
+    assert 0.0 <= line["expert_specialisation_mean"] <= 1.0
+    assert len(line["expert_specialisation"]) == 2  # the tiny model's two MoE layers
     build_report(tmp_path / "run")
     page = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "## Where accuracy goes" in page and "Global test accuracy per class" in page

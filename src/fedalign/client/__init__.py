@@ -5,7 +5,7 @@ Imports only from the layers below (config, protocol, moe, models, data, routing
 the server side (strategies, federation) is never imported here.
 """
 
-from fedalign.client.evaluation import Evaluation, evaluate
+from fedalign.client.evaluation import Evaluation, evaluate, expert_specialisation
 from fedalign.client.inputs import ModelInputs, compute_prefix_inputs, forward_logits
 from fedalign.client.losses import (
     LOSS_TERMS,
@@ -75,6 +75,7 @@ __all__ = [
     "compute_routing_statistics",
     "continuation_log_likelihood",
     "evaluate",
+    "expert_specialisation",
     "forward_logits",
     "lm_loss",
     "load_model",

@@ -13,7 +13,9 @@ many, mean and worst fall back to every client with a local split (the count say
 many) and the percentile is absent.
 
 Diagnostics of where accuracy goes: the global model's accuracy per class
-(``class_accuracy``) and, when the round's client results are given, the routing breakdown:
+(``class_accuracy``), how much each MoE layer's expert choice says about the class on the
+global test set (``expert_specialisation``: falling over rounds = experts blurring), and,
+when the round's client results are given, the routing breakdown:
 each client's local accuracy with its own trained router(s) against the global router(s),
 every other tensor global (``own_router_gain``: positive when the client's own gating
 would serve it better, i.e. when gating divergence costs it accuracy).
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedalign.client import PreparedData, evaluate
+from fedalign.client import PreparedData, evaluate, expert_specialisation
 from fedalign.models import MoEModel
 from fedalign.protocol import ClientResult
 
@@ -66,11 +68,20 @@ def evaluate_global(
         ``local_clients_with_test`` (clients with any local split); ``local_accuracy``
         (list, every client with a split, client order); ``class_accuracy`` (the global test
         set's accuracy per label id, None for a label without test examples);
+        ``expert_specialisation`` (per MoE layer, the normalised mutual information between
+        the experts the global test set's tokens are routed to and their class,
+        :func:`~fedalign.client.evaluation.expert_specialisation`; empty for multiple
+        choice) and its mean ``expert_specialisation_mean``;
         ``validation_accuracy`` and ``validation_loss`` only when ``data`` has a validation
         set; the keys of :func:`routing_breakdown` when ``results`` are given.
     """
     model.load_trainable_state(global_parameters)
-    global_eval = evaluate(model, data.test)
+    global_eval = evaluate(model, data.test, expert_classes=True)
+    specialisation = {
+        layer: expert_specialisation(counts)
+        for layer, counts in global_eval.expert_label_counts.items()
+    }
+    measured = [v for v in specialisation.values() if v is not None]
     by_client = local_accuracies(model, data)
     local = list(by_client.values())
     sized = [a for c, a in by_client.items() if len(data.client_test[c]) >= min_local_test]
@@ -94,6 +105,10 @@ def evaluate_global(
         "class_accuracy": [
             None if np.isnan(a) else round(a, 6) for a in global_eval.label_accuracy
         ],
+        "expert_specialisation": {
+            layer: None if v is None else round(v, 6) for layer, v in specialisation.items()
+        },
+        "expert_specialisation_mean": float(np.mean(measured)) if measured else None,
         **validation,
         **(
             routing_breakdown(model, data, global_parameters, results, by_client) if results else {}

@@ -1,8 +1,10 @@
 """The report's "Where accuracy goes" section, from the diagnostics in ``metrics.jsonl``.
 
 * ``diagnostics.png``: per round, the expert merges' mean total variation from the clients'
-  data shares, the mean share of each class's data that reached a merge, and the mean gain
-  in local accuracy a client would have from its own router (experts global);
+  data shares, the mean share of each class's data that reached a merge, the mean gain
+  in local accuracy a client would have from its own router (experts global), and each MoE
+  layer's expert specialisation (normalised mutual information of expert and class on the
+  global test set; falling = experts blurring);
 * the text: the final global accuracy per class (names from ``partition.json``).
 
 Runs recorded before these diagnostics get no section.
@@ -29,9 +31,10 @@ def _series(records: RunRecords, pick: Any) -> tuple[list[int], list[float]]:
 
 
 def plot_diagnostics(records: RunRecords, path: Path) -> Path:
-    """Merge total variation, class coverage and own-router gain per round."""
+    """Merge total variation, class coverage, own-router gain and expert specialisation per
+    round."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.4))
     merge = axes[0]
     for key, label in (
         ("tv_mean", "merge weights vs data shares (TV, mean)"),
@@ -54,6 +57,18 @@ def plot_diagnostics(records: RunRecords, path: Path) -> Path:
     gain.axhline(0.0, color="grey", linewidth=0.8)
     gain.set_xlabel("round")
     gain.set_title("Local accuracy: own router minus global router")
+    special = axes[2]
+    layers = sorted({k for r in records.metrics for k in (r.get("expert_specialisation") or {})})
+    for layer in layers:
+        rounds, values = _series(
+            records, lambda r, k=layer: (r.get("expert_specialisation") or {}).get(k)
+        )
+        if rounds:
+            special.plot(rounds, values, marker="o", markersize=3, label=layer)
+    if layers:
+        special.legend(fontsize=7)
+    special.set_xlabel("round")
+    special.set_title("Expert specialisation: NMI(expert; class)")
     for axis in axes:
         integer_rounds(axis)
     return save(figure, path)
@@ -91,6 +106,9 @@ def diagnostics_section_parts(records: RunRecords, out: Path) -> tuple[str, list
         "held by the clients a merge kept (1 = every class reached it); strategies that "
         "merge by data share sit at 0 and 1. Right: each client's local accuracy with its "
         "own trained router against the global router, experts global (above 0: gating "
-        "divergence costs the client accuracy). "
+        "divergence costs the client accuracy). Far right: per MoE layer, how much the "
+        "experts the global test set's tokens go to say about their class (normalised "
+        "mutual information, 0 = every class routed alike; falling over rounds = experts "
+        "blurring). "
     )
     return text + class_accuracy_text(records), [plot_diagnostics(records, out / "diagnostics.png")]
