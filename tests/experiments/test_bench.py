@@ -138,6 +138,7 @@ def test_the_cli_lists_and_accepts_every_registered_suite(
     assert bench.suite_names() == [
         "design",
         "backbone",
+        "flower-overhead",
         "lora-error",
         "memory-profile",
         "parallel",

@@ -1,17 +1,19 @@
-"""The lora-error, memory-profile and parallel bench suites: registered, and tiny runs."""
+"""The lora-error, memory-profile, parallel and flower-overhead bench suites: registered,
+and tiny or faked runs."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedalign.cli import build_parser, main
-from fedalign.config import ExperimentConfig
+from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.experiments import bench
-from fedalign.experiments.bench import parallel
+from fedalign.experiments.bench import flower_overhead, parallel
 
 
 @pytest.mark.parametrize(
@@ -20,6 +22,7 @@ from fedalign.experiments.bench import parallel
         ("lora-error", ["models", "ranks", "lrs", "out-dir"]),
         ("memory-profile", ["examples-per-client"]),
         ("parallel", ["workers", "repeats", "out-dir"]),
+        ("flower-overhead", ["modes", "repeats", "before-repo", "out-dir"]),
     ],
 )
 def test_suite_is_registered_with_its_options(name: str, options: list[str]) -> None:
@@ -116,3 +119,46 @@ def test_parallel_suite_tables_interleaved_runs(
     data = json.loads((tmp_path / "speedup.json").read_text())
     assert data["config"]["federated"]["rounds"] == 3 and len(data["results"]) == 4
     assert (tmp_path / "COMMAND.txt").read_text().startswith("cmd\nfinished ")
+
+
+def test_flower_overhead_times_rounds_by_their_metrics_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode ``sim`` with the subprocess faked: lines 0.2 s apart give 0.2 s rounds."""
+
+    def fake_simulate(
+        config_file: Path, out: Path, env: dict[str, str], watcher: Any
+    ) -> tuple[int, str]:
+        watcher.start()
+        out.mkdir(parents=True)
+        with (out / "metrics.jsonl").open("w") as handle:
+            for server_round in range(1, 4):
+                handle.write(json.dumps({"round": server_round}) + "\n")
+                handle.flush()
+                time.sleep(0.2)
+        (out / "final_state.safetensors").write_bytes(b"state")
+        return 0, ""
+
+    monkeypatch.setattr(flower_overhead, "simulate", fake_simulate)
+    config = ExperimentConfig()
+    config.apply_overrides(["federated.rounds=3"])
+    options = {"modes": ["sim"], "repeats": 1, "before_repo": None, "out_dir": tmp_path}
+    suite = bench.get_suite("flower-overhead")
+    table = suite.run(bench.BenchRequest(config, options, command="cmd"))
+    row = table.splitlines()[2].split(" | ")
+    assert row[0] == "| sim" and row[3] == "1.00" and row[5] == "yes |"
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    (result,) = data["results"]
+    assert len(result["intervals"]) == 2
+    assert all(0.1 < interval < 0.6 for interval in result["intervals"])
+    assert (
+        "(rounds 1 -> 3; start-up and round 1 excluded)" in (tmp_path / "overhead.md").read_text()
+    )
+    assert "1-min load average" in (tmp_path / "COMMAND.txt").read_text()
+
+
+def test_flower_overhead_refuses_unknown_modes() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        flower_overhead.run_overhead(ExperimentConfig(), ["sim", "hot"], 1)
+    with pytest.raises(ConfigError, match="before-repo"):
+        flower_overhead.time_run("cold-before", ExperimentConfig(), Path("x"), Path("y"))

@@ -12,7 +12,9 @@ and runs what is registered:
   with each upload compression, simulator memory per client, with :mod:`.memory`);
 * :mod:`.lora_error`: FedIT factor averaging vs the exact mean of LoRA products (and SVD-r);
 * :mod:`.memory_profile`: resident memory of one simulation, phase by phase;
-* :mod:`.parallel`: simulator rounds with clients in 1 vs N worker processes.
+* :mod:`.parallel`: simulator rounds with clients in 1 vs N worker processes;
+* :mod:`.flower_overhead`: per-round wall time of loopback Flower deployments (cold, warm,
+  TLS) against the simulator.
 
 :mod:`.process` measures a function in a fresh process (resident and peak memory);
 :mod:`.output` writes a suite's result files (page, rows, ``COMMAND.txt``).
@@ -28,6 +30,7 @@ from fedalign.experiments.bench.backbone import (
     run_backbone_suite,
 )
 from fedalign.experiments.bench.design import format_table, median_seconds, run_bench
+from fedalign.experiments.bench.flower_overhead import overhead_table, run_overhead
 from fedalign.experiments.bench.lora_error import lora_error_table, run_lora_error
 from fedalign.experiments.bench.memory_profile import memory_profile_text, profile_phases
 from fedalign.experiments.bench.parallel import parallel_table, run_parallel
@@ -58,6 +61,7 @@ __all__ = [
     "matmul_flop_rate",
     "median_seconds",
     "memory_profile_text",
+    "overhead_table",
     "parallel_table",
     "profile_phases",
     "register",
@@ -66,6 +70,7 @@ __all__ = [
     "run_backbone_suite",
     "run_bench",
     "run_lora_error",
+    "run_overhead",
     "run_parallel",
     "run_scale_benchmark",
     "run_scale_suite",
