@@ -1,7 +1,7 @@
 """A Flower deployment on 127.0.0.1: one SuperLink, one SuperNode per partition, ``flwr run``.
 
 What ``docs/flower.md`` describes step by step, as one object, for the overhead benchmark
-(``benchmarks/flower_overhead.py``) and the deployment test: real ``flower-superlink`` and
+(``fedalign bench --suite flower-overhead``) and the deployment test: real ``flower-superlink`` and
 ``flower-supernode`` processes on free ports, optionally with TLS (certificates made by
 ``scripts/flower_certificates.sh``, the docs' recipe) and optionally with warm ClientApps
 (each SuperNode with ``--isolation process`` plus a ``fedalign flower-worker``,
