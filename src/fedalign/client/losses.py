@@ -138,6 +138,15 @@ class RoutingAlignmentTerm(LossTerm):
         self.target = dict(target)
         self.alpha = dict(alpha)
         self.form = form
+        self._on_device: dict[tuple[str, str, torch.device], Tensor] = {}
+
+    def _placed(self, kind: str, layer: str, tensor: Tensor, device: torch.device) -> Tensor:
+        """``tensor`` on ``device``, moved once per round rather than at every step (the
+        server's tensors arrive on the CPU)."""
+        key = (kind, layer, device)
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(device)
+        return self._on_device[key]
 
     @classmethod
     def from_spec(cls, spec: LossTermSpec) -> RoutingAlignmentTerm:
@@ -154,12 +163,12 @@ class RoutingAlignmentTerm(LossTerm):
             if layer_name not in self.target:
                 continue
             num_experts = router_logits.shape[-1]
-            device = router_logits.device  # the server's tensors arrive on the CPU
-            alpha = self.alpha.get(layer_name, torch.ones(num_experts)).to(device)
+            device = router_logits.device
+            alpha = self.alpha.get(layer_name, torch.ones(num_experts))
             total = total + routing_regularizer(
                 router_logits,
-                self.target[layer_name].to(device),
-                alpha,
+                self._placed("target", layer_name, self.target[layer_name], device),
+                self._placed("alpha", layer_name, alpha, device),
                 step.top_k[layer_name],
                 form=self.form,
             )

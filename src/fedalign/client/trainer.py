@@ -9,7 +9,8 @@ logits, or a causal-LM loss on the correct choice of multiple-choice examples).
 
 Batches move to the model's device and the forward pass and task loss run under the
 model's autocast (``run.precision``); the returned parameters and optimiser state are CPU
-tensors.
+tensors. The loop itself never waits for the device: each step's losses are summed on the
+device in float64 (the same sums as Python floats would give) and read once, at the end.
 """
 
 from __future__ import annotations
@@ -53,16 +54,24 @@ class LocalTrainingResult:
 
 @dataclass
 class _LossParts:
-    totals: dict[str, float] = field(default_factory=dict)
+    """Per-metric sums over steps, kept as float64 scalars on the values' device."""
+
+    totals: dict[str, Tensor | float] = field(default_factory=dict)
     steps: int = 0
 
-    def add(self, values: Mapping[str, float]) -> None:
+    def add(self, values: Mapping[str, Tensor | float]) -> None:
         for key, value in values.items():
             self.totals[key] = self.totals.get(key, 0.0) + value
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.totals.items()}
+        """The mean of every metric (the sums are read from the device here, once a round)."""
+        return {k: float(v) / max(self.steps, 1) for k, v in self.totals.items()}
+
+
+def _exact(value: Tensor) -> Tensor:
+    """``value`` detached as float64: exactly the number ``float(value)`` would give."""
+    return value.detach().to(torch.float64)
 
 
 def total_local_steps(num_examples: int, config: TrainConfig) -> int:
@@ -74,14 +83,15 @@ def total_local_steps(num_examples: int, config: TrainConfig) -> int:
 
 def _step_loss(
     task_loss: Tensor, terms: Sequence[LossTerm], step: StepContext
-) -> tuple[Tensor, dict[str, float]]:
-    """``task + sum coefficient * value`` and the per-metric values of this step."""
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """``task + sum coefficient * value`` and the per-metric values of this step (float64
+    scalars on the device, 0.0 for metrics no term has)."""
     loss = task_loss
-    values = dict.fromkeys(METRICS, 0.0)
+    values: dict[str, Tensor | float] = dict.fromkeys(METRICS, 0.0)
     for term in terms:
         value = term.value(step)
         loss = loss + term.coefficient * value
-        values[term.metric] = values.get(term.metric, 0.0) + float(value.detach())
+        values[term.metric] = values.get(term.metric, 0.0) + _exact(value)
     return loss, values
 
 
@@ -156,8 +166,9 @@ def train_local(
                 order, position = torch.randperm(n, generator=generator), 0
             indices = order[position : position + config.batch_size]
             position += config.batch_size
-            batch = objective.routed(data.select(indices).to(model.device))
+            batch = objective.routed(data.select(indices))  # on the CPU: no device reads
             capture.set_token_mask(batch.attention_mask)
+            batch = batch.to(model.device)
             with model.autocast():
                 task_loss = objective.loss(model, batch)
             step = StepContext(model, capture.pop(), reference, top_k)
@@ -167,9 +178,7 @@ def train_local(
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
-            parts.add(
-                {"loss": float(loss.detach()), "task_loss": float(task_loss.detach()), **values}
-            )
+            parts.add({"loss": _exact(loss), "task_loss": _exact(task_loss), **values})
             if on_step is not None:
                 on_step()
     metrics = parts.means()

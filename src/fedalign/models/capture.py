@@ -23,6 +23,11 @@ from torch.utils.hooks import RemovableHandle
 Tensor = torch.Tensor
 
 
+def _pinnable(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a CPU tensor worth pinning (a GPU will read it)."""
+    return tensor.device.type == "cpu" and torch.cuda.is_available()
+
+
 @dataclass(frozen=True)
 class RouterTap:
     """Where to listen for one MoE layer's routing.
@@ -58,12 +63,31 @@ class RoutingCapture:
         self.taps = list(taps)
         self.detach = detach
         self._handles: list[RemovableHandle] = []
-        self._token_mask: Tensor | None = None
+        self._token_index: Tensor | None = None
+        self._token_count = 0
+        self._index_on: dict[torch.device, Tensor] = {}
         self._records: dict[str, list[tuple[Tensor, Tensor]]] = {t.layer: [] for t in self.taps}
 
     def set_token_mask(self, attention_mask: Tensor | None) -> None:
-        """Keep only tokens where ``attention_mask`` (``(B, T)``) is nonzero."""
-        self._token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        """Keep only tokens where ``attention_mask`` (``(B, T)``) is nonzero.
+
+        The kept positions are found here, once per batch: from a CPU mask without reading
+        the GPU (the hooks then gather them on the GPU without waiting for it).
+        """
+        if attention_mask is None:
+            self._token_index, self._index_on = None, {}
+            return
+        index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N_tokens,)
+        self._token_index = index.pin_memory() if _pinnable(index) else index
+        self._token_count = int(attention_mask.numel())
+        self._index_on = {index.device: self._token_index}
+
+    def _kept(self, device: torch.device) -> Tensor:
+        """The kept positions on ``device`` (moved once per batch)."""
+        if device not in self._index_on:
+            assert self._token_index is not None
+            self._index_on[device] = self._token_index.to(device, non_blocking=True)
+        return self._index_on[device]
 
     def _hook(self, tap: RouterTap) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -71,10 +95,10 @@ class RoutingCapture:
             logits = tap.logits_from_output(output)
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
             logits = logits.reshape(-1, logits.shape[-1])  # (B*T, E)
-            mask = self._token_mask
-            if mask is not None and mask.numel() == hidden.shape[0]:
-                hidden = hidden[mask]  # (N_tokens, H)
-                logits = logits[mask]  # (N_tokens, E)
+            if self._token_index is not None and self._token_count == hidden.shape[0]:
+                kept = self._kept(hidden.device)
+                hidden = hidden.index_select(0, kept)  # (N_tokens, H)
+                logits = logits.index_select(0, kept)  # (N_tokens, E)
             if self.detach:
                 hidden, logits = hidden.detach(), logits.detach()
             self._records[tap.layer].append((logits, hidden))
