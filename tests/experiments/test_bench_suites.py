@@ -88,9 +88,9 @@ def test_parallel_suite_tables_interleaved_runs(
     """The runs themselves are faked: the suite's order, table, page and files."""
     calls: list[tuple[int, str]] = []
 
-    def fake_run(workers: int, config_file: Path, out: Path) -> dict[str, Any]:
+    def fake_run(workers: int, config_file: Path, work: Path) -> dict[str, Any]:
         assert ExperimentConfig.from_toml(config_file).federated.rounds == 3
-        calls.append((workers, out.name))
+        calls.append((workers, work.name))
         per_round = 6.0 / workers**0.5
         return {
             "workers": workers,
@@ -108,7 +108,7 @@ def test_parallel_suite_tables_interleaved_runs(
     config.apply_overrides(bench.get_suite("parallel").defaults)
     options = {"workers": [1, 4], "repeats": 2, "out_dir": tmp_path}
     table = bench.get_suite("parallel").run(bench.BenchRequest(config, options, command="cmd"))
-    assert calls == [(1, "w1-0"), (4, "w4-0"), (1, "w1-1"), (4, "w4-1")]
+    assert calls == [(1, "r0"), (4, "r0"), (1, "r1"), (4, "r1")]
     lines = table.splitlines()
     assert lines[0].endswith("| final state = workers 1 |")
     assert lines[2] == "| 1 | 6.00 | 6.0, 6.0 | 1.00x | 9.0 | 30 | yes |"

@@ -41,7 +41,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from typing import Any
 from fedalign.config import ConfigError, ExperimentConfig
 from fedalign.errors import FedAlignError
 from fedalign.experiments.bench.design import REPEATS
-from fedalign.experiments.bench.output import append_command, write_page
+from fedalign.experiments.bench.output import interleaved_runs, write_results
 from fedalign.experiments.bench.registry import (
     OUT_DIR,
     BenchRequest,
@@ -183,22 +182,18 @@ def run_overhead(
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ConfigError(f"--modes: unknown {unknown}; accepted: {list(MODES)}")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="fedalign-overhead-") as folder:
-        config_file = Path(folder) / "config.toml"
-        config.save(config_file)
-        for repeat in range(repeats):
-            for mode in modes:
-                work = Path(folder) / f"r{repeat}"
-                result = time_run(mode, config, config_file, work, before_repo)
-                result["repeat"] = repeat
-                log(
-                    f"[{mode} #{repeat}] per-round {result['per_round']:.2f} s "
-                    f"(intervals {[round(i, 2) for i in result['intervals']]}), "
-                    f"total {result['total']:.0f} s, load {result['load']:.1f}"
-                )
-                results.append(result)
-    return results
+
+    def run(mode: str, config_file: Path, work: Path) -> dict[str, Any]:
+        return time_run(mode, config, config_file, work, before_repo)
+
+    def describe(result: dict[str, Any]) -> str:
+        return (
+            f"[{result['mode']} #{result['repeat']}] per-round {result['per_round']:.2f} s "
+            f"(intervals {[round(i, 2) for i in result['intervals']]}), "
+            f"total {result['total']:.0f} s, load {result['load']:.1f}"
+        )
+
+    return interleaved_runs(config, modes, repeats, run, describe, log)
 
 
 def overhead_table(results: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
@@ -254,14 +249,10 @@ def _run(request: BenchRequest) -> str:
     modes, repeats = options["modes"], options["repeats"]
     results = run_overhead(request.config, modes, repeats, options["before_repo"], request.log)
     text = overhead_table(results, modes)
-    if options.get("out_dir") is not None:
-        folder = Path(options["out_dir"])
-        page = overhead_page(text, request.command, request.config, repeats)
-        data = {"command": request.command, "config": request.config.to_dict()}
-        write_page(folder, "overhead", page, {**data, "results": results})
-        loads = [round(r["load"], 1) for r in results]
-        note = f"1-min load average at the end of each run: {loads}"
-        append_command(folder, request.command, time.time() - started, note)
+    page = overhead_page(text, request.command, request.config, repeats)
+    data = {"command": request.command, "config": request.config.to_dict(), "results": results}
+    note = f"1-min load average at the end of each run: {[round(r['load'], 1) for r in results]}"
+    write_results(request, "overhead", page, data, started, note)
     return text
 
 

@@ -24,14 +24,13 @@ import datetime
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedalign.client import prepare
 from fedalign.config import ExperimentConfig
-from fedalign.experiments.bench.output import append_command, write_page
+from fedalign.experiments.bench.output import write_results
 from fedalign.experiments.bench.registry import (
     OUT_DIR,
     BenchRequest,
@@ -43,8 +42,6 @@ from fedalign.experiments.bench.registry import (
 from fedalign.federation import Simulator
 from fedalign.moe.lora import factor_mean, product_mean, refactorise, relative_error
 from fedalign.protocol import ClientResult
-from fedalign.strategies import FedAvg
-from fedalign.strategies.base import AggregationResult, StrategyState
 
 Tensor = torch.Tensor
 
@@ -66,24 +63,6 @@ LORA_DEFAULTS = (
     "run.progress=false",
 )
 """The suite's starting configuration (the command line's options apply over it)."""
-
-
-class CapturingFedAvg(FedAvg):
-    """FedAvg that keeps every round's global parameters and client results."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rounds: list[tuple[dict[str, Tensor], list[ClientResult]]] = []
-
-    def aggregate(
-        self,
-        server_round: int,
-        global_parameters: Mapping[str, Tensor],
-        results: Sequence[ClientResult],
-        state: StrategyState,
-    ) -> AggregationResult:
-        self.rounds.append((dict(global_parameters), list(results)))
-        return super().aggregate(server_round, global_parameters, results, state)
 
 
 def lora_config(base: ExperimentConfig, model: str, rank: int, lr: float) -> ExperimentConfig:
@@ -109,14 +88,15 @@ def numerical_rank(matrix: Tensor) -> int:
     return int((values > 1e-6 * values[0]).sum()) if float(values[0]) > 0 else 0
 
 
-def capture_rounds(config: ExperimentConfig) -> tuple[Any, CapturingFedAvg]:
-    """Run ``config``'s rounds with FedAvg; the model's layout and the captured rounds."""
+def capture_rounds(config: ExperimentConfig) -> tuple[Any, list[list[ClientResult]]]:
+    """Run ``config``'s rounds; the model's layout and each round's client results (those
+    the strategy aggregated)."""
     simulator = Simulator(config, prepare(config))
-    strategy = CapturingFedAvg(simulator.model.layout)
-    simulator.server.strategy = strategy
-    for server_round in range(1, config.federated.rounds + 1):
-        simulator.run_round(server_round)
-    return simulator.model.layout, strategy
+    rounds = [
+        simulator.run_round(server_round).results
+        for server_round in range(1, config.federated.rounds + 1)
+    ]
+    return simulator.model.layout, rounds
 
 
 def block_errors(layout: Any, results: Sequence[ClientResult]) -> dict[str, dict[str, list]]:
@@ -143,9 +123,9 @@ def block_errors(layout: Any, results: Sequence[ClientResult]) -> dict[str, dict
 
 def measure(config: ExperimentConfig) -> list[dict[str, Any]]:
     """One run of a :func:`lora_config`: a row per round and block kind."""
-    layout, strategy = capture_rounds(config)
+    layout, rounds = capture_rounds(config)
     rows = []
-    for server_round, (_, results) in enumerate(strategy.rounds, start=1):
+    for server_round, results in enumerate(rounds, start=1):
         for kind, entry in sorted(block_errors(layout, results).items()):
             fedit, svd = torch.tensor(entry["fedit"]), torch.tensor(entry["svd"])
             rows.append(
@@ -251,11 +231,8 @@ def _run(request: BenchRequest) -> str:
         request.config, options["models"], options["ranks"], options["lrs"], request.log
     )
     text = lora_error_table(rows)
-    if options.get("out_dir") is not None:
-        folder = Path(options["out_dir"])
-        page = lora_error_page(text, request.config, meta)
-        write_page(folder, "error", page, {"meta": meta, "rows": rows})
-        append_command(folder, request.command, time.time() - started)
+    page = lora_error_page(text, request.config, meta)
+    write_results(request, "error", page, {"meta": meta, "rows": rows}, started)
     return text
 
 

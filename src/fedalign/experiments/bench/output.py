@@ -1,4 +1,5 @@
-"""Result files of the bench suites: a page, its rows as JSON, the command that made them."""
+"""Result files of the bench suites (a page, its rows as JSON, the command that made them),
+and interleaved repeated runs of one configuration."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import datetime
 import json
 import os
 import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedalign.config import ExperimentConfig
+from fedalign.experiments.bench.registry import BenchRequest
+
+RunResult = dict[str, Any]
 
 
 def write_page(folder: Path, stem: str, page: str, data: Any) -> None:
@@ -29,3 +38,42 @@ def append_command(folder: Path, command: str, seconds: float, note: str = "") -
             + (f"; {note}" if note else "")
             + "\n\n"
         )
+
+
+def write_results(
+    request: BenchRequest, stem: str, page: str, data: Any, started: float, note: str = ""
+) -> None:
+    """With ``--out-dir``: :func:`write_page` there and :func:`append_command` (the request's
+    command, ``time.time() - started`` seconds, ``note``); without it, nothing."""
+    if request.options.get("out_dir") is None:
+        return
+    folder = Path(request.options["out_dir"])
+    write_page(folder, stem, page, data)
+    append_command(folder, request.command, time.time() - started, note)
+
+
+def interleaved_runs(
+    config: ExperimentConfig,
+    settings: Sequence[Any],
+    repeats: int,
+    run: Callable[[Any, Path, Path], RunResult],
+    describe: Callable[[RunResult], str],
+    log: Callable[[str], None],
+) -> list[RunResult]:
+    """``repeats`` passes over ``settings``, one ``run(setting, config_file, work)`` each.
+
+    ``config`` is saved once as ``config_file`` in a temporary folder; ``work`` is a fresh
+    folder of it per pass. Each result gets its ``repeat`` and is logged with ``describe``.
+    Interleaving lets each repeat see the machine's load in turn.
+    """
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fedalign-bench-") as folder:
+        config_file = Path(folder) / "config.toml"
+        config.save(config_file)
+        for repeat in range(repeats):
+            for setting in settings:
+                result = run(setting, config_file, Path(folder) / f"r{repeat}")
+                result["repeat"] = repeat
+                log(describe(result))
+                results.append(result)
+    return results

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from fedalign.config import ExperimentConfig
 from fedalign.experiments.bench.design import REPEATS
-from fedalign.experiments.bench.output import append_command, write_page
+from fedalign.experiments.bench.output import interleaved_runs, write_results
 from fedalign.experiments.bench.registry import (
     OUT_DIR,
     BenchRequest,
@@ -37,9 +36,11 @@ from fedalign.experiments.bench.registry import (
 )
 
 
-def one_run(workers: int, config_file: Path, out: Path) -> dict[str, Any]:
-    """``fedalign run`` of ``config_file`` with ``run.workers=workers`` into ``out``: round
-    seconds, wall time, the final state's digest and the 1-min load before and after."""
+def one_run(workers: int, config_file: Path, work: Path) -> dict[str, Any]:
+    """``fedalign run`` of ``config_file`` with ``run.workers=workers`` into a folder of
+    ``work``: round seconds, wall time, the final state's digest, the 1-min load before and
+    after."""
+    out = work / f"w{workers}"
     command = [sys.executable, "-m", "fedalign.cli", "run", "--config", str(config_file)]
     command += ["--set", f"run.workers={workers}", "--out", str(out), "--overwrite"]
     command += ["--no-progress"]
@@ -70,23 +71,17 @@ def run_parallel(
     repeats: int,
     log: Callable[[str], None] = lambda _line: None,
 ) -> list[dict[str, Any]]:
-    """``repeats`` rounds of :func:`one_run` per value of ``workers``, interleaved."""
-    results = []
-    with tempfile.TemporaryDirectory(prefix="fedalign-parallel-") as folder:
-        config_file = Path(folder) / "config.toml"
-        config.save(config_file)
-        for repeat in range(repeats):
-            for count in workers:
-                result = one_run(count, config_file, Path(folder) / f"w{count}-{repeat}")
-                result["repeat"] = repeat
-                rounds = [round(s, 1) for s in result["round_seconds"]]
-                log(
-                    f"[workers={count} #{repeat}] rounds {rounds}"
-                    f" wall {result['wall']:.0f} s, load {result['load_before']:.1f}"
-                    f"->{result['load_after']:.1f}"
-                )
-                results.append(result)
-    return results
+    """``repeats`` runs of :func:`one_run` per value of ``workers``, interleaved."""
+
+    def describe(result: dict[str, Any]) -> str:
+        rounds = [round(s, 1) for s in result["round_seconds"]]
+        return (
+            f"[workers={result['workers']} #{result['repeat']}] rounds {rounds}"
+            f" wall {result['wall']:.0f} s, load {result['load_before']:.1f}"
+            f"->{result['load_after']:.1f}"
+        )
+
+    return interleaved_runs(config, workers, repeats, one_run, describe, log)
 
 
 def parallel_table(results: Sequence[dict[str, Any]], workers: Sequence[int]) -> str:
@@ -136,12 +131,9 @@ def _run(request: BenchRequest) -> str:
     workers = request.options["workers"]
     results = run_parallel(request.config, workers, request.options["repeats"], request.log)
     text = parallel_table(results, workers)
-    if request.options.get("out_dir") is not None:
-        folder = Path(request.options["out_dir"])
-        data = {"command": request.command, "config": request.config.to_dict()}
-        page = parallel_page(text, request.command, results, workers)
-        write_page(folder, "speedup", page, {**data, "results": results})
-        append_command(folder, request.command, time.time() - started)
+    page = parallel_page(text, request.command, results, workers)
+    data = {"command": request.command, "config": request.config.to_dict(), "results": results}
+    write_results(request, "speedup", page, data, started)
     return text
 
 
