@@ -584,3 +584,20 @@ def test_cli_says_one_line_and_exits_2_for_a_misfit_vocabulary(
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "1000 rows" in error and "30522 ids" in error
     assert "Traceback" not in error
+
+
+def test_wrap_moe_model_gives_what_load_moe_model_gives() -> None:
+    """A model built by the caller (the GPU check's random model of a given size) gets the
+    same MoE view, trainable choice and placement as one that load_moe_model builds."""
+    from fedalign.models import wrap_moe_model
+
+    config = ModelConfig(name="tiny-qwen3moe")
+    loaded = load_moe_model(config, num_labels=3, seed=0)
+    bare, tokenizer, model_type = build_classifier(config, 3, 0)
+    wrapped = wrap_moe_model(bare, tokenizer, model_type, config, 3, device="cpu")
+    assert wrapped.trainable_names == loaded.trainable_names
+    assert wrapped.layout == loaded.layout and wrapped.architecture == loaded.architecture
+    assert [t.layer for t in wrapped.taps] == [t.layer for t in loaded.taps]
+    config.trainable = "everything"
+    with pytest.raises(ConfigError, match=r"model\.trainable"):
+        wrap_moe_model(bare, tokenizer, model_type, config, 3)

@@ -21,7 +21,7 @@ from fedalign.models.device import (
     set_deterministic,
 )
 from fedalign.models.heads import PooledClassifier, mean_pool
-from fedalign.models.loading import load_moe_model
+from fedalign.models.loading import load_moe_model, wrap_moe_model
 from fedalign.models.moe_model import MoEModel
 from fedalign.models.tiny import (
     CAUSAL_TINY_MODELS,
@@ -66,4 +66,5 @@ __all__ = [
     "set_deterministic",
     "tiny_hf_config",
     "upcycle_encoder",
+    "wrap_moe_model",
 ]

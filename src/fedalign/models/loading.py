@@ -75,8 +75,41 @@ def load_moe_model(
         ``run.frozen-dtype``: ``bf16`` stores the parameters that do not train in bfloat16
         (needs a bfloat16 autocast).
     """
-    torch_device, dtype = _placement(device, precision, frozen_dtype)
+    _placement(device, precision, frozen_dtype)  # a bad device or precision fails first
     bare_model, tokenizer, model_type = _bare_model(config, num_labels, seed, head)
+    return wrap_moe_model(
+        bare_model,
+        tokenizer,
+        model_type,
+        config,
+        num_labels,
+        head=head,
+        device=device,
+        precision=precision,
+        frozen_dtype=frozen_dtype,
+    )
+
+
+def wrap_moe_model(
+    bare_model: nn.Module,
+    tokenizer: Any,
+    model_type: str,
+    config: ModelConfig,
+    num_labels: int,
+    *,
+    head: str = "classification",
+    device: str = "cpu",
+    precision: str = "fp32",
+    frozen_dtype: str = "fp32",
+) -> MoEModel:
+    """An already built model (its head chosen, weights in place) as an :class:`MoEModel`:
+    checks the tokenizer's vocabulary, chooses the trainable parameters of
+    ``config.trainable`` (maybe LoRA), applies ``frozen_dtype`` and moves it to ``device``.
+
+    :func:`load_moe_model` builds the model from ``config`` and calls this; a caller that
+    builds its own (a random model of a given size straight on a GPU, say) calls it directly.
+    """
+    torch_device, dtype = _placement(device, precision, frozen_dtype)
     check_vocabulary(bare_model, tokenizer, config)
     model, full_layout, taps = _trainable_model(bare_model, config)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
