@@ -50,3 +50,27 @@ def test_clipping_on_the_flower_transport() -> None:
     run_round(wrapper, grid, 1)
     step = sum(float(((wrapper.global_parameters[k] - v) ** 2).sum()) for k, v in initial.items())
     assert step**0.5 <= 1e-3 * (1 + 1e-4)
+
+
+def test_a_boosted_reply_is_clipped_by_default_and_recorded() -> None:
+    initial = parameters(0)
+    results = {1: client_results(1)}
+    boosted = results[1][2].parameters
+    for name, value in initial.items():
+        boosted[name] = value + 1000 * (boosted[name] - value)
+    reports: list[RoundReport] = []
+
+    def on_round(report: RoundReport) -> dict[str, float]:
+        reports.append(report)
+        return {}
+
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with(results))
+    wrapper = wrap(FedAvg(LAYOUT), initial, on_round=on_round)
+    run_round(wrapper, grid, 1)
+    assert list(reports[0].clipped) == [2]
+    record = reports[0].outcome.record["screening"]
+    assert list(record["clipped"]) == ["2"] and record["norm_multiple"] == 5.0
+    norms = record["update_norms"]
+    assert record["median_norm"] == sorted(norms.values())[1]
+    step = sum(float(((wrapper.global_parameters[k] - v) ** 2).sum()) for k, v in initial.items())
+    assert step**0.5 <= record["bound"]  # a weighted mean of updates within the bound

@@ -40,6 +40,13 @@ class FederatedConfig:
         When > 0, each client's update (its parameters minus the global ones) is scaled
         down to at most this L2 norm (over all trainable tensors) before aggregation.
         0 turns clipping off.
+    screen_norm_multiple : float, default 5.0
+        When > 0, each round's updates are scaled down to at most this multiple of the
+        round's median update norm (the lower median of the valid results' L2 norms), so
+        that one client's boosted update cannot outweigh the rest; with
+        ``clip_update_norm`` also set, the smaller bound applies. 0 turns it off; otherwise
+        at least 1. The default 5 left every honest update of the demo untouched (the
+        largest was 3.2 times the median).
     fault_rate : float, default 0.0
         Simulator only: probability that a selected client fails in a round (fault
         injection for testing; 0 = no faults, the default behaviour bit for bit).
@@ -78,6 +85,7 @@ class FederatedConfig:
     min_local_test: int = 20
     min_clients: int = 1
     clip_update_norm: float = 0.0
+    screen_norm_multiple: float = 5.0
     fault_rate: float = 0.0
     fault_seed: int = 0
     fault_kinds: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
@@ -98,6 +106,12 @@ class FederatedConfig:
         if not self.clip_update_norm >= 0:
             raise ConfigError(
                 f"federated.clip-update-norm must be >= 0 (0 = off; got {self.clip_update_norm})"
+            )
+        multiple = self.screen_norm_multiple
+        if not (multiple == 0 or 1 <= multiple < math.inf):
+            raise ConfigError(
+                "federated.screen-norm-multiple must be 0 (off) or a finite number >= 1 "
+                f"(a multiple of the round's median update norm; got {multiple})"
             )
         in_unit_interval("federated.fault-rate", self.fault_rate, "[0, 1]")
         if not self.fault_kinds:

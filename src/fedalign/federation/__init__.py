@@ -10,7 +10,7 @@
 from fedalign.federation.attacks import poison_result
 from fedalign.federation.evaluation import evaluate_global
 from fedalign.federation.probe import SemanticProbe, semantic_probe_for
-from fedalign.federation.rounds import RoundOutcome, evaluation_due
+from fedalign.federation.rounds import RoundOutcome, clipped_extra, evaluation_due
 from fedalign.federation.sampling import sample_clients
 from fedalign.federation.server import SemanticProbeFn, ServerState, strategy_from_config
 from fedalign.federation.simulator import Simulator
@@ -21,6 +21,7 @@ __all__ = [
     "SemanticProbeFn",
     "ServerState",
     "Simulator",
+    "clipped_extra",
     "evaluate_global",
     "evaluation_due",
     "poison_result",

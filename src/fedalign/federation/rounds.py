@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,3 +55,11 @@ class RoundOutcome:
     client_state_bytes: int
     evaluation: dict[str, Any] | None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def clipped_extra(clipped: Mapping[int, float]) -> dict[str, Any]:
+    """``{"clipped_clients": {"id": norm before}}`` when some update was clipped, else ``{}``
+    (the metrics line of both transports)."""
+    if not clipped:
+        return {}
+    return {"clipped_clients": {str(k): round(v, 6) for k, v in sorted(clipped.items())}}

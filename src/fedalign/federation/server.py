@@ -10,7 +10,12 @@ Before a strategy sees them, :meth:`ServerState.screen` restores compressed uplo
 float32 parameters (:func:`~fedalign.compression.restore_parameters`), checks the results
 (:func:`~fedalign.strategies.screening.result_problem`: keys, shapes, dtypes, finite values,
 routing statistics that are distributions, token counts that add up), rejects the bad ones
-with a reason, and clips the updates of the rest when ``federated.clip-update-norm`` > 0.
+with a reason, and clips the updates of the rest to the round's bound
+(:func:`~fedalign.strategies.screening.norm_bound`): ``federated.screen-norm-multiple``
+times the median update norm (on by default), ``federated.clip-update-norm`` (off by
+default), or the smaller of both. An update is measured from where the client started (the
+global parameters, with its personalised tensors when the server handed it some). What the
+screening did goes into the decisions record as ``"screening"`` (:meth:`Screening.record`).
 
 :meth:`ServerState.aggregate` hands the strategy the results as screened, except under
 ``strategy.semantic-privacy = public-probe``: a ``semantic_probe``
@@ -29,12 +34,12 @@ from typing import Any
 import torch
 
 from fedalign.compression import restore_parameters
-from fedalign.config import ExperimentConfig
+from fedalign.config import ExperimentConfig, FederatedConfig
 from fedalign.errors import ConfigError, OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
-from fedalign.strategies.screening import clip_update, result_problem
+from fedalign.strategies.screening import clip_update, norm_bound, result_problem, update_norm
 
 Tensor = torch.Tensor
 
@@ -94,11 +99,43 @@ class Screening:
         Client id -> why its result was rejected (never aggregated).
     clipped : dict of int to float
         Client id -> its update norm before clipping, for the clipped clients.
+    norms : dict of int to float
+        Client id -> the L2 norm of its update, for every valid result (empty when no bound
+        is on).
+    median_norm : float or None
+        The lower median of ``norms`` when ``federated.screen-norm-multiple`` is on.
+    bound : float or None
+        The norm the round's updates were clipped to (None: no bound).
+    multiple : float
+        ``federated.screen-norm-multiple`` (0 = off).
     """
 
     accepted: list[ClientResult]
     rejected: dict[int, str] = field(default_factory=dict)
     clipped: dict[int, float] = field(default_factory=dict)
+    norms: dict[int, float] = field(default_factory=dict)
+    median_norm: float | None = None
+    bound: float | None = None
+    multiple: float = 0.0
+
+    def record(self) -> dict[str, Any] | None:
+        """The decisions record's ``screening`` entry; None when no bound was on and no
+        result was rejected.
+
+        ``{"update_norms": {"id": norm}, "median_norm": m, "norm_multiple": k, "bound": b,
+        "clipped": {"id": norm before}, "rejected": {"id": reason}}`` (ids as strings,
+        sorted; ``median_norm`` and ``bound`` null when not in force).
+        """
+        if not self.norms and not self.rejected and self.bound is None:
+            return None
+        return {
+            "update_norms": {str(k): v for k, v in sorted(self.norms.items())},
+            "median_norm": self.median_norm,
+            "norm_multiple": self.multiple,
+            "bound": self.bound,
+            "clipped": {str(k): v for k, v in sorted(self.clipped.items())},
+            "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
+        }
 
 
 class ServerState:
@@ -112,6 +149,9 @@ class ServerState:
     clip_update_norm : float, default 0.0
         ``federated.clip-update-norm``: when > 0, :meth:`screen` scales each client's update
         down to at most this L2 norm.
+    screen_norm_multiple : float, default ``FederatedConfig.screen_norm_multiple``
+        ``federated.screen-norm-multiple``: when > 0, :meth:`screen` scales each update down
+        to at most this multiple of the round's median update norm (0 = off).
     semantic_probe : callable or None, default None
         ``public-probe``: replaces the results' ``mean_hidden`` before a strategy that needs
         routing statistics aggregates (a :class:`~fedalign.federation.probe.SemanticProbe`;
@@ -124,15 +164,20 @@ class ServerState:
         global_parameters: Mapping[str, Tensor],
         *,
         clip_update_norm: float = 0.0,
+        screen_norm_multiple: float = FederatedConfig.screen_norm_multiple,
         semantic_probe: SemanticProbeFn | None = None,
     ) -> None:
         self.strategy = strategy
         self.clip_update_norm = float(clip_update_norm)
+        self.screen_norm_multiple = float(screen_norm_multiple)
         self.semantic_probe = semantic_probe
         self.global_parameters: dict[str, Tensor] = dict(global_parameters)
         self.strategy_state: StrategyState = strategy.initial_state()
         self.personal_parameters: dict[int, dict[str, Tensor]] = {}
         self.completed_rounds = 0
+        # the personalised start of each client of the round in progress (updates are
+        # measured from it); set by instructions()
+        self.round_starts: dict[int, dict[str, Tensor]] = {}
 
     def instructions(
         self, server_round: int, selected: Sequence[int]
@@ -143,18 +188,25 @@ class ServerState:
             personal = self.personal_parameters.get(client_id)
             if personal and instructions[client_id].start_parameters is None:
                 instructions[client_id].start_parameters = personal
+        self.round_starts = {
+            client_id: dict(start)
+            for client_id in selected
+            if (start := instructions[client_id].start_parameters)
+        }
         return instructions
 
     def screen(self, results: Sequence[ClientResult]) -> Screening:
         """Restore compressed uploads, reject invalid results (with a reason) and clip the
-        rest when clipping is on.
+        updates of the rest to the round's bound.
 
         A compressed result (``update`` set) becomes a copy with the restored parameters
         (global + decompressed delta) and no ``update``; a malformed one is rejected. A
-        second result of the same client is rejected too. Other valid results pass
-        unchanged (the same objects) when clipping is off.
+        second result of the same client is rejected too. The bound
+        (:func:`~fedalign.strategies.screening.norm_bound`) comes from the norms of the
+        valid results only. Valid results within the bound pass unchanged (the same
+        objects).
         """
-        screening = Screening(accepted=[])
+        screening = Screening(accepted=[], multiple=self.screen_norm_multiple)
         seen: set[int] = set()
         for result in results:
             if result.client_id in seen:
@@ -178,16 +230,45 @@ class ServerState:
             if problem is not None:
                 screening.rejected[result.client_id] = problem
                 continue
-            if self.clip_update_norm > 0:
-                clipped, norm = clip_update(self.global_parameters, result, self.clip_update_norm)
-                if clipped is not result:
-                    screening.clipped[result.client_id] = norm
-                result = clipped
             screening.accepted.append(result)
+        if self.screen_norm_multiple > 0 or self.clip_update_norm > 0:
+            self._clip(screening)
         return screening
 
-    def aggregate(self, server_round: int, results: Sequence[ClientResult]) -> AggregationResult:
-        """The strategy's aggregate of ``results`` (not adopted yet)."""
+    def _clip(self, screening: Screening) -> None:
+        """Measure every accepted update, fix the round's bound and clip to it (in place)."""
+        starts = {
+            result.client_id: {
+                **self.global_parameters,
+                **self.round_starts.get(result.client_id, {}),
+            }
+            for result in screening.accepted
+        }
+        for result in screening.accepted:
+            screening.norms[result.client_id] = update_norm(
+                starts[result.client_id], result.parameters
+            )
+        screening.median_norm, screening.bound = norm_bound(
+            list(screening.norms.values()), self.screen_norm_multiple, self.clip_update_norm
+        )
+        if screening.bound is None:
+            return
+        for index, result in enumerate(screening.accepted):
+            norm = screening.norms[result.client_id]
+            if norm > screening.bound:
+                screening.accepted[index], _ = clip_update(
+                    starts[result.client_id], result, screening.bound, norm
+                )
+                screening.clipped[result.client_id] = norm
+
+    def aggregate(
+        self,
+        server_round: int,
+        results: Sequence[ClientResult],
+        screening: Screening | None = None,
+    ) -> AggregationResult:
+        """The strategy's aggregate of ``results`` (not adopted yet); the record holds
+        ``screening``'s :meth:`~Screening.record` as ``"screening"`` when there is one."""
         privacy = clip_noise_record(results)
         if self.semantic_probe is not None and self.strategy.needs_routing_statistics:
             results = self.semantic_probe(self.global_parameters, results)
@@ -198,6 +279,9 @@ class ServerState:
         )
         if privacy is not None:
             outcome.record["semantic_privacy"] = privacy
+        screened = screening.record() if screening is not None else None
+        if screened is not None:
+            outcome.record["screening"] = screened
         return outcome
 
     def adopt(self, server_round: int, outcome: AggregationResult) -> None:

@@ -45,7 +45,7 @@ from fedalign.federation.attacks import poison_result
 from fedalign.federation.evaluation import evaluate_global
 from fedalign.federation.parallel import ClientPool
 from fedalign.federation.probe import semantic_probe_for
-from fedalign.federation.rounds import RoundOutcome, evaluation_due
+from fedalign.federation.rounds import RoundOutcome, clipped_extra, evaluation_due
 from fedalign.federation.sampling import sample_clients
 from fedalign.federation.server import ServerState, strategy_from_config
 from fedalign.protocol import ClientResult, tensor_bytes
@@ -97,6 +97,7 @@ class Simulator:
             strategy,
             self.model.trainable_state(),
             clip_update_norm=config.federated.clip_update_norm,
+            screen_norm_multiple=config.federated.screen_norm_multiple,
             semantic_probe=semantic_probe_for(config, self.model, self.data),
         )
         # what persists per client between its rounds (never a model copy)
@@ -276,7 +277,7 @@ class Simulator:
                 f"(failed: {failed or 'none'}; rejected: {screening.rejected or 'none'}); "
                 "the run stops here, the last checkpoint can be resumed"
             )
-        aggregation = self.server.aggregate(server_round, results)
+        aggregation = self.server.aggregate(server_round, results, screening)
         aggregation_seconds = time.perf_counter() - aggregation_started
         self.server.adopt(server_round, aggregation)
         due = evaluation_due(self.config, server_round)
@@ -325,11 +326,9 @@ def round_extra(
     reason; ``clipped_clients`` (only when some update was clipped) maps a client to its
     update norm before clipping.
     """
-    extra: dict[str, Any] = {
+    return {
         "failed_clients": sorted(failed),
         "failure_reasons": {str(k): v for k, v in sorted(failed.items())},
         "rejected_clients": {str(k): v for k, v in sorted(rejected.items())},
+        **clipped_extra(clipped),
     }
-    if clipped:
-        extra["clipped_clients"] = {str(k): round(v, 6) for k, v in sorted(clipped.items())}
-    return extra

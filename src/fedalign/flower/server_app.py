@@ -35,6 +35,7 @@ from fedalign.client import Prepared, prepare
 from fedalign.config import ExperimentConfig, run_label
 from fedalign.federation import (
     RoundOutcome,
+    clipped_extra,
     evaluate_global,
     evaluation_due,
     semantic_probe_for,
@@ -101,6 +102,7 @@ class RunFolderRecords:
             extra={
                 "failed_clients": report.failed,
                 "rejected_clients": {str(k): v for k, v in sorted(report.rejected.items())},
+                **clipped_extra(report.clipped),
             },
         )
         line = self.folder.record_round(outcome, server.strategy.name)
@@ -171,6 +173,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         on_round=records,
         discovery_timeout=options.discovery_timeout,
         clip_update_norm=config.federated.clip_update_norm,
+        screen_norm_multiple=config.federated.screen_norm_multiple,
         semantic_probe=semantic_probe_for(config, prepared.model, prepared.data),
         pack_arrays=options.pack_arrays,
     )

@@ -36,6 +36,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
+from fedalign.config import FederatedConfig
 from fedalign.federation import SemanticProbeFn, ServerState, sample_clients
 from fedalign.flower.messages import (
     ARRAYS_KEY,
@@ -205,6 +206,8 @@ class RoundReport:
     rejected : dict of int to str, default empty
         Clients whose reply failed validation (:meth:`ServerState.screen`), with the reason;
         they are not in ``replies`` and were never aggregated.
+    clipped : dict of int to float, default empty
+        Clients whose update was clipped by the screening, with its norm before.
     """
 
     server_round: int
@@ -218,6 +221,7 @@ class RoundReport:
     train_seconds: float
     aggregation_seconds: float
     rejected: dict[int, str] = field(default_factory=dict)
+    clipped: dict[int, float] = field(default_factory=dict)
 
 
 RoundCallback = Callable[[RoundReport], Mapping[str, Any]]
@@ -257,6 +261,8 @@ class FlowerStrategy(FlwrStrategy):
         Seconds :func:`discover_partitions` may wait.
     clip_update_norm : float, default 0.0
         ``federated.clip-update-norm`` (0 = off), see :meth:`ServerState.screen`.
+    screen_norm_multiple : float, default ``FederatedConfig.screen_norm_multiple``
+        ``federated.screen-norm-multiple`` (0 = off), see :meth:`ServerState.screen`.
     semantic_probe : callable or None, default None
         ``strategy.semantic-privacy = public-probe``: the server's probe measurement, see
         :class:`~fedalign.federation.ServerState`.
@@ -278,6 +284,7 @@ class FlowerStrategy(FlwrStrategy):
         on_round: RoundCallback | None = None,
         discovery_timeout: float = 600.0,
         clip_update_norm: float = 0.0,
+        screen_norm_multiple: float = FederatedConfig.screen_norm_multiple,
         semantic_probe: SemanticProbeFn | None = None,
         pack_arrays: bool = False,
     ) -> None:
@@ -287,6 +294,7 @@ class FlowerStrategy(FlwrStrategy):
             strategy,
             {k: v.detach().clone() for k, v in global_parameters.items()},
             clip_update_norm=clip_update_norm,
+            screen_norm_multiple=screen_norm_multiple,
             semantic_probe=semantic_probe,
         )
         self.num_clients = num_clients
@@ -401,7 +409,7 @@ class FlowerStrategy(FlwrStrategy):
             return None, None
         train_seconds = time.perf_counter() - pending.started
         aggregation_started = time.perf_counter()
-        outcome = self.server.aggregate(server_round, [r.result for r in decoded])
+        outcome = self.server.aggregate(server_round, [r.result for r in decoded], screening)
         aggregation_seconds = time.perf_counter() - aggregation_started
         self.server.adopt(server_round, outcome)
         line: dict[str, Any] = {
@@ -421,6 +429,7 @@ class FlowerStrategy(FlwrStrategy):
                 train_seconds=train_seconds,
                 aggregation_seconds=aggregation_seconds,
                 rejected=screening.rejected,
+                clipped=screening.clipped,
             )
             line = dict(self.on_round(report))
         self.lines[server_round] = line

@@ -2,13 +2,17 @@
 
 :func:`result_problem` says what is wrong with one client's result (keys, shapes, dtypes,
 finite values, routing statistics that are not distributions), :func:`check_results`
-raises on the first problem; :func:`clip_update` scales an update whose norm exceeds a bound.
-The server screens once for both transports (:class:`fedalign.federation.ServerState`).
+raises on the first problem; :func:`clip_update` scales an update whose norm exceeds a bound,
+and :func:`norm_bound` gives a round's bound: a multiple of the median update norm
+(``federated.screen-norm-multiple``), an absolute one (``federated.clip-update-norm``), or
+the smaller of both. The server screens once for both transports
+(:class:`fedalign.federation.ServerState`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -199,8 +203,41 @@ def update_norm(global_parameters: Mapping[str, Tensor], parameters: Mapping[str
     return total**0.5
 
 
+def norm_bound(
+    norms: Sequence[float], multiple: float, max_norm: float
+) -> tuple[float | None, float | None]:
+    """A round's clipping bound from its clients' update norms: ``(median, bound)``.
+
+    ``median`` is the lower median of ``norms`` (for an even count the smaller of the two
+    middle norms, so that with two clients an outlier is measured against the other one);
+    None when ``multiple`` is 0 (off), no norm was given, or the median is 0 (half of the
+    clients or more did not move: no scale to compare with). ``bound`` is
+    ``multiple * median`` and/or ``max_norm`` (when > 0), the smaller of the two when both
+    apply; None when neither does.
+
+    Parameters
+    ----------
+    norms : sequence of float
+        The L2 update norms of the round's valid results.
+    multiple : float
+        ``federated.screen-norm-multiple``: 0 (off) or >= 1.
+    max_norm : float
+        ``federated.clip-update-norm``: 0 (off) or > 0.
+    """
+    median = statistics.median_low(norms) if multiple > 0 and norms else None
+    if median is not None and median <= 0:
+        median = None
+    bounds = [multiple * median] if median is not None else []
+    if max_norm > 0:
+        bounds.append(max_norm)
+    return median, (min(bounds) if bounds else None)
+
+
 def clip_update(
-    global_parameters: Mapping[str, Tensor], result: ClientResult, max_norm: float
+    global_parameters: Mapping[str, Tensor],
+    result: ClientResult,
+    max_norm: float,
+    norm: float | None = None,
 ) -> tuple[ClientResult, float]:
     """``result`` with its update scaled down to L2 norm ``max_norm``, and the norm before.
 
@@ -211,11 +248,16 @@ def clip_update(
     Parameters
     ----------
     global_parameters : dict of str to Tensor
+        What the update is measured from (the global parameters, or the client's
+        personalised start).
     result : ClientResult
     max_norm : float
         > 0.
+    norm : float or None, default None
+        The update's norm when already known (:func:`update_norm`); computed otherwise.
     """
-    norm = update_norm(global_parameters, result.parameters)
+    if norm is None:
+        norm = update_norm(global_parameters, result.parameters)
     if norm <= max_norm:
         return result, norm
     scale = max_norm / norm
