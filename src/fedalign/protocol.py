@@ -137,12 +137,15 @@ class CompressedTensor:
     Parameters
     ----------
     method : str
-        ``"bf16"``, ``"int8"`` or ``"topk"`` (see :mod:`fedalign.compression`).
+        ``"bf16"``, ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"`` or ``"topk"`` (see
+        :mod:`fedalign.compression`).
     shape : tuple of int
         Shape of the tensor it stands for.
     parts : dict of str to Tensor
         What travels: ``bf16``: ``values`` (bfloat16, the shape); ``int8``: ``values``
         (int8, ``(R, C)`` with ``C`` the last dimension) and ``scale`` (float32, ``(R,)``);
+        ``int4`` / ``int3`` / ``int2``: ``values`` (uint8, the codes packed, ``ceil(R C b /
+        8)`` bytes) and ``scale`` (bfloat16, ``(R,)``);
         ``topk``: ``indices`` (int32, ``(k,)``, into the flattened tensor) and ``values``
         (float32, ``(k,)``).
     """

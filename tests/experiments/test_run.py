@@ -223,7 +223,7 @@ def test_extra_loss_hook_reaches_the_client_loss(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compression", ["int8", "topk"])
+@pytest.mark.parametrize("compression", ["int8", "int3", "topk"])
 def test_compressed_uploads_bytes_and_kept_residuals(tmp_path: Path, compression: str) -> None:
     """The upload is the compressed payload's real size; each client keeps one residual."""
     sim = Simulation(
@@ -240,9 +240,11 @@ def test_compressed_uploads_bytes_and_kept_residuals(tmp_path: Path, compression
     line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     parameters = sim.global_parameters
     values = sum(t.numel() for t in parameters.values())
+    rows = sum(t.numel() // t.shape[-1] if t.dim() >= 2 else 1 for t in parameters.values())
     if compression == "int8":
-        rows = sum(t.numel() // t.shape[-1] if t.dim() >= 2 else 1 for t in parameters.values())
         expected = values + 4 * rows
+    elif compression == "int3":  # 3 bits a value, packed per tensor, and a bfloat16 scale a row
+        expected = sum((3 * t.numel() + 7) // 8 for t in parameters.values()) + 2 * rows
     else:
         expected = 8 * sum(max(1, round(0.25 * t.numel())) for t in parameters.values())
     for counts in line["bytes_per_client"].values():
@@ -253,9 +255,12 @@ def test_compressed_uploads_bytes_and_kept_residuals(tmp_path: Path, compression
 
 
 @pytest.mark.slow
-def test_resume_with_error_feedback_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["topk", "int3"])
+def test_resume_with_error_feedback_matches_an_uninterrupted_run(
+    tmp_path: Path, compression: str
+) -> None:
     config = tiny_config(
-        federated__rounds=3, strategy__name="fedalign", federated__upload_compression="topk"
+        federated__rounds=3, strategy__name="fedalign", federated__upload_compression=compression
     )
     whole = Simulation(config.copy(), tmp_path / "whole", log=None)
     whole.run()
@@ -275,7 +280,7 @@ def test_resume_with_error_feedback_matches_an_uninterrupted_run(tmp_path: Path)
     plain = tiny_config(
         federated__rounds=3,
         strategy__name="fedalign",
-        federated__upload_compression="topk",
+        federated__upload_compression=compression,
         federated__error_feedback=False,
     )
     run_experiment(plain, tmp_path / "plain", log=None)

@@ -217,7 +217,7 @@ def test_reply_parameters_restore_bfloat16() -> None:
     assert_same(reply.result.parameters, result.parameters)
 
 
-@pytest.mark.parametrize("method", ["bf16", "int8", "topk"])
+@pytest.mark.parametrize("method", ["bf16", "int8", "int4", "int3", "int2", "topk"])
 def test_compressed_reply_travels_compressed(method: str) -> None:
     delta = {"router.weight": torch.randn(4, 6), "head.bias": torch.randn(3)}
     update, _ = compress_update(delta, method, fraction=0.5)

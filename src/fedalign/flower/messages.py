@@ -348,8 +348,10 @@ _UPDATE_KEY = "update"
 def encode_update(update: Mapping[str, CompressedTensor]) -> tuple[ArrayRecord, str]:
     """A compressed upload as an ArrayRecord of its parts and JSON of methods and shapes.
 
-    ArrayRecord has no bfloat16: bfloat16 parts travel as their int16 bit patterns (the
-    same two bytes), so the wire carries the payload's real size.
+    ArrayRecord has no bfloat16: bfloat16 parts (``bf16`` values, the low-bit methods'
+    scales) travel as their int16 bit patterns (the same two bytes), so the wire carries the
+    payload's real size. No method has int16 parts, so every int16 part is read back as
+    bfloat16.
     """
     arrays: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
@@ -363,14 +365,14 @@ def encode_update(update: Mapping[str, CompressedTensor]) -> tuple[ArrayRecord, 
 
 
 def decode_update(record: ArrayRecord, layout_json: str) -> dict[str, CompressedTensor]:
-    """The inverse of :func:`encode_update` (``bf16`` values back to bfloat16)."""
+    """The inverse of :func:`encode_update` (int16 parts back to bfloat16)."""
     layout = json.loads(layout_json)
     parts: dict[str, dict[str, Tensor]] = {name: {} for name in layout}
     for key, tensor in decode_state(record).items():
         name, _, part = key.rpartition(_SEPARATOR)
         if name not in parts:
             raise ValueError(f"compressed part {key!r} names no tensor of the update")
-        if layout[name]["method"] == "bf16" and tensor.dtype == torch.int16:
+        if tensor.dtype == torch.int16:
             tensor = tensor.view(torch.bfloat16)
         parts[name][part] = tensor
     return {

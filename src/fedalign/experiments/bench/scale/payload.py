@@ -155,8 +155,8 @@ def compressed_bytes(
     """Upload bytes per strategy and compression, on the model's real tensor shapes.
 
     The compressed sizes depend on shapes only (bf16: 2 bytes a value; int8: 1 byte a value
-    plus 4 a row; topk: 8 bytes a kept value), so a random delta of the model's shapes gives
-    the exact payload size.
+    plus 4 a row; int4/int3/int2: 4/3/2 bits a value plus 2 bytes a row; topk: 8 bytes a
+    kept value), so a random delta of the model's shapes gives the exact payload size.
     """
     model = load_moe_model(ModelConfig(name=model_name), 8, seed=0)
     parameters = model.trainable_state()
