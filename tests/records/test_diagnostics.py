@@ -106,9 +106,7 @@ def test_routing_counts_by_class_add_up_to_the_tokens() -> None:
     counted = evaluate(model, test, batch_size=16, expert_classes=True)
     assert counted.accuracy == plain.accuracy and not plain.expert_label_counts
     tokens = test.attention_mask.sum(1).double()
-    by_class = torch.zeros(model.num_labels, dtype=torch.float64).index_add_(
-        0, test.labels, tokens
-    )
+    by_class = torch.zeros(model.num_labels, dtype=torch.float64).index_add_(0, test.labels, tokens)
     assert set(counted.expert_label_counts) == {layer.name for layer in model.full_layout.layers}
     for counts in counted.expert_label_counts.values():
         assert counts.shape[0] == model.num_labels
