@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint typecheck pytest clean lock
+.PHONY: setup demo test test-fast lint typecheck pytest clean lock gpu-pack gpu-check
 
 setup: $(STAMP)
 
@@ -64,6 +64,17 @@ test: lint typecheck pytest
 # GPU ones); `make test` still runs everything.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not gpu"
+
+# The GPU check (docs/gpu-and-llm.md, "The GPU check in one command"). gpu-pack, here:
+# all-MiniLM-L6-v2 small enough to travel (.gpu/minilm, git-ignored; carry it with the call).
+# gpu-check, on the GPU machine: no .venv there, it runs on the machine's python3; here it
+# takes .venv's python, e.g. `make gpu-check GPU_CHECK_ARGS="--device cpu --quick"`.
+gpu-pack: $(STAMP)
+	$(BIN)/python scripts/minilm_pack.py pack .gpu/minilm
+
+gpu-check:
+	PYTHON=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3) \
+	  bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -126,6 +126,77 @@ def deepseek_v2_lite(trainable: str) -> Setting:
     )
 
 
+def check_moe_options(quick: bool = False) -> dict[str, Any]:
+    """The random-weight MoE of ``scripts/gpu_check.sh`` (a ``Qwen3MoeConfig``'s options).
+
+    Qwen3-30B-A3B's layer shape (hidden 2048, 32 query and 4 key-value heads of 128, experts
+    of width 768, 8 of them per token, its 151,936-token vocabulary) with 64 experts per
+    layer instead of 128 and 6 layers instead of 48: 2.24 B parameters, 1.81 B of them in
+    experts. ``quick``: a small model of the same family for the CPU dry run.
+    """
+    if quick:
+        shape = {
+            "vocab_size": 30522,
+            "hidden_size": 128,
+            "moe_intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+        }
+    else:
+        shape = {
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "moe_intermediate_size": 768,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+        }
+    return {**shape, "intermediate_size": 3 * shape["hidden_size"], "pad_token_id": 0}
+
+
+CHECK_LABELS = 8
+"""Classes of the GPU check's synthetic classification task."""
+
+
+def check_batch(quick: bool = False) -> tuple[int, int]:
+    """``(batch, tokens per sequence)`` of the GPU check's client round."""
+    return (2, 64) if quick else (8, 512)
+
+
+def qwen3_moe_check(quick: bool = False) -> Setting:
+    """The GPU check's MoE (:func:`check_moe_options`) as a sequence classifier, moe+head
+    (routers, experts and the class head train), one batch of :func:`check_batch`."""
+    options = check_moe_options(quick)
+    config = hf.Qwen3MoeConfig(**options, num_labels=CHECK_LABELS)
+    with torch.device("meta"):
+        model = hf.AutoModelForSequenceClassification.from_config(config)
+    total, train = _count(
+        model,
+        lambda n, p: ".mlp.experts." in n or ".mlp.gate." in n or n.startswith("score."),
+    )
+    batch, seq = check_batch(quick)
+    return Setting(
+        f"GPU check: Qwen3-MoE-shaped classifier, {options['num_hidden_layers']} layers x "
+        f"{options['num_experts']} experts, moe+head, batch {batch} x {seq} tokens",
+        total,
+        train,
+        options["num_hidden_layers"],
+        options["hidden_size"],
+        options["num_attention_heads"],
+        batch,
+        seq,
+        1,
+        CHECK_LABELS,
+    )
+
+
 def memory(setting: Setting, frozen_bytes: int, activation_bytes: int) -> dict[str, float]:
     frozen = setting.parameters - setting.trainable
     weights = setting.trainable * 4 + frozen * frozen_bytes
@@ -150,6 +221,7 @@ def main() -> None:
         (deepseek_v2_lite("lora"), "bf16", 4, 2),
         (deepseek_v2_lite("lora"), "bf16 + frozen bf16", 2, 2),
         (deepseek_v2_lite("moe+head"), "bf16", 4, 2),
+        (qwen3_moe_check(), "bf16", 4, 2),
     ]
     print(
         "| setting | precision | parameters | trainable | weights GiB | grad+AdamW+ref GiB "
