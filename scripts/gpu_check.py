@@ -262,13 +262,9 @@ def run_own_stage(args: argparse.Namespace) -> int:
 
         result = gpu_scale.scale_round(args.device, args.quick)
         args.result.write_text(json.dumps(result))
-        print(
-            f"scale: {result['tokens_per_second']:,.0f} tokens/s, "
-            f"{result['fraction_of_matmul']:.3f} of the matmul rate, peak "
-            f"{result.get('peak_allocated_gib', float('nan')):.1f} GiB "
-            f"(computed {result['estimate_gib']['total']:.1f})"
-        )
-        return 0
+        for name, measured in result["rounds"].items():
+            print(f"scale, {name}: " + gpu_report.round_line(measured))
+        return 0 if all("error" not in m for m in result["rounds"].values()) else 1
     tiny_families(args.device, args.quick, args.result, args.result.parent)
     rows = json.loads(args.result.read_text())
     return 0 if all(row["status"] == "ok" for row in rows) else 1

@@ -53,30 +53,46 @@ def _scale(scale: dict[str, Any] | None) -> list[str]:
         return ["No result (see `log.txt`, stage scale)."]
     estimate = scale["estimate_gib"]
     matmul = scale["matmul"]
+    rounds = scale["rounds"]
     lines = [
         f"{scale['model']}: {scale['parameters']:,} parameters, {scale['trainable']:,} "
         f"trained (computed: {scale['estimated_trainable']:,}), {scale['active_per_token']:,} "
-        f"active per token outside the embeddings; experts implementation "
-        f"`{scale['experts_implementation']}`, precision {scale['precision']}; "
-        f"{scale['steps']} steps, the last {scale['timed_steps']} timed.",
+        f"active per token outside the embeddings; precision {scale['precision']}; "
+        f"transformers' default expert kernel here: `{scale['default_experts_implementation']}`. "
+        f"{matmul['dtype']} matmul n = {matmul['n']} in the same run: "
+        f"{matmul['tflops']:.3g} TFLOP/s. Computed memory (scripts/estimate_memory.py): "
+        "{total:.3g} GiB = {weights:.3g} weights + {grad+adam+ref:.3g} gradients, AdamW and "
+        "reference + {activations:.3g} activations.".format(**estimate),
         "",
     ]
-    rows = [
-        ["tokens per second (training steps)", scale["tokens_per_second"]],
-        ["seconds per step", scale["step_seconds"]],
-        ["model TFLOP/s (6 N T + 12 L s w T)", scale["model_tflops"]],
-        [f"{matmul['dtype']} matmul TFLOP/s (n = {matmul['n']}, same run)", matmul["tflops"]],
-        ["fraction of that matmul rate", scale["fraction_of_matmul"]],
-        ["peak GPU memory allocated, GiB (measured)", scale.get("peak_allocated_gib")],
-        ["peak GPU memory reserved, GiB (measured)", scale.get("peak_reserved_gib")],
-        ["memory, GiB (computed: scripts/estimate_memory.py)", estimate["total"]],
-        ["  of which weights / grad+AdamW+ref / activations", "{weights:.3g} / {grad+adam+ref:.3g}"
-         " / {activations:.3g}".format(**estimate)],
-        ["measured peak / computed", (scale.get("peak_allocated_gib") or math.nan)
-         / estimate["total"]],
-        ["whole client round, s (with statistics and copies to the CPU)", scale["round_seconds"]],
-    ]  # fmt: skip
-    return lines + table(["measure", "value"], rows)
+    measures = [
+        ("tokens per second (training steps)", "tokens_per_second"),
+        ("seconds per step", "step_seconds"),
+        ("model TFLOP/s (6 N T + 12 L s w T)", "model_tflops"),
+        ("fraction of the matmul rate", "fraction_of_matmul"),
+        ("peak GPU memory allocated, GiB", "peak_allocated_gib"),
+        ("peak GPU memory reserved, GiB", "peak_reserved_gib"),
+        ("whole client round, s (statistics, copies to the CPU)", "round_seconds"),
+        ("steps (timed)", "timed_steps"),
+        ("error", "error"),
+    ]
+    rows = [[label, *(r.get(key) for r in rounds.values())] for label, key in measures]
+    peaks = [r.get("peak_allocated_gib") for r in rounds.values()]
+    rows.append(
+        ["measured peak / computed", *((p / estimate["total"]) if p else None for p in peaks)]
+    )
+    return lines + table(["measure", *(f"`{name}`" for name in rounds)], rows)
+
+
+def round_line(measured: dict[str, Any]) -> str:
+    """One client round's result in a line (or its error)."""
+    if "error" in measured:
+        return measured["error"]
+    peak = measured.get("peak_allocated_gib")
+    return (
+        f"{measured['tokens_per_second']:,.0f} tokens/s, {measured['step_seconds']:.3f} s a step"
+        + (f", peak {peak:.1f} GiB" if peak is not None else "")
+    )
 
 
 def _tiny(rows: list[dict[str, Any]] | None) -> list[str]:

@@ -6,7 +6,8 @@ given fedalign's MoE view by :func:`fedalign.models.wrap_moe_model`. Its data ar
 texts of random words, every one filling ``model.max-length`` tokens. One client runs
 fedalign's client round (:func:`fedalign.client.run_client_round`) with the loss terms of
 FedAlign-MoE's heaviest client configuration (routing regulariser in its batch-KL form plus
-FedProx's proximal term). Measured:
+FedProx's proximal term), once per expert kernel of transformers (:data:`IMPLEMENTATIONS`).
+Measured:
 
 * tokens per second of the training steps, after ``WARMUP`` steps (CUDA events, so no step
   waits for the GPU to be timed);
@@ -183,18 +184,12 @@ def _elapsed(device: torch.device, events: list[Any]) -> float:
     return float(events[-1] - events[WARMUP - 1])
 
 
-def scale_round(device_name: str, quick: bool, steps: int = 16) -> dict[str, Any]:
-    """One client round of the check's MoE: speed, memory and their references."""
-    device = torch.device(device_name)
-    batch, seq = estimate_memory.check_batch(quick)
-    with tempfile.TemporaryDirectory() as folder:
-        data = synthetic_csv(Path(folder) / "synthetic.csv", 2 * steps * batch + 16, seq)
-        config = check_config(device_name, quick, data, steps)
-        started = time.perf_counter()
-        prepared = prepare(config, include_test=False, model_loader=_loader(quick))
-    model = prepared.model
-    built = time.perf_counter() - started
-    global_parameters = model.trainable_state()
+def one_round(
+    prepared: Any, config: ExperimentConfig, global_parameters: dict[str, Any], flops_per_token: int
+) -> dict[str, Any]:
+    """Client 0's round on the prepared model, timed; peak GPU memory of the round."""
+    model, device = prepared.model, prepared.model.device
+    batch, seq = config.train.batch_size, config.model.max_length
     events, on_step = _step_events(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,39 +203,73 @@ def scale_round(device_name: str, quick: bool, steps: int = 16) -> dict[str, Any
     seconds = _elapsed(device, events)
     timed_steps = len(events) - WARMUP
     tokens = timed_steps * batch * seq
+    result: dict[str, Any] = {
+        "steps": int(done.result.metrics["steps"]),
+        "timed_steps": timed_steps,
+        "step_seconds": seconds / max(timed_steps, 1),
+        "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
+        "model_tflops": tokens * flops_per_token / seconds / 1e12 if seconds > 0 else float("nan"),
+        "task_loss": done.result.metrics["task_loss"],
+        "round_seconds": round_seconds,
+    }
+    if device.type == "cuda":
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return result
+
+
+IMPLEMENTATIONS = ("grouped_mm", "eager")
+"""transformers' expert kernels measured: ``grouped_mm`` (its default where it runs; not
+autocast-enabled, so with float32 expert weights it multiplies in float32) and ``eager``
+(one ``F.linear`` per expert, which bf16 autocast covers)."""
+
+
+def scale_round(device_name: str, quick: bool, steps: int = 16) -> dict[str, Any]:
+    """One client round of the check's MoE per expert implementation: speed, memory and
+    their references (a failing implementation is reported with its error)."""
+    device = torch.device(device_name)
+    batch, seq = estimate_memory.check_batch(quick)
+    with tempfile.TemporaryDirectory() as folder:
+        data = synthetic_csv(Path(folder) / "synthetic.csv", 2 * steps * batch + 16, seq)
+        config = check_config(device_name, quick, data, steps)
+        started = time.perf_counter()
+        prepared = prepare(config, include_test=False, model_loader=_loader(quick))
+    model = prepared.model
+    built = time.perf_counter() - started
+    global_parameters = model.trainable_state()
     options = estimate_memory.check_moe_options(quick)
     active = active_parameters(model.model, options["num_experts_per_tok"], options["num_experts"])
     width = options["num_attention_heads"] * options["head_dim"]
-    flops = tokens * (6 * active + 12 * options["num_hidden_layers"] * seq * width)
+    flops_per_token = 6 * active + 12 * options["num_hidden_layers"] * seq * width
     setting = estimate_memory.qwen3_moe_check(quick)
-    estimate = estimate_memory.memory(setting, 4, 2 if device.type == "cuda" else 4)
     result: dict[str, Any] = {
         "model": setting.label,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "trainable": sum(p.numel() for n, p in model.model.named_parameters() if p.requires_grad),
         "estimated_trainable": setting.trainable,
         "active_per_token": active,
-        "experts_implementation": getattr(model.model.config, "_experts_implementation", None),
+        "default_experts_implementation": model.model.config._experts_implementation,
         "precision": config.run.precision,
         "batch": batch,
         "seq": seq,
-        "steps": int(done.result.metrics["steps"]),
-        "timed_steps": timed_steps,
-        "step_seconds": seconds / max(timed_steps, 1),
-        "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
-        "model_tflops": flops / seconds / 1e12 if seconds > 0 else float("nan"),
-        "task_loss": done.result.metrics["task_loss"],
         "build_seconds": built,
-        "round_seconds": round_seconds,
-        "estimate_gib": estimate,
+        "estimate_gib": estimate_memory.memory(setting, 4, 2 if device.type == "cuda" else 4),
+        "rounds": {},
     }
+    for implementation in IMPLEMENTATIONS:
+        try:
+            model.model.set_experts_implementation(implementation)
+            measured = one_round(prepared, config, global_parameters, flops_per_token)
+        except Exception as error:  # reported; the other implementation still runs
+            measured = {"error": f"{type(error).__name__}: {error}"[:300]}
+        result["rounds"][implementation] = measured
     if device.type == "cuda":
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         properties = torch.cuda.get_device_properties(device)
         result["gpu"] = f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
         result["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    del prepared, model, done, global_parameters
+    del prepared, model, global_parameters
     result["matmul"] = matmul_rate(device, quick)
-    result["fraction_of_matmul"] = result["model_tflops"] / result["matmul"]["tflops"]
+    for measured in result["rounds"].values():
+        if "model_tflops" in measured:
+            measured["fraction_of_matmul"] = measured["model_tflops"] / result["matmul"]["tflops"]
     return result

@@ -111,7 +111,9 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert report["environment"]["minilm"]["parameters"] == 22_713_216  # the pack was used
     scale = report["scale"]
     assert scale["trainable"] == scale["estimated_trainable"] > 0
-    assert scale["tokens_per_second"] > 0 and scale["fraction_of_matmul"] > 0
+    assert set(scale["rounds"]) == {"grouped_mm", "eager"}
+    for measured in scale["rounds"].values():
+        assert measured["tokens_per_second"] > 0 and measured["fraction_of_matmul"] > 0
     assert [row["status"] for row in report["tiny"]] == ["ok", "ok"]
     assert report["claim"]["finished"] == len(report["claim"]["runs"]) == 3
     with tarfile.open(out / "claim-runs.tar.gz") as tar:
