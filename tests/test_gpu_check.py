@@ -122,3 +122,22 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert expected | set(gpu_claim.PAGES.values()) == {p.name for p in out.iterdir()}
     summary = (out / "summary.md").read_text()
     assert "| FedAvg | 0.1 | 1 |" in summary and "## One client round" in summary
+
+
+def test_claim_gpu_suite_is_the_papers_scale(tmp_path: Path) -> None:
+    from fedalign.experiments.benchmark.plan import BenchmarkOptions, plan_runs, resolve
+
+    options = BenchmarkOptions(suite=str(ROOT / gpu_claim.SUITE), out=str(tmp_path))
+    runs = plan_runs(*resolve(options))
+    assert [(r.seed, r.label) for r in runs[:3]] == [
+        (0, "fedavg"),
+        (0, "fedprox"),
+        (0, "sound-prox"),
+    ]
+    assert len(runs) == 15 and {r.alpha for r in runs} == {0.1}
+    config = runs[2].config
+    assert config.data.max_train_examples * (1 - config.partition.local_test_fraction) >= 10_000
+    assert (config.partition.num_clients, config.federated.rounds) == (10, 20)
+    assert (config.train.local_epochs, config.train.local_steps) == (1, 0)
+    assert config.strategy.name == "fedalign" and config.strategy.client_proximal_mu > 0
+    assert runs[1].config.strategy.proximal_mu == config.strategy.client_proximal_mu
