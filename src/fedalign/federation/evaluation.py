@@ -77,11 +77,6 @@ def evaluate_global(
     """
     model.load_trainable_state(global_parameters)
     global_eval = evaluate(model, data.test, expert_classes=True)
-    specialisation = {
-        layer: expert_specialisation(counts)
-        for layer, counts in global_eval.expert_label_counts.items()
-    }
-    measured = [v for v in specialisation.values() if v is not None]
     by_client = local_accuracies(model, data)
     local = list(by_client.values())
     sized = [a for c, a in by_client.items() if len(data.client_test[c]) >= min_local_test]
@@ -105,14 +100,24 @@ def evaluate_global(
         "class_accuracy": [
             None if np.isnan(a) else round(a, 6) for a in global_eval.label_accuracy
         ],
-        "expert_specialisation": {
-            layer: None if v is None else round(v, 6) for layer, v in specialisation.items()
-        },
-        "expert_specialisation_mean": float(np.mean(measured)) if measured else None,
+        **specialisation_metrics(global_eval.expert_label_counts),
         **validation,
         **(
             routing_breakdown(model, data, global_parameters, results, by_client) if results else {}
         ),
+    }
+
+
+def specialisation_metrics(counts: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``expert_specialisation`` per layer (rounded) and its mean over the layers that have
+    one, from the evaluation's routing counts by class."""
+    values = {layer: expert_specialisation(table) for layer, table in counts.items()}
+    measured = [v for v in values.values() if v is not None]
+    return {
+        "expert_specialisation": {
+            layer: None if v is None else round(v, 6) for layer, v in values.items()
+        },
+        "expert_specialisation_mean": float(np.mean(measured)) if measured else None,
     }
 
 
