@@ -104,27 +104,34 @@ def pick(results: dict[str, Any], label: str, attack: str, screening: str) -> di
     }
 
 
-def paired_cell(rows: dict[int, Any], reference: dict[int, Any]) -> tuple[str, float | None]:
+def paired_cell(rows: dict[int, Any], reference: dict[int, Any]) -> tuple[str, str]:
+    """The paired difference's cell and the target's verdict: ``met`` when the mean and the
+    interval's low end are both at least -1 point, ``met on the mean`` when only the mean
+    is, ``missed`` otherwise."""
     paired = paired_difference(
         {s: r["final_accuracy"] for s, r in rows.items()},
         {s: r["final_accuracy"] for s, r in reference.items()},
     )
     if paired.mean is None:
-        return "-", None
+        return "-", "-"
+    verdict = "met" if paired.mean >= -0.01 else "**missed**"
     if paired.low is None or paired.high is None:
-        return f"{100 * paired.mean:+.1f}", paired.mean
+        return f"{100 * paired.mean:+.1f}", verdict
+    if verdict == "met" and paired.low < -0.01:
+        verdict = "met on the mean"
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in paired.differences)
     text = (
         f"{100 * paired.mean:+.1f} [{100 * paired.low:+.1f}, {100 * paired.high:+.1f}], "
-        f"{paired.wins}/{paired.pairs}"
+        f"{paired.wins}/{paired.pairs} ({per_seed})"
     )
-    return text, paired.mean
+    return text, verdict
 
 
 def robustness_table(results: dict[str, Any], args: argparse.Namespace) -> str:
     names = {"none": "honest", "scale": f"x{args.attack_scale:g}", "sign-flip": "sign flip"}
     lines = [
         "| strategy | client 0 | screening | final accuracy (%) | paired Δ (points) [95% CI], "
-        "wins | vs | cost ≤ 1 point | clipped updates: client 0 / honest |",
+        "wins (per seed) | vs | cost ≤ 1 point | clipped updates: client 0 / honest |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label in STRATEGIES:
@@ -135,15 +142,11 @@ def robustness_table(results: dict[str, Any], args: argparse.Namespace) -> str:
             reference_key = ("none", "off") if attack == "none" else ("none", screening)
             reference = pick(results, label, *reference_key)
             if (attack, screening) == reference_key:
-                delta, mean, versus, target = "(reference)", None, "-", "-"
+                delta, versus, target = "(reference)", "-", "-"
             else:
-                delta, mean = paired_cell(rows, reference)
+                delta, target = paired_cell(rows, reference)
                 versus = f"honest, {reference_key[1]}"
-                target = (
-                    "-"
-                    if attack == "none" or mean is None
-                    else ("met" if mean >= -0.01 else "**missed**")
-                )
+                target = "-" if attack == "none" else target
             accuracy = percent([r["final_accuracy"] for r in rows.values()])
             clipped_attacker = sum(r["clipped_attacker"] for r in rows.values())
             clipped_honest = sum(r["clipped_honest"] for r in rows.values())
@@ -159,7 +162,8 @@ def robustness_table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"Screening `default`: `federated.screen-norm-multiple = {multiple:g}` (updates above "
         f"{multiple:g} x the round's median update norm clipped to that bound); `off`: 0. "
         "Paired Δ: per seed, minus the honest run named in `vs` (same partition, initial model "
-        "and sampling); cost ≤ 1 point: the mean paired Δ is at least -1 point. Clipped "
+        "and sampling); cost ≤ 1 point: `met` when the mean paired Δ and the low end of its "
+        "interval are both at least -1 point, `met on the mean` when only the mean is. Clipped "
         "updates: client-rounds clipped, summed over seeds.",
         "",
         direction_table(results),
