@@ -1,5 +1,5 @@
-"""Norm screening on by default: updates above a multiple of the round's median norm are
-clipped to that bound, for both transports, and recorded."""
+"""Norm screening on by default: an update above a multiple of the round's median norm is
+scaled down to the median, for both transports, and recorded."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fedalign.federation import ServerState
 from fedalign.protocol import ClientResult
 from fedalign.records import read_jsonl
 from fedalign.strategies import FedAvg, build_strategy
-from fedalign.strategies.screening import norm_bound, update_norm
+from fedalign.strategies.screening import norm_targets, update_norm
 from tests.helpers import tiny_config
 from tests.reliability.test_aggregation_properties import LAYOUT, SHAPES
 from tests.reliability.test_bad_updates import stats
@@ -38,45 +38,54 @@ def server(**options: float) -> ServerState:
     return ServerState(build_strategy("fedavg", {}, LAYOUT), GLOBAL, **options)
 
 
-def test_the_bound_is_a_multiple_of_the_lower_median_and_the_smaller_of_two() -> None:
-    assert norm_bound([1.0, 2.0, 3.0, 100.0], 5.0, 0.0) == (2.0, 10.0)
+def plan(norms: list[float], multiple: float, max_norm: float) -> tuple[object, ...]:
+    targets = norm_targets(dict(enumerate(norms)), multiple, max_norm)
+    return targets.median, targets.outlier_bound, targets.targets
+
+
+def test_outliers_go_to_the_lower_median_and_the_absolute_bound_applies_on_top() -> None:
+    assert plan([1.0, 2.0, 3.0, 100.0], 5.0, 0.0) == (2.0, 10.0, {3: 2.0})
     # two clients: the outlier is measured against the other one
-    assert norm_bound([1000.0, 1.0], 5.0, 0.0) == (1.0, 5.0)
-    assert norm_bound([1.0, 2.0, 3.0], 5.0, 4.0) == (2.0, 4.0)
-    assert norm_bound([1.0, 2.0, 3.0], 0.0, 4.0) == (None, 4.0)
-    assert norm_bound([1.0, 2.0, 3.0], 0.0, 0.0) == (None, None)
-    assert norm_bound([], 5.0, 0.0) == (None, None)
+    assert plan([1000.0, 1.0], 5.0, 0.0) == (1.0, 5.0, {0: 1.0})
+    assert plan([1.0, 2.0, 3.0, 100.0], 5.0, 2.5) == (2.0, 10.0, {2: 2.5, 3: 2.0})
+    assert plan([1.0, 2.0, 3.0, 100.0], 5.0, 1.5) == (2.0, 10.0, {1: 1.5, 2: 1.5, 3: 1.5})
+    assert plan([1.0, 2.0, 3.0], 0.0, 2.5) == (None, None, {2: 2.5})
+    assert plan([1.0, 2.0, 3.0], 0.0, 0.0) == (None, None, {})
+    assert plan([], 5.0, 0.0) == (None, None, {})
+    # just inside the bound: untouched (no client is moved below the bound it met)
+    assert plan([1.0, 1.0, 5.0], 5.0, 0.0) == (1.0, 5.0, {})
     # half the clients did not move: no scale to compare with, only the absolute bound
-    assert norm_bound([0.0, 0.0, 3.0], 5.0, 0.0) == (None, None)
-    assert norm_bound([0.0, 0.0, 3.0], 5.0, 2.0) == (None, 2.0)
+    assert plan([0.0, 0.0, 3.0], 5.0, 0.0) == (None, None, {})
+    assert plan([0.0, 0.0, 3.0], 5.0, 2.0) == (None, None, {2: 2.0})
 
 
-def test_default_screening_clips_a_boosted_update_and_keeps_honest_ones() -> None:
+def test_default_screening_scales_a_boosted_update_to_the_median() -> None:
     assert FederatedConfig().screen_norm_multiple == 5.0
     honest = [moved(0, 1.0), moved(1, 1.5), moved(2, 0.5)]
     boosted = moved(3, 1000.0)
     screening = server().screen([*honest, boosted])
-    assert screening.accepted[:3] == honest  # within the bound: the same objects
-    assert all(a is b for a, b in zip(screening.accepted, honest, strict=False))
+    assert all(a is b for a, b in zip(screening.accepted, honest, strict=False))  # the same
     assert screening.median_norm == pytest.approx(1.0 * ROOT)
-    assert screening.bound == pytest.approx(5.0 * ROOT)
+    assert screening.outlier_bound == pytest.approx(5.0 * ROOT)
     assert list(screening.clipped) == [3]
     assert screening.clipped[3] == pytest.approx(1000.0 * ROOT)
     clipped = screening.accepted[3]
-    assert update_norm(GLOBAL, clipped.parameters) == pytest.approx(5.0 * ROOT, rel=1e-6)
-    # the direction is kept: every value 5 (= 1000 * 5 / 1000)
-    assert torch.allclose(clipped.parameters["head.weight"], torch.full((2,), 5.0))
+    assert update_norm(GLOBAL, clipped.parameters) == pytest.approx(ROOT, rel=1e-6)
+    # the direction is kept: every value 1 (= 1000 * median / norm)
+    assert torch.allclose(clipped.parameters["head.weight"], torch.full((2,), 1.0))
     record = screening.record()
     assert record is not None
     assert record["clipped"] == {"3": pytest.approx(1000.0 * ROOT)}
-    assert record["bound"] == pytest.approx(5.0 * ROOT) and record["norm_multiple"] == 5.0
+    assert record["clipped_to"] == {"3": pytest.approx(ROOT)}
+    assert record["outlier_bound"] == pytest.approx(5.0 * ROOT)
+    assert record["norm_multiple"] == 5.0 and record["max_norm"] is None
     assert set(record["update_norms"]) == {"0", "1", "2", "3"} and record["rejected"] == {}
 
 
-def test_two_clients_an_outlier_is_clipped_to_a_multiple_of_the_other() -> None:
+def test_two_clients_an_outlier_is_scaled_to_the_other() -> None:
     screening = server().screen([moved(0, 1.0), moved(1, -1000.0)])
     assert list(screening.clipped) == [1]
-    assert update_norm(GLOBAL, screening.accepted[1].parameters) == pytest.approx(5.0 * ROOT)
+    assert update_norm(GLOBAL, screening.accepted[1].parameters) == pytest.approx(ROOT)
 
 
 def test_a_sign_flip_keeps_its_norm_and_passes() -> None:
@@ -89,9 +98,11 @@ def test_off_and_absolute_clipping_compose() -> None:
     results = [moved(0, 1.0), moved(1, 1.0), moved(2, 4.0)]
     off = server(screen_norm_multiple=0.0).screen(results)
     assert off.clipped == {} and off.record() is None and off.norms == {}
-    # relative bound 5 * ROOT, absolute 2 * ROOT: the smaller clips client 2
+    # 4 is within 5 x the median; the absolute bound 2 * ROOT clips it
     both = server(clip_update_norm=2.0 * ROOT).screen(results)
-    assert both.bound == pytest.approx(2.0 * ROOT) and list(both.clipped) == [2]
+    assert list(both.clipped) == [2] and both.clipped_to[2] == pytest.approx(2.0 * ROOT)
+    record = both.record()
+    assert record is not None and record["max_norm"] == pytest.approx(2.0 * ROOT)
     # a rejected result is left out of the median and recorded
     bad = dataclasses.replace(moved(3, 1.0), num_examples=-1)
     mixed = server().screen([*results, bad])
@@ -150,5 +161,6 @@ def test_the_simulator_clips_a_boosted_client_by_default(tmp_path: Path) -> None
     norms = record["update_norms"]
     # three norms: the middle one, the larger honest one
     assert record["median_norm"] == pytest.approx(max(norms["0"], norms["2"]))
-    assert record["bound"] == pytest.approx(5.0 * record["median_norm"])
-    assert norms["1"] > 100 * record["bound"] and list(record["clipped"]) == ["1"]
+    assert record["outlier_bound"] == pytest.approx(5.0 * record["median_norm"])
+    assert norms["1"] > 100 * record["outlier_bound"] and list(record["clipped"]) == ["1"]
+    assert record["clipped_to"]["1"] == pytest.approx(record["median_norm"])

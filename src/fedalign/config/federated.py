@@ -41,12 +41,12 @@ class FederatedConfig:
         down to at most this L2 norm (over all trainable tensors) before aggregation.
         0 turns clipping off.
     screen_norm_multiple : float, default 5.0
-        When > 0, each round's updates are scaled down to at most this multiple of the
-        round's median update norm (the lower median of the valid results' L2 norms), so
-        that one client's boosted update cannot outweigh the rest; with
-        ``clip_update_norm`` also set, the smaller bound applies. 0 turns it off; otherwise
-        at least 1. The default 5 left every honest update of the demo untouched (the
-        largest was 3.2 times the median).
+        When > 0, an update whose L2 norm exceeds this multiple of the round's median update
+        norm (the lower median of the valid results' norms) is an outlier and is scaled down
+        to the median, its direction kept, so that one client's boosted update weighs like
+        a typical one; ``clip_update_norm`` applies on top. 0 turns it off; otherwise at
+        least 1. The default 5 left every honest update of the demo untouched (the largest
+        was 3.5 times the median).
     fault_rate : float, default 0.0
         Simulator only: probability that a selected client fails in a round (fault
         injection for testing; 0 = no faults, the default behaviour bit for bit).

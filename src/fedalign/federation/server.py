@@ -10,10 +10,11 @@ Before a strategy sees them, :meth:`ServerState.screen` restores compressed uplo
 float32 parameters (:func:`~fedalign.compression.restore_parameters`), checks the results
 (:func:`~fedalign.strategies.screening.result_problem`: keys, shapes, dtypes, finite values,
 routing statistics that are distributions, token counts that add up), rejects the bad ones
-with a reason, and clips the updates of the rest to the round's bound
-(:func:`~fedalign.strategies.screening.norm_bound`): ``federated.screen-norm-multiple``
-times the median update norm (on by default), ``federated.clip-update-norm`` (off by
-default), or the smaller of both. An update is measured from where the client started (the
+with a reason, and clips the updates of the rest
+(:func:`~fedalign.strategies.screening.norm_targets`): an update above
+``federated.screen-norm-multiple`` times the round's median update norm (on by default) is
+scaled down to the median, and with ``federated.clip-update-norm`` (off by default) every
+update to at most that norm. An update is measured from where the client started (the
 global parameters, with its personalised tensors when the server handed it some). What the
 screening did goes into the decisions record as ``"screening"`` (:meth:`Screening.record`).
 
@@ -39,7 +40,7 @@ from fedalign.errors import ConfigError, OptionError
 from fedalign.moe.layout import MoELayout
 from fedalign.protocol import ClientResult, TrainInstructions
 from fedalign.strategies import AggregationResult, Strategy, StrategyState, build_strategy
-from fedalign.strategies.screening import clip_update, norm_bound, result_problem, update_norm
+from fedalign.strategies.screening import clip_update, norm_targets, result_problem, update_norm
 
 Tensor = torch.Tensor
 
@@ -104,8 +105,12 @@ class Screening:
         is on).
     median_norm : float or None
         The lower median of ``norms`` when ``federated.screen-norm-multiple`` is on.
-    bound : float or None
-        The norm the round's updates were clipped to (None: no bound).
+    outlier_bound : float or None
+        ``multiple * median_norm``: updates above it were scaled down to the median.
+    max_norm : float or None
+        ``federated.clip-update-norm`` when on.
+    clipped_to : dict of int to float
+        Client id -> the norm its update was scaled down to, for the clipped clients.
     multiple : float
         ``federated.screen-norm-multiple`` (0 = off).
     """
@@ -115,25 +120,30 @@ class Screening:
     clipped: dict[int, float] = field(default_factory=dict)
     norms: dict[int, float] = field(default_factory=dict)
     median_norm: float | None = None
-    bound: float | None = None
+    outlier_bound: float | None = None
+    max_norm: float | None = None
+    clipped_to: dict[int, float] = field(default_factory=dict)
     multiple: float = 0.0
 
     def record(self) -> dict[str, Any] | None:
         """The decisions record's ``screening`` entry; None when no bound was on and no
         result was rejected.
 
-        ``{"update_norms": {"id": norm}, "median_norm": m, "norm_multiple": k, "bound": b,
-        "clipped": {"id": norm before}, "rejected": {"id": reason}}`` (ids as strings,
-        sorted; ``median_norm`` and ``bound`` null when not in force).
+        ``{"update_norms": {"id": norm}, "median_norm": m, "norm_multiple": k,
+        "outlier_bound": k m, "max_norm": c, "clipped": {"id": norm before}, "clipped_to":
+        {"id": norm after}, "rejected": {"id": reason}}`` (ids as strings, sorted;
+        ``median_norm``, ``outlier_bound`` and ``max_norm`` null when not in force).
         """
-        if not self.norms and not self.rejected and self.bound is None:
+        if not self.norms and not self.rejected:
             return None
         return {
             "update_norms": {str(k): v for k, v in sorted(self.norms.items())},
             "median_norm": self.median_norm,
             "norm_multiple": self.multiple,
-            "bound": self.bound,
+            "outlier_bound": self.outlier_bound,
+            "max_norm": self.max_norm,
             "clipped": {str(k): v for k, v in sorted(self.clipped.items())},
+            "clipped_to": {str(k): v for k, v in sorted(self.clipped_to.items())},
             "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
         }
 
@@ -150,8 +160,8 @@ class ServerState:
         ``federated.clip-update-norm``: when > 0, :meth:`screen` scales each client's update
         down to at most this L2 norm.
     screen_norm_multiple : float, default ``FederatedConfig.screen_norm_multiple``
-        ``federated.screen-norm-multiple``: when > 0, :meth:`screen` scales each update down
-        to at most this multiple of the round's median update norm (0 = off).
+        ``federated.screen-norm-multiple``: when > 0, :meth:`screen` scales an update above
+        this multiple of the round's median update norm down to the median (0 = off).
     semantic_probe : callable or None, default None
         ``public-probe``: replaces the results' ``mean_hidden`` before a strategy that needs
         routing statistics aggregates (a :class:`~fedalign.federation.probe.SemanticProbe`;
@@ -197,13 +207,13 @@ class ServerState:
 
     def screen(self, results: Sequence[ClientResult]) -> Screening:
         """Restore compressed uploads, reject invalid results (with a reason) and clip the
-        updates of the rest to the round's bound.
+        outlying updates of the rest.
 
         A compressed result (``update`` set) becomes a copy with the restored parameters
         (global + decompressed delta) and no ``update``; a malformed one is rejected. A
-        second result of the same client is rejected too. The bound
-        (:func:`~fedalign.strategies.screening.norm_bound`) comes from the norms of the
-        valid results only. Valid results within the bound pass unchanged (the same
+        second result of the same client is rejected too. The median and the bounds
+        (:func:`~fedalign.strategies.screening.norm_targets`) come from the norms of the
+        valid results only. Valid results that are not clipped pass unchanged (the same
         objects).
         """
         screening = Screening(accepted=[], multiple=self.screen_norm_multiple)
@@ -236,7 +246,8 @@ class ServerState:
         return screening
 
     def _clip(self, screening: Screening) -> None:
-        """Measure every accepted update, fix the round's bound and clip to it (in place)."""
+        """Measure every accepted update and clip the ones :func:`norm_targets` names (in
+        place)."""
         starts = {
             result.client_id: {
                 **self.global_parameters,
@@ -248,18 +259,19 @@ class ServerState:
             screening.norms[result.client_id] = update_norm(
                 starts[result.client_id], result.parameters
             )
-        screening.median_norm, screening.bound = norm_bound(
-            list(screening.norms.values()), self.screen_norm_multiple, self.clip_update_norm
-        )
-        if screening.bound is None:
-            return
+        plan = norm_targets(screening.norms, self.screen_norm_multiple, self.clip_update_norm)
+        screening.median_norm, screening.outlier_bound = plan.median, plan.outlier_bound
+        screening.max_norm = self.clip_update_norm if self.clip_update_norm > 0 else None
         for index, result in enumerate(screening.accepted):
+            target = plan.targets.get(result.client_id)
+            if target is None:
+                continue
             norm = screening.norms[result.client_id]
-            if norm > screening.bound:
-                screening.accepted[index], _ = clip_update(
-                    starts[result.client_id], result, screening.bound, norm
-                )
-                screening.clipped[result.client_id] = norm
+            screening.accepted[index], _ = clip_update(
+                starts[result.client_id], result, target, norm
+            )
+            screening.clipped[result.client_id] = norm
+            screening.clipped_to[result.client_id] = target
 
     def aggregate(
         self,

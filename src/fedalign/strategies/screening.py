@@ -3,10 +3,10 @@
 :func:`result_problem` says what is wrong with one client's result (keys, shapes, dtypes,
 finite values, routing statistics that are not distributions), :func:`check_results`
 raises on the first problem; :func:`clip_update` scales an update whose norm exceeds a bound,
-and :func:`norm_bound` gives a round's bound: a multiple of the median update norm
-(``federated.screen-norm-multiple``), an absolute one (``federated.clip-update-norm``), or
-the smaller of both. The server screens once for both transports
-(:class:`fedalign.federation.ServerState`).
+and :func:`norm_targets` says which updates of a round to clip and to what norm: an outlier
+above a multiple of the median update norm (``federated.screen-norm-multiple``) to the
+median, and any update to an absolute bound (``federated.clip-update-norm``). The server
+screens once for both transports (:class:`fedalign.federation.ServerState`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -203,34 +204,58 @@ def update_norm(global_parameters: Mapping[str, Tensor], parameters: Mapping[str
     return total**0.5
 
 
-def norm_bound(
-    norms: Sequence[float], multiple: float, max_norm: float
-) -> tuple[float | None, float | None]:
-    """A round's clipping bound from its clients' update norms: ``(median, bound)``.
-
-    ``median`` is the lower median of ``norms`` (for an even count the smaller of the two
-    middle norms, so that with two clients an outlier is measured against the other one);
-    None when ``multiple`` is 0 (off), no norm was given, or the median is 0 (half of the
-    clients or more did not move: no scale to compare with). ``bound`` is
-    ``multiple * median`` and/or ``max_norm`` (when > 0), the smaller of the two when both
-    apply; None when neither does.
+@dataclass
+class NormTargets:
+    """What the norm screening does in one round (:func:`norm_targets`).
 
     Parameters
     ----------
-    norms : sequence of float
-        The L2 update norms of the round's valid results.
+    median : float or None
+        The lower median of the update norms (None when the relative rule is off or has
+        no scale: no norm, or a median of 0).
+    outlier_bound : float or None
+        ``multiple * median``: updates above it are outliers (None when the rule is off).
+    targets : dict of int to float
+        Client id -> the norm its update is scaled down to, for the clients to clip.
+    """
+
+    median: float | None
+    outlier_bound: float | None
+    targets: dict[int, float]
+
+
+def norm_targets(norms: Mapping[int, float], multiple: float, max_norm: float) -> NormTargets:
+    """Which updates a round clips, and to what norm.
+
+    ``median`` is the lower median of ``norms`` (for an even count the smaller of the two
+    middle norms, so that with two clients an outlier is measured against the other one);
+    the relative rule is off when ``multiple`` is 0, no norm was given, or the median is 0
+    (half of the clients or more did not move: no scale to compare with). An update above
+    ``multiple * median`` is an outlier: its size carries no information the server can
+    trust, so it is scaled down to the median (its direction kept); with ``max_norm`` > 0
+    (``federated.clip-update-norm``) every update is also held to at most ``max_norm``.
+
+    Parameters
+    ----------
+    norms : mapping of int to float
+        Client id -> the L2 norm of its update, for the round's valid results.
     multiple : float
         ``federated.screen-norm-multiple``: 0 (off) or >= 1.
     max_norm : float
         ``federated.clip-update-norm``: 0 (off) or > 0.
     """
-    median = statistics.median_low(norms) if multiple > 0 and norms else None
+    median = statistics.median_low(norms.values()) if multiple > 0 and norms else None
     if median is not None and median <= 0:
         median = None
-    bounds = [multiple * median] if median is not None else []
-    if max_norm > 0:
-        bounds.append(max_norm)
-    return median, (min(bounds) if bounds else None)
+    bound = multiple * median if median is not None else None
+    targets: dict[int, float] = {}
+    for client_id, norm in norms.items():
+        target = median if bound is not None and median is not None and norm > bound else norm
+        if max_norm > 0:
+            target = min(target, max_norm)
+        if target < norm:
+            targets[client_id] = target
+    return NormTargets(median, bound, targets)
 
 
 def clip_update(
