@@ -1,5 +1,5 @@
 """Norm screening on by default: an update above a multiple of the round's median norm is
-scaled down to the median, for both transports, and recorded."""
+scaled down to an honest size, for both transports, and recorded."""
 
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ def test_outliers_go_to_the_lower_median_and_the_absolute_bound_applies_on_top()
     # half the clients did not move: no scale to compare with, only the absolute bound
     assert plan([0.0, 0.0, 3.0], 5.0, 0.0) == (None, None, {})
     assert plan([0.0, 0.0, 3.0], 5.0, 2.0) == (None, None, {2: 2.0})
+
+
+def test_an_outlier_takes_the_norm_of_the_client_nearest_in_examples() -> None:
+    norms = {0: 1.0, 1: 3.0, 2: 2.0, 3: 1000.0}
+    sized = norm_targets(norms, 5.0, 0.0, {0: 10, 1: 100, 2: 50, 3: 95})
+    assert (sized.median, sized.outlier_bound, sized.targets) == (2.0, 10.0, {3: 3.0})
+    # a tie between clients 0 (10 examples) and 2 (50): the lower median of their norms
+    tied = norm_targets(norms, 5.0, 0.0, {0: 10, 1: 100, 2: 50, 3: 30})
+    assert tied.targets == {3: 1.0}
+    # another outlier is never the reference; the absolute bound still applies on top
+    two = norm_targets({**norms, 4: 500.0}, 5.0, 2.5, {0: 10, 1: 100, 2: 50, 3: 95, 4: 96})
+    assert two.targets == {1: 2.5, 3: 2.5, 4: 2.5}
+    assert norm_targets(
+        {**norms, 4: 500.0}, 5.0, 0.0, {0: 10, 1: 100, 2: 50, 3: 95, 4: 96}
+    ).targets == {
+        3: 3.0,
+        4: 3.0,
+    }
 
 
 def test_default_screening_scales_a_boosted_update_to_the_median() -> None:
@@ -163,4 +181,8 @@ def test_the_simulator_clips_a_boosted_client_by_default(tmp_path: Path) -> None
     assert record["median_norm"] == pytest.approx(max(norms["0"], norms["2"]))
     assert record["outlier_bound"] == pytest.approx(5.0 * record["median_norm"])
     assert norms["1"] > 100 * record["outlier_bound"] and list(record["clipped"]) == ["1"]
-    assert record["clipped_to"]["1"] == pytest.approx(record["median_norm"])
+    # scaled to the norm of the honest client nearest to it in training examples
+    examples = read_jsonl(tmp_path / "r" / "decisions.jsonl")[0]["num_examples"]
+    distance = {c: abs(examples[c] - examples["1"]) for c in ("0", "2")}
+    nearest = [c for c in ("0", "2") if distance[c] == min(distance.values())]
+    assert record["clipped_to"]["1"] == pytest.approx(min(norms[c] for c in nearest))

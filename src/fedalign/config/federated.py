@@ -42,9 +42,10 @@ class FederatedConfig:
         0 turns clipping off.
     screen_norm_multiple : float, default 5.0
         When > 0, an update whose L2 norm exceeds this multiple of the round's median update
-        norm (the lower median of the valid results' norms) is an outlier and is scaled down
-        to the median, its direction kept, so that one client's boosted update weighs like
-        a typical one; ``clip_update_norm`` applies on top. 0 turns it off; otherwise at
+        norm (the lower median of the valid results' norms) is an outlier and is scaled down,
+        its direction kept, to the norm of the client nearest to it in training examples
+        (what an honest update of its size measures), so that a boosted update weighs like
+        an honest one; ``clip_update_norm`` applies on top. 0 turns it off; otherwise at
         least 1. The default 5 left every honest update of the demo untouched (the largest
         was 3.5 times the median).
     fault_rate : float, default 0.0

@@ -13,10 +13,11 @@ routing statistics that are distributions, token counts that add up), rejects th
 with a reason, and clips the updates of the rest
 (:func:`~fedalign.strategies.screening.norm_targets`): an update above
 ``federated.screen-norm-multiple`` times the round's median update norm (on by default) is
-scaled down to the median, and with ``federated.clip-update-norm`` (off by default) every
-update to at most that norm. An update is measured from where the client started (the
-global parameters, with its personalised tensors when the server handed it some). What the
-screening did goes into the decisions record as ``"screening"`` (:meth:`Screening.record`).
+scaled down to the norm of the client nearest to it in training examples, and with
+``federated.clip-update-norm`` (off by default) every update to at most that norm. An
+update is measured from where the client started (the global parameters, with its
+personalised tensors when the server handed it some). What the screening did goes into the
+decisions record as ``"screening"`` (:meth:`Screening.record`).
 
 :meth:`ServerState.aggregate` hands the strategy the results as screened, except under
 ``strategy.semantic-privacy = public-probe``: a ``semantic_probe``
@@ -106,7 +107,7 @@ class Screening:
     median_norm : float or None
         The lower median of ``norms`` when ``federated.screen-norm-multiple`` is on.
     outlier_bound : float or None
-        ``multiple * median_norm``: updates above it were scaled down to the median.
+        ``multiple * median_norm``: updates above it were scaled down (``clipped_to``).
     max_norm : float or None
         ``federated.clip-update-norm`` when on.
     clipped_to : dict of int to float
@@ -161,7 +162,8 @@ class ServerState:
         down to at most this L2 norm.
     screen_norm_multiple : float, default ``FederatedConfig.screen_norm_multiple``
         ``federated.screen-norm-multiple``: when > 0, :meth:`screen` scales an update above
-        this multiple of the round's median update norm down to the median (0 = off).
+        this multiple of the round's median update norm down to the norm of the client
+        nearest to it in training examples (0 = off).
     semantic_probe : callable or None, default None
         ``public-probe``: replaces the results' ``mean_hidden`` before a strategy that needs
         routing statistics aggregates (a :class:`~fedalign.federation.probe.SemanticProbe`;
@@ -259,7 +261,12 @@ class ServerState:
             screening.norms[result.client_id] = update_norm(
                 starts[result.client_id], result.parameters
             )
-        plan = norm_targets(screening.norms, self.screen_norm_multiple, self.clip_update_norm)
+        plan = norm_targets(
+            screening.norms,
+            self.screen_norm_multiple,
+            self.clip_update_norm,
+            {result.client_id: result.num_examples for result in screening.accepted},
+        )
         screening.median_norm, screening.outlier_bound = plan.median, plan.outlier_bound
         screening.max_norm = self.clip_update_norm if self.clip_update_norm > 0 else None
         for index, result in enumerate(screening.accepted):

@@ -4,8 +4,9 @@
 finite values, routing statistics that are not distributions), :func:`check_results`
 raises on the first problem; :func:`clip_update` scales an update whose norm exceeds a bound,
 and :func:`norm_targets` says which updates of a round to clip and to what norm: an outlier
-above a multiple of the median update norm (``federated.screen-norm-multiple``) to the
-median, and any update to an absolute bound (``federated.clip-update-norm``). The server
+above a multiple of the median update norm (``federated.screen-norm-multiple``) to the norm
+of the client nearest to it in training examples, and any update to an absolute bound
+(``federated.clip-update-norm``). The server
 screens once for both transports (:class:`fedalign.federation.ServerState`).
 """
 
@@ -224,7 +225,12 @@ class NormTargets:
     targets: dict[int, float]
 
 
-def norm_targets(norms: Mapping[int, float], multiple: float, max_norm: float) -> NormTargets:
+def norm_targets(
+    norms: Mapping[int, float],
+    multiple: float,
+    max_norm: float,
+    examples: Mapping[int, int] | None = None,
+) -> NormTargets:
     """Which updates a round clips, and to what norm.
 
     ``median`` is the lower median of ``norms`` (for an even count the smaller of the two
@@ -232,8 +238,13 @@ def norm_targets(norms: Mapping[int, float], multiple: float, max_norm: float) -
     the relative rule is off when ``multiple`` is 0, no norm was given, or the median is 0
     (half of the clients or more did not move: no scale to compare with). An update above
     ``multiple * median`` is an outlier: its size carries no information the server can
-    trust, so it is scaled down to the median (its direction kept); with ``max_norm`` > 0
-    (``federated.clip-update-norm``) every update is also held to at most ``max_norm``.
+    trust, so it is scaled down (its direction kept) to the norm an honest update of its
+    size has: the norm of the client, among the others, whose number of training examples
+    is closest to its own (the lower median of their norms on a tie; the median when
+    ``examples`` is not given). Under epoch-based local training an update's norm grows
+    with the client's steps, so a large client is not shrunk to a small one's size nor a
+    small one blown up to a large one's. With ``max_norm`` > 0 (``federated.clip-update-norm``)
+    every update is also held to at most ``max_norm``.
 
     Parameters
     ----------
@@ -243,19 +254,39 @@ def norm_targets(norms: Mapping[int, float], multiple: float, max_norm: float) -
         ``federated.screen-norm-multiple``: 0 (off) or >= 1.
     max_norm : float
         ``federated.clip-update-norm``: 0 (off) or > 0.
+    examples : mapping of int to int or None, default None
+        Client id -> its ``num_examples`` (every client of ``norms``).
     """
     median = statistics.median_low(norms.values()) if multiple > 0 and norms else None
     if median is not None and median <= 0:
         median = None
     bound = multiple * median if median is not None else None
+    inliers = {c: n for c, n in norms.items() if bound is None or n <= bound}
     targets: dict[int, float] = {}
     for client_id, norm in norms.items():
-        target = median if bound is not None and median is not None and norm > bound else norm
+        target = norm
+        if median is not None and client_id not in inliers:
+            target = _honest_size(client_id, inliers, median, examples)
         if max_norm > 0:
             target = min(target, max_norm)
         if target < norm:
             targets[client_id] = target
     return NormTargets(median, bound, targets)
+
+
+def _honest_size(
+    client_id: int,
+    inliers: Mapping[int, float],
+    median: float,
+    examples: Mapping[int, int] | None,
+) -> float:
+    """The norm an outlier is scaled to: the inlier norm of the client(s) nearest in number
+    of training examples (lower median on a tie), or ``median`` without ``examples``."""
+    if examples is None:
+        return median
+    distance = {c: abs(int(examples[c]) - int(examples[client_id])) for c in inliers}
+    nearest = min(distance.values())
+    return float(statistics.median_low(n for c, n in inliers.items() if distance[c] == nearest))
 
 
 def clip_update(
