@@ -44,6 +44,9 @@ RUN_CONFIG = {
     "federated.rounds": "2",
     "strategy.name": "'fedalign'",
     "strategy.stats-max-examples": "32",
+    # one torch thread in every process: float reductions split by the thread count, and
+    # the in-process run below must not inherit a count an earlier test left behind
+    "run.threads": "1",
 }
 
 
