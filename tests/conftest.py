@@ -57,3 +57,18 @@ def torch_one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """Give every test the torch thread count it started with back afterwards.
+
+    ``run.threads`` calls ``torch.set_num_threads`` in the process that runs the experiment;
+    without this, a later test would inherit the count, and float reductions (split by the
+    thread count) would differ in the last bits from a run in a fresh process.
+    """
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
