@@ -35,6 +35,7 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="sim,cold,warm,warm-tls")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--client-counts", default="", help="e.g. 3,10: each timed with every mode")
     parser.add_argument("--out", default="benchmarks/results/flower")
     parser.add_argument(
         "--before-repo", type=Path, help="a checkout without this branch (mode cold-before)"
@@ -47,6 +48,7 @@ def main() -> None:
     options = {
         "modes": args.modes.split(","),
         "repeats": args.repeats,
+        "client_counts": [int(n) for n in args.client_counts.split(",") if n.strip()],
         "before_repo": args.before_repo,
         "out_dir": args.out,
     }

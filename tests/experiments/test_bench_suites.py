@@ -22,7 +22,7 @@ from fedalign.experiments.bench import flower_overhead, parallel
         ("lora-error", ["models", "ranks", "lrs", "out-dir"]),
         ("memory-profile", ["examples-per-client"]),
         ("parallel", ["workers", "repeats", "out-dir"]),
-        ("flower-overhead", ["modes", "repeats", "before-repo", "out-dir"]),
+        ("flower-overhead", ["modes", "repeats", "client-counts", "before-repo", "out-dir"]),
     ],
 )
 def test_suite_is_registered_with_its_options(name: str, options: list[str]) -> None:
@@ -146,7 +146,7 @@ def test_flower_overhead_times_rounds_by_their_metrics_lines(
     suite = bench.get_suite("flower-overhead")
     table = suite.run(bench.BenchRequest(config, options, command="cmd"))
     row = table.splitlines()[2].split(" | ")
-    assert row[0] == "| sim" and row[3] == "1.00" and row[5] == "yes |"
+    assert row[1] == "sim" and row[4] == "1.00" and row[6] == "yes |"
     data = json.loads((tmp_path / "overhead.json").read_text())
     (result,) = data["results"]
     assert len(result["intervals"]) == 2
@@ -154,7 +154,36 @@ def test_flower_overhead_times_rounds_by_their_metrics_lines(
     assert (
         "(rounds 1 -> 3; start-up and round 1 excluded)" in (tmp_path / "overhead.md").read_text()
     )
-    assert "1-min load average" in (tmp_path / "COMMAND.txt").read_text()
+    assert "1-min load average before -> after" in (tmp_path / "COMMAND.txt").read_text()
+    assert result["clients"] == config.partition.num_clients and "load_before" in result
+
+
+def test_flower_overhead_table_compares_each_client_count_with_its_own_sim() -> None:
+    def run(clients: int, mode: str, per_round: float, state: str) -> dict[str, Any]:
+        return {
+            "clients": clients,
+            "mode": mode,
+            "per_round": per_round,
+            "total": 10.0,
+            "final_state": state,
+        }
+
+    results = [
+        run(3, "sim", 4.0, "a"),
+        run(3, "warm", 5.0, "a"),
+        run(10, "sim", 8.0, "b"),
+        run(10, "warm", 6.0, "c"),
+    ]
+    rows = [
+        line.split(" | ")
+        for line in flower_overhead.overhead_table(results, ["sim", "warm"]).splitlines()[2:]
+    ]
+    assert [(r[0], r[1], r[4], r[6]) for r in rows] == [
+        ("| 3", "sim", "1.00", "yes |"),
+        ("| 3", "warm", "1.25", "yes |"),
+        ("| 10", "sim", "1.00", "yes |"),
+        ("| 10", "warm", "0.75", "no |"),
+    ]
 
 
 def test_flower_overhead_refuses_unknown_modes() -> None:

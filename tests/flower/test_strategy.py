@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,113 @@ def test_on_round_report_and_server_evaluation() -> None:
     evaluation = wrapper.server_evaluation(1, wrapper.initial_arrays())
     assert evaluation is not None and evaluation["global_accuracy"] == 0.75
     assert wrapper.server_evaluation(0, wrapper.initial_arrays()) is None
+
+
+def run_start(
+    overlap: bool, on_round: Any, grid: FakeGrid, rounds: int = 3
+) -> tuple[FlowerStrategy, Any, list[int]]:
+    """``start`` for ``rounds`` FedAlign-MoE rounds; also returns the rounds passed to
+    ``evaluate_fn``, in call order."""
+    wrapper = wrap(
+        FedAlignMoE(LAYOUT, routing_lambda=0.3),
+        parameters(0),
+        on_round=on_round,
+        overlap_records=overlap,
+    )
+    evaluated: list[int] = []
+
+    def evaluate_fn(server_round: int, arrays: Any) -> Any:
+        evaluated.append(server_round)
+        return wrapper.server_evaluation(server_round, arrays)
+
+    result = wrapper.start(
+        grid=grid,  # type: ignore[arg-type]
+        initial_arrays=wrapper.initial_arrays(),
+        num_rounds=rounds,
+        evaluate_fn=evaluate_fn,
+    )
+    return wrapper, result, evaluated
+
+
+def test_overlapped_records_see_their_round_and_change_nothing_sent() -> None:
+    """With ``overlap_records`` round r's records run while round r + 1 is dispatched: the
+    messages, the final state, the records and the evaluation metrics are those of a run
+    without overlap, and each report describes its own round's server state."""
+    results = {r: client_results(r) for r in (1, 2, 3)}
+    runs = {}
+    for overlap in (False, True):
+        grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with(results))
+        seen: list[tuple[int, dict[str, torch.Tensor], int]] = []
+
+        def on_round(report: RoundReport, seen: list[Any] = seen) -> dict[str, Any]:
+            state = report.server.state_dict()
+            seen.append((report.server_round, dict(state["global_parameters"]), state["round"]))
+            return {"train_loss": 1.0, "global_accuracy": report.server_round / 10}
+
+        wrapper, result, evaluated = run_start(overlap, on_round, grid)
+        runs[overlap] = (wrapper, result, evaluated, seen, grid.sent)
+    (plain, plain_result, plain_evaluated, plain_seen, plain_sent) = runs[False]
+    (lapped, lapped_result, lapped_evaluated, lapped_seen, lapped_sent) = runs[True]
+    assert [r for r, _, _ in lapped_seen] == [1, 2, 3]
+    for (r, plain_params, plain_round), (_, lapped_params, lapped_round) in zip(
+        plain_seen, lapped_seen, strict=True
+    ):
+        assert plain_round == lapped_round == r
+        assert all(torch.equal(plain_params[k], lapped_params[k]) for k in plain_params)
+    for name, value in plain.global_parameters.items():
+        assert torch.equal(lapped.global_parameters[name], value), name
+    assert len(plain_sent) == len(lapped_sent)
+    for a, b in zip(plain_sent, lapped_sent, strict=True):
+        if a.metadata.message_type != MessageType.TRAIN:
+            continue
+        assert routing_lambda(decode_instructions(a.content)) == routing_lambda(
+            decode_instructions(b.content)
+        )
+        sent_a, sent_b = (
+            decode_state(m.content.array_records["arrays"], like=parameters(0)) for m in (a, b)
+        )
+        assert all(torch.equal(sent_a[k], sent_b[k]) for k in sent_a)
+    assert plain_evaluated == [0, 1, 2, 3] and lapped_evaluated == [0, 1, 2, 3]
+    for r in (1, 2, 3):
+        assert lapped_result.evaluate_metrics_serverapp[r]["global_accuracy"] == r / 10
+        assert (
+            plain_result.evaluate_metrics_serverapp[r]
+            == lapped_result.evaluate_metrics_serverapp[r]
+        )
+        assert lapped.lines[r] == plain.lines[r]
+
+
+def test_records_of_a_round_run_while_the_next_round_is_sent() -> None:
+    """Round 1's records wait until round 2's messages have gone out: this finishes only
+    when they run in a thread (``overlap_records``)."""
+    results = {r: client_results(r) for r in (1, 2)}
+    round_two_sent = threading.Event()
+    respond = replying_with(results)
+
+    def respond_and_signal(message: Message, partition_id: int) -> RecordDict:
+        if message.metadata.message_type == MessageType.TRAIN and message.metadata.group_id == "2":
+            round_two_sent.set()
+        return respond(message, partition_id)
+
+    grid = FakeGrid({v: k for k, v in NODES.items()}, respond_and_signal)
+
+    def on_round(report: RoundReport) -> dict[str, Any]:
+        if report.server_round == 1:
+            assert round_two_sent.wait(timeout=30), "round 2 was not sent while recording round 1"
+        return {"train_loss": 1.0}
+
+    wrapper, _, evaluated = run_start(True, on_round, grid, rounds=2)
+    assert evaluated == [0, 1, 2] and set(wrapper.lines) == {1, 2}
+
+
+def test_an_error_in_overlapped_records_reaches_the_server() -> None:
+    grid = FakeGrid({v: k for k, v in NODES.items()}, replying_with({1: client_results(1)}))
+
+    def on_round(report: RoundReport) -> dict[str, Any]:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_start(True, on_round, grid, rounds=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,7 +5,9 @@ What ``docs/flower.md`` describes step by step, as one object, for the overhead 
 ``flower-supernode`` processes on free ports, optionally with TLS (certificates made by
 ``scripts/flower_certificates.sh``, the docs' recipe) and optionally with warm ClientApps
 (each SuperNode with ``--isolation process`` plus a ``fedalign flower-worker``,
-:mod:`fedalign.flower.worker`). Every process starts in its own session and is stopped by
+:mod:`fedalign.flower.worker`); warm SuperNodes are started as ``fedalign
+flower-supernode`` (:mod:`fedalign.flower.supernode`: Flower's SuperNode with shorter
+waits) unless ``fast_poll=False``. Every process starts in its own session and is stopped by
 its process group id (SIGTERM, then SIGKILL), also when a step fails.
 """
 
@@ -121,6 +123,10 @@ class LoopbackDeployment:
     warm : bool, default False
         SuperNodes with ``--isolation process`` and one ``fedalign flower-worker`` each
         (default: Flower's ``--isolation subprocess``, a process per message).
+    fast_poll : bool or None, default None
+        Start the SuperNodes as ``fedalign flower-supernode`` (Flower's SuperNode asking the
+        SuperLink every 0.1 s instead of 3 s, :mod:`fedalign.flower.supernode`) instead of
+        ``flower-supernode``. None: as ``warm``.
     tls : bool, default False
         TLS between the SuperNodes / the CLI and the SuperLink (self-signed CA).
     env : mapping, optional
@@ -135,12 +141,14 @@ class LoopbackDeployment:
         *,
         warm: bool = False,
         tls: bool = False,
+        fast_poll: bool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.num_nodes = num_nodes
         self.warm = warm
         self.tls = tls
+        self.fast_poll = warm if fast_poll is None else fast_poll
         self.bin = Path(sys.executable).parent
         self.env = dict(os.environ if env is None else env)
         self.env.update(
@@ -206,10 +214,15 @@ class LoopbackDeployment:
         for i in range(self.num_nodes):
             runtime_port = free_port()
             isolation = ["--isolation", "process"] if self.warm else []
+            supernode = (
+                [sys.executable, "-m", "fedalign.cli", "flower-supernode"]
+                if self.fast_poll
+                else [self._tool("flower-supernode")]
+            )
             self._start(
                 f"supernode-{i}",
                 [
-                    self._tool("flower-supernode"),
+                    *supernode,
                     *node_tls,
                     "--superlink",
                     f"127.0.0.1:{self.port}",

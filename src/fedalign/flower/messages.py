@@ -511,6 +511,13 @@ class FlowerOptions:
         Send the parameters as one packed float32 array each way (see
         :func:`encode_state`; exact for float32, bfloat16 and float16 parameters). False
         sends one array per tensor, as Flower's own strategies do.
+    poll_interval : float, default 0.1
+        Seconds between the ServerApp's requests for a round's missing replies (Flower's
+        own Grid: 3 s); see :class:`fedalign.flower.grid.PolledGrid`.
+    overlap_evaluation : bool, default True
+        Evaluate and record round r on the server while round r + 1's clients train (the
+        evaluation never changes what the server sends); False: before sending round r + 1,
+        as the simulator does. The records are the same either way.
     """
 
     discovery_timeout: float = 600.0
@@ -518,6 +525,8 @@ class FlowerOptions:
     overwrite: bool = False
     client_cache_mib: float = 1024.0
     pack_arrays: bool = True
+    poll_interval: float = 0.1
+    overlap_evaluation: bool = True
 
 
 def config_from_run_config(
@@ -555,7 +564,7 @@ def config_from_run_config(
                 raise ConfigError(
                     f"unknown run config key {key!r}; accepted in [flower]: {accepted}"
                 )
-            if field_name in ("overwrite", "pack_arrays"):
+            if field_name in ("overwrite", "pack_arrays", "overlap_evaluation"):
                 flag = str(value).lower()
                 if flag not in ("true", "false", "1", "0"):
                     raise ConfigError(
@@ -572,6 +581,10 @@ def config_from_run_config(
             if field_name == "client_cache_mib" and not number >= 0:
                 raise ConfigError(
                     f"run config key {key!r} expects a number >= 0 (MiB; got {value!r})"
+                )
+            if field_name == "poll_interval" and not number > 0:
+                raise ConfigError(
+                    f"run config key {key!r} expects a number > 0 (seconds; got {value!r})"
                 )
             setattr(options, field_name, number)
             continue

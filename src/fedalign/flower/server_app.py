@@ -8,7 +8,12 @@ prepares only what it evaluates on (:func:`fedalign.client.prepare` with
 client's training data). The :class:`~fedalign.flower.strategy.FlowerStrategy` runs the
 rounds on a :class:`~fedalign.federation.ServerState` (the simulator's), and after every
 aggregation :class:`RunFolderRecords` evaluates the global model when due and writes the
-round through :class:`~fedalign.records.RunFolder`, as the simulator does. Differences from
+round through :class:`~fedalign.records.RunFolder`, as the simulator does (by default in a
+thread while the next round's clients train, ``flower.overlap-evaluation``). The Grid
+Flower hands over is wrapped in a :class:`~fedalign.flower.grid.PolledGrid`, which asks
+for replies every ``flower.poll-interval`` seconds (Flower's: 3), and a reply object
+that is still being uploaded is asked for again after 0.02 s instead of 1 s
+(:func:`~fedalign.flower.grid.quicker_reply_pulls`). Differences from
 a simulator run folder: ``routing.jsonl`` has no round 0 (the server never sees client
 training data), metrics lines carry ``failed_clients``, and ``provenance.json`` describes
 the ServerApp's machine (``"transport": "flower"``: aggregation and evaluation; the clients
@@ -41,6 +46,7 @@ from fedalign.federation import (
     semantic_probe_for,
     strategy_from_config,
 )
+from fedalign.flower.grid import PolledGrid, quicker_reply_pulls
 from fedalign.flower.messages import config_from_run_config, model_fingerprint
 from fedalign.flower.strategy import FlowerStrategy, RoundReport, discover_partitions
 from fedalign.protocol import tensor_bytes
@@ -141,6 +147,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         :func:`~fedalign.flower.messages.config_from_run_config`).
     """
     config, options = config_from_run_config(run_config)
+    grid = PolledGrid(grid, poll_interval=options.poll_interval)
+    quicker_reply_pulls()
     client_nodes = discover_partitions(grid, timeout=options.discovery_timeout)
     num_partitions = len(client_nodes)
     if num_partitions != config.partition.num_clients:
@@ -176,6 +184,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> RunSummary:
         screen_norm_multiple=config.federated.screen_norm_multiple,
         semantic_probe=semantic_probe_for(config, prepared.model, prepared.data),
         pack_arrays=options.pack_arrays,
+        overlap_records=options.overlap_evaluation,
     )
     strategy.start(
         grid=grid,

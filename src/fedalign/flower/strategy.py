@@ -17,12 +17,18 @@ again whenever a mapped node has gone.
 
 An optional ``on_round`` callback receives a :class:`RoundReport` after every aggregation
 (the ServerApp writes the run folder from it and evaluates the global model); the metrics
-it returns become the round's MetricRecord and the server-side evaluation result.
+it returns become the round's MetricRecord and the server-side evaluation result. With
+``overlap_records`` the callback of round r runs in a thread while round r + 1's messages go
+out and its clients train: it reads a copy of the server state of round r, and it is waited
+for before round r + 1 is aggregated (and before :meth:`FlowerStrategy.start` returns), so
+the records are written in order and nothing the server sends depends on it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 
 from fedalign.config import FederatedConfig
@@ -234,6 +241,29 @@ class _PendingRound:
     started: float
 
 
+class _RecordsJob(threading.Thread):
+    """``on_round(report)`` in a thread; :meth:`result` joins and returns (or raises)."""
+
+    def __init__(self, callback: RoundCallback, report: RoundReport) -> None:
+        super().__init__(name=f"fedalign-records-{report.server_round}")
+        self.callback = callback
+        self.report = report
+        self.line: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.line = dict(self.callback(self.report))
+        except BaseException as error:  # re-raised in the ServerApp's thread by result()
+            self.error = error
+
+    def result(self) -> dict[str, Any]:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.line
+
+
 class FlowerStrategy(FlwrStrategy):
     """One of our strategies as a ``flwr.serverapp.strategy.Strategy``.
 
@@ -269,6 +299,11 @@ class FlowerStrategy(FlwrStrategy):
     pack_arrays : bool, default False
         Send the global parameters as one packed array (``flower.pack-arrays``, see
         :func:`fedalign.flower.messages.encode_state`); our ClientApp replies in kind.
+    overlap_records : bool, default False
+        Run ``on_round`` of round r in a thread while round r + 1 is sent and trained
+        (``flower.overlap-evaluation``); :meth:`start` then hands Flower's ``evaluate_fn``
+        each round once its records are done. False: ``on_round`` runs inside
+        :meth:`aggregate_train`, and :meth:`start` is Flower's.
     """
 
     def __init__(
@@ -287,9 +322,11 @@ class FlowerStrategy(FlwrStrategy):
         screen_norm_multiple: float = FederatedConfig.screen_norm_multiple,
         semantic_probe: SemanticProbeFn | None = None,
         pack_arrays: bool = False,
+        overlap_records: bool = False,
     ) -> None:
         self.strategy = strategy
         self.pack_arrays = pack_arrays
+        self.overlap_records = overlap_records
         self.server = ServerState(
             strategy,
             {k: v.detach().clone() for k, v in global_parameters.items()},
@@ -306,6 +343,8 @@ class FlowerStrategy(FlwrStrategy):
         self.discovery_timeout = discovery_timeout
         self.lines: dict[int, dict[str, Any]] = {}
         self._pending: dict[int, _PendingRound] = {}
+        self._records: _RecordsJob | None = None
+        self._sent: tuple[ArrayRecord, dict[str, Tensor]] | None = None
 
     @property
     def global_parameters(self) -> dict[str, Tensor]:
@@ -331,10 +370,13 @@ class FlowerStrategy(FlwrStrategy):
         ``partition-id`` and the model fingerprint, and the client's instructions.
         """
         started = time.perf_counter()
-        if len(arrays) > 0:
+        sent = self._sent
+        if sent is not None and arrays is sent[0] and sent[1] is self.global_parameters:
+            pass  # our own encoding of the current global parameters: nothing to decode
+        elif len(arrays) > 0:
             self.server.global_parameters = decode_state(arrays, like=self.global_parameters)
         else:
-            arrays = encode_state(self.global_parameters, packed=self.pack_arrays)
+            arrays = self._encode_global()
         selected = sample_clients(self.seed, server_round, self.num_clients, self.fraction)
         self._ensure_nodes(grid, selected)
         instructions = self.server.instructions(server_round, selected)
@@ -371,6 +413,7 @@ class FlowerStrategy(FlwrStrategy):
         pending = self._pending.pop(server_round, None)
         if pending is None:
             raise RuntimeError(f"aggregate_train for round {server_round}, never configured")
+        self.finish_records()  # round r - 1's records read the state this round replaces
         node_partition = {node: cid for cid, node in self.client_nodes.items()}
         decoded: list[ClientReply] = []
         failed: list[int] = []
@@ -416,6 +459,7 @@ class FlowerStrategy(FlwrStrategy):
             "train_loss": _mean([r.result.metrics.get("task_loss") for r in decoded]),
             "routing_loss": _mean([r.result.metrics.get("routing_loss") for r in decoded]),
         }
+        self.lines[server_round] = line
         if self.on_round is not None:
             report = RoundReport(
                 server_round=server_round,
@@ -424,20 +468,23 @@ class FlowerStrategy(FlwrStrategy):
                 failed=failed,
                 instructions=pending.instructions,
                 outcome=outcome,
-                server=self.server,
+                server=self._server_snapshot() if self.overlap_records else self.server,
                 started=pending.started,
                 train_seconds=train_seconds,
                 aggregation_seconds=aggregation_seconds,
                 rejected=screening.rejected,
                 clipped=screening.clipped,
             )
-            line = dict(self.on_round(report))
-        self.lines[server_round] = line
+            if self.overlap_records:
+                self._records = _RecordsJob(self.on_round, report)
+                self._records.start()
+            else:
+                self.lines[server_round] = dict(self.on_round(report))
         metrics = MetricRecord(
             {k: float(line[k]) for k in _TRAIN_METRICS if line.get(k) is not None}
         )
         metrics["num-clients"] = len(decoded)
-        return encode_state(self.global_parameters, packed=self.pack_arrays), metrics
+        return self._encode_global(), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -462,7 +509,104 @@ class FlowerStrategy(FlwrStrategy):
         values = {k: float(line[k]) for k in _EVALUATION_METRICS if line.get(k) is not None}
         return MetricRecord(values) if values else None  # type: ignore[arg-type]
 
+    def finish_records(self) -> None:
+        """Wait for the records of the last aggregated round (``overlap_records``); raises
+        what ``on_round`` raised."""
+        job, self._records = self._records, None
+        if job is not None:
+            self.lines[job.report.server_round] = job.result()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start``; with ``overlap_records`` the same steps, except that
+        round r's ``evaluate_fn`` is called once its records are done (after round r + 1's
+        aggregation, or at the end), with round r's arrays."""
+        if not self.overlap_records:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        log(INFO, "Starting %s strategy (records overlap the next round):", type(self).__name__)
+        log(INFO, "\t├── Number of rounds: %d", num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        started = time.time()
+        waiting: list[tuple[int, ArrayRecord]] = []  # rounds whose evaluate_fn is due
+
+        def evaluate_waiting() -> None:
+            while waiting and waiting[0][0] not in self._unfinished_rounds():
+                server_round, round_arrays = waiting.pop(0)
+                if evaluate_fn is not None:
+                    metrics = evaluate_fn(server_round, round_arrays)
+                    log(INFO, "Global evaluation, round %d: %s", server_round, metrics)
+                    if metrics is not None:
+                        result.evaluate_metrics_serverapp[server_round] = metrics
+
+        if evaluate_fn is not None:
+            initial = evaluate_fn(0, initial_arrays)
+            if initial is not None:
+                result.evaluate_metrics_serverapp[0] = initial
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            evaluate_metrics = self.aggregate_evaluate(server_round, evaluate_replies)
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+            waiting.append((server_round, arrays))
+            evaluate_waiting()
+        self.finish_records()
+        evaluate_waiting()
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
+        return result
+
     # ------------------------------------------------------------------- helpers
+    def _unfinished_rounds(self) -> set[int]:
+        job = self._records
+        return {job.report.server_round} if job is not None else set()
+
+    def _encode_global(self) -> ArrayRecord:
+        """The global parameters as an ArrayRecord (remembered: :meth:`configure_train`
+        does not decode it again)."""
+        arrays = encode_state(self.global_parameters, packed=self.pack_arrays)
+        self._sent = (arrays, self.global_parameters)
+        return arrays
+
+    def _server_snapshot(self) -> ServerState:
+        """The server state as it is now, for a records thread: a shallow copy whose
+        personalised-parameter dict is its own (:meth:`ServerState.adopt` updates it in
+        place; everything else it replaces)."""
+        snapshot = copy.copy(self.server)
+        snapshot.personal_parameters = dict(self.server.personal_parameters)
+        return snapshot
+
     def _ensure_nodes(self, grid: Grid, selected: Sequence[int]) -> None:
         connected = set(grid.get_node_ids())
         if all(self.client_nodes.get(cid) in connected for cid in selected):
