@@ -41,7 +41,7 @@ lock:
 
 demo: $(STAMP)
 	$(BIN)/fedalign compare --config configs/demo.toml --out runs/demo --overwrite \
-	  --strategies fedavg,fedprox,fedmoe,fedalign,fedalign:full-sound
+	  --strategies fedavg,fedprox,fedmoe,fedalign:full,fedalign
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -35,6 +35,7 @@ from fedalign import experiments
 from fedalign.config import (
     ConfigError,
     ExperimentConfig,
+    default_variant,
     strategy_names,
     strategy_options,
 )
@@ -249,7 +250,7 @@ def _grid_from_args(
         alphas = [args.alpha]
     strategies = parse_strategy_list(args.strategies) if args.strategies else None
     if strategies is None and args.strategy:
-        strategies = [(args.strategy, args.ablation or "full")]
+        strategies = [(args.strategy, args.ablation or default_variant(args.strategy))]
     elif strategies is None and args.ablation:
         strategies = [("fedalign", args.ablation)]
     return alphas, strategies

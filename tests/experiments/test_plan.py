@@ -104,7 +104,7 @@ def test_grid_narrowing_and_planned_folders(suite_file: Path, tmp_path: Path) ->
 
 VARIANTS = """
 [suite.variants.soft-only]
-strategy = "fedalign"
+strategy = "fedalign:full"
 set = { "strategy.selection" = "soft", "train.lr" = 0.5 }
 """
 

@@ -218,8 +218,23 @@ def test_client_proximal_term_sits_beside_the_regulariser() -> None:
     state = strategy.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).state
     second = strategy.configure_train(2, [0], state)
     assert [t.name for t in second[0].loss_terms] == ["proximal", "routing-alignment"]
-    # off by default (the paper's method), and never in row 1 (plain averaging)
-    assert FedAlignMoE(FUSED).configure_train(1, [0], {})[0].loss_terms == []
+    # off in the paper's method, and never in row 1 (plain averaging)
+    assert FedAlignMoE(FUSED, ablation="full").configure_train(1, [0], {})[0].loss_terms == []
+    # the default row (full-sound-prox) takes mu 0.01 unless given another value
+    default = FedAlignMoE(FUSED)
+    assert default.options.ablation == "full-sound-prox"
+    assert proximal_mu(default.configure_train(1, [0], {})[0]) == 0.01
+    assert default.method_options() == FedAlignMoE(FUSED, ablation="full-sound").method_options()
+    tuned = FedAlignMoE(FUSED, client_proximal_mu=0.1)
+    assert proximal_mu(tuned.configure_train(1, [0], {})[0]) == 0.1
+    # the decision record says which mu the clients used, and only when one is on
+    record = default.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).record
+    assert record["client_proximal_mu"] == 0.01 and record["ablation"] == "full-sound-prox"
+    paper = FedAlignMoE(FUSED, ablation="full")
+    assert (
+        "client_proximal_mu"
+        not in paper.aggregate(1, build(FUSED), two_routing_clients(FUSED), {}).record
+    )
     row_1 = FedAlignMoE(FUSED, ablation="fedavg", client_proximal_mu=0.02)
     assert row_1.configure_train(1, [0], {})[0].loss_terms == []
     with pytest.raises(OptionError, match="client_proximal_mu"):
@@ -458,7 +473,7 @@ def test_state_round_trip_through_torch_save() -> None:
 
 
 def test_bfloat16_parameters_keep_their_dtype() -> None:
-    strategy = FedAlignMoE(FUSED)
+    strategy = FedAlignMoE(FUSED, ablation="full")
     results = two_routing_clients(FUSED)
     for result in results:
         result.parameters = {k: v.bfloat16() for k, v in result.parameters.items()}
@@ -880,9 +895,12 @@ def test_build_strategy_and_instructions_carry_the_options() -> None:
     state = {"global_routing": {"moe": torch.tensor([0.5, 0.5])}}
     term = strategy.configure_train(2, [0], state)[0].term("routing-alignment")
     assert term is not None and term.options == {"form": "topk-kl"}
+    paper = build_strategy("fedalign", {"ablation": "full"}, FUSED)
+    term = paper.configure_train(2, [0], state)[0].term("routing-alignment")
+    assert term is not None and term.options == {"form": "literal"}
     default = build_strategy("fedalign", {}, FUSED)
     term = default.configure_train(2, [0], state)[0].term("routing-alignment")
-    assert term is not None and term.options == {"form": "literal"}
+    assert term is not None and term.options == {"form": "batch-kl"}
 
 
 @pytest.mark.slow

@@ -181,7 +181,9 @@ def test_fedalign_consensus_and_merge_use_expert_updates(aggregation: str) -> No
     deltas = torch.stack([layer.lora_delta_vector(r.parameters, 0) for r in results])
     assert float(cosine_gram(deltas).min()) > 1 - 1e-5
 
-    strategy = build_strategy("fedalign", {}, LAYOUT, lora_aggregation=aggregation)
+    strategy = build_strategy(
+        "fedalign", {"ablation": "full"}, LAYOUT, lora_aggregation=aggregation
+    )
     outcome = strategy.aggregate(1, global_parameters, results, {})
     for expert_record in outcome.record["layers"]["moe"]["experts"]:
         assert expert_record["aligned"] == [0, 1, 2]
@@ -204,7 +206,9 @@ def test_fedalign_consensus_and_merge_use_expert_updates(aggregation: str) -> No
 
 def test_fedalign_excludes_an_opposite_update_of_a_lora_expert() -> None:
     results, global_parameters = reparametrised_clients([1.0, 1.0, 1.0, -1.0])
-    strategy = build_strategy("fedalign", {}, LAYOUT, lora_aggregation="product-svd")
+    strategy = build_strategy(
+        "fedalign", {"ablation": "full"}, LAYOUT, lora_aggregation="product-svd"
+    )
     outcome = strategy.aggregate(1, global_parameters, results, {})
     for expert_record in outcome.record["layers"]["moe"]["experts"]:
         assert 3 not in expert_record["aligned"]

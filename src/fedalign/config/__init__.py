@@ -50,6 +50,7 @@ from fedalign.config.strategy import _STRATEGY_OPTIONS as _STRATEGY_OPTIONS
 from fedalign.config.strategy import (
     SEMANTIC_PRIVACY_MODES,
     StrategyConfig,
+    default_variant,
     register_strategy,
     run_label,
     strategy_names,
@@ -85,6 +86,7 @@ __all__ = [
     "TrainConfig",
     "check_device_name",
     "check_encoding",
+    "default_variant",
     "register_strategy",
     "run_label",
     "strategy_names",

@@ -85,12 +85,24 @@ def _option_fields() -> dict[str, tuple[Any, Any]]:
     return merged
 
 
-def run_label(strategy_name: str, ablation: str = "full") -> str:
+def default_variant(strategy_name: str) -> str:
+    """The variant (``strategy.ablation``) that strategy ``strategy_name`` named alone runs:
+    its options' ``ablation`` default, ``"full"`` for a strategy without variants."""
+    options = _STRATEGY_OPTIONS.get(strategy_name)
+    for item in fields(options) if options is not None else ():
+        if item.name == "ablation":
+            return str(_default(item))
+    return "full"
+
+
+def run_label(strategy_name: str, ablation: str | None = None) -> str:
     """The label of a run in tables, plots and folder names: what the strategy registered
-    for the variant ``ablation`` (``strategy.ablation``; FedAlign-MoE gives
-    ``fedalign-<ablation>`` for rows other than ``full``), else the strategy's name."""
+    for the variant ``ablation`` (``strategy.ablation``, default :func:`default_variant`;
+    FedAlign-MoE gives ``fedalign`` for its default row, ``fedalign-<ablation>`` for the
+    others), else the strategy's name."""
     label = _RUN_LABELS.get(strategy_name)
-    return strategy_name if label is None else label(ablation)
+    variant = default_variant(strategy_name) if ablation is None else ablation
+    return strategy_name if label is None else label(variant)
 
 
 @dataclass
@@ -156,7 +168,9 @@ class StrategyConfig:
             self.options[name] = value
 
     def option_values(self) -> dict[str, Any]:
-        """Every registered option with its value (set or default), flat."""
+        """Every registered option with its value (set or default), flat, as given: a value
+        the selected strategy derives from others (a preset row's) is in its
+        :meth:`selected_options`, not here."""
         return {name: getattr(self, name) for name in _option_fields()}
 
     def selected_options(self, name: str | None = None) -> Any:

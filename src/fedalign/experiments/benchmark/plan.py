@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedalign.config import ConfigError, ExperimentConfig, run_label
+from fedalign.config import ConfigError, ExperimentConfig, default_variant, run_label
 from fedalign.experiments.benchmark.suite import (
     Chosen,
     Suite,
@@ -329,7 +329,7 @@ def _grid_flags(options: BenchmarkOptions) -> list[str]:
         parts += ["--alphas", ",".join(f"{a:g}" for a in options.alphas)]
     if options.strategies is not None:
         items = [
-            name if ablation == "full" else f"{name}:{ablation}"
+            name if ablation == default_variant(name) else f"{name}:{ablation}"
             for name, ablation in options.strategies
         ]
         parts += ["--strategies", ",".join(items)]

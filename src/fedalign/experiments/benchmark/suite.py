@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedalign.config import ConfigError, ExperimentConfig, run_label
+from fedalign.config import ConfigError, ExperimentConfig, default_variant, run_label
 
 SUITE_NAMES = ("main", "ablation")
 """Suites shipped under ``benchmarks/`` (``--suite`` also takes a path to a TOML file)."""
@@ -74,7 +74,7 @@ class Variant:
     name : str
         Strategy name (``strategy.name``).
     ablation : str
-        FedAlign-MoE ablation row (``strategy.ablation``), ``"full"`` otherwise.
+        FedAlign-MoE ablation row (``strategy.ablation``), the default variant otherwise.
     settings : dict of str to Any
         ``section.key`` -> value, applied after the suite's base config.
     """
@@ -164,7 +164,7 @@ class Suite:
     report : list of str
         Run labels whose first-seed run at every alpha gets a ``fedalign report`` page.
     variants : dict of str to Variant
-        Rows named by a label of their own (``strategies`` holds ``(label, "full")``).
+        Rows named by a label of their own (``strategies`` holds ``(label, default variant)``).
     tune : dict of str to Tune
         Rows (by run label) whose ``Tune.key`` is chosen on validation accuracy.
     chosen : dict of str to Chosen
@@ -207,9 +207,10 @@ class Suite:
 
 
 def parse_strategy(item: str) -> tuple[str, str]:
-    """``"fedalign:consistency"`` -> ``("fedalign", "consistency")``; ``"fedavg"`` -> full."""
+    """``"fedalign:consistency"`` -> ``("fedalign", "consistency")``; without a variant the
+    default one (:func:`fedalign.config.default_variant`)."""
     name, _, ablation = item.strip().partition(":")
-    return name, ablation or "full"
+    return name, ablation or default_variant(name)
 
 
 def parse_strategies(items: Sequence[str]) -> list[tuple[str, str]]:

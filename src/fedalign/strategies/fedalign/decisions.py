@@ -17,10 +17,11 @@
          "routing_divergence": {...}, "semantic_dispersion": {...}}
 
     With a method option of :data:`RECORDED_OPTIONS` off its default the record holds
-    ``"method_options"``; with ``selection = "soft"`` each semantic expert holds
-    ``"selection": "soft"`` and ``"soft_membership"`` (``"aligned"`` stays the hard
-    set). Ablation ``"fedavg"``: the FedAvg record with ``"layers": {}``. LoRA pairs add
-    ``"lora"``; LoRA experts ``"lora_update_size"`` and ``"lora_product_error"``.
+    ``"method_options"``; with the client proximal term on, ``"client_proximal_mu"``; with
+    ``selection = "soft"`` each semantic expert holds ``"selection": "soft"`` and
+    ``"soft_membership"`` (``"aligned"`` stays the hard set). Ablation ``"fedavg"``: the
+    FedAvg record with ``"layers": {}``. LoRA pairs add ``"lora"``; LoRA experts
+    ``"lora_update_size"`` and ``"lora_product_error"``.
 
 Shapes: ``C`` clients in the round, ``E`` experts.
 """

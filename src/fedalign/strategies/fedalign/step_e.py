@@ -42,7 +42,8 @@ def start_round(
     """The screened results' FedAvg (every tensor, or all but the experts when step D will
     rewrite each of them from sketches) and the record's head: round, clients, weights,
     ablation, ``routing_lambda``, the method options that differ from the defaults,
-    ``sketch_dim``, ``merge_strength`` < 1 and the LoRA record."""
+    ``sketch_dim``, ``merge_strength`` < 1, ``client_proximal_mu`` > 0 (as the clients use it)
+    and the LoRA record."""
     check_results(global_parameters, results)
     layout = trainable_layout(layout, global_parameters)
     weights = example_weights(results)  # (C,)
@@ -60,6 +61,8 @@ def start_round(
         record["sketch_dim"] = int(options.sketch_dim)
     if options.merge_strength < 1.0:
         record["merge_strength"] = float(options.merge_strength)
+    if options.client_proximal_mu > 0:
+        record["client_proximal_mu"] = float(options.client_proximal_mu)
     lora = aggregate_lora_modules(
         parameters, results, weights, layout, lora_aggregation, skip_experts=semantic_aggregation
     )

@@ -34,6 +34,7 @@ from fedalign.strategies.fedalign.experts import (
 )
 from fedalign.strategies.fedalign.options import (
     ABLATION_LEVEL,
+    DEFAULT_ABLATION,
     METHOD_OPTION_DEFAULTS,
     FedAlignOptions,
     resolve_method_options,
@@ -103,8 +104,9 @@ class FedAlignMoE(Strategy):
 
     @classmethod
     def run_label(cls, variant: str) -> str:
-        """``fedalign-<ablation>`` for ablation rows other than ``full``."""
-        return cls.name if variant == "full" else f"{cls.name}-{variant}"
+        """``fedalign`` for the default row (:data:`DEFAULT_ABLATION`), else
+        ``fedalign-<ablation>`` (the paper's method is ``fedalign-full``)."""
+        return cls.name if variant == DEFAULT_ABLATION else f"{cls.name}-{variant}"
 
     @property
     def ablation(self) -> str:
