@@ -927,6 +927,7 @@ def test_routing_form_reaches_the_client_loss(tmp_path: object) -> None:
             "train.local-steps": 2,
             "train.batch-size": 8,
             "strategy.name": "fedalign",
+            "strategy.ablation": "full",  # the row that takes every form (no preset)
             "strategy.routing-lambda": 1.0,
             "strategy.stats-max-examples": 16,
             "strategy.routing-form": form,
