@@ -37,7 +37,6 @@ from fedalign.strategies.fedalign.options import (
     DEFAULT_ABLATION,
     METHOD_OPTION_DEFAULTS,
     FedAlignOptions,
-    resolve_method_options,
 )
 from fedalign.strategies.fedalign.routers import align_layer_routing, routing_settings
 from fedalign.strategies.fedalign.step_e import start_round
@@ -87,9 +86,9 @@ class FedAlignMoE(Strategy):
         elif values:
             raise TypeError("give FedAlignMoE an options object or keyword values, not both")
         self.options = options
-        given = {key: getattr(options, key) for key in METHOD_OPTION_DEFAULTS}
-        given["count_weighted"] = bool(given["count_weighted"])
-        self.method = resolve_method_options(options.ablation, given)
+        # the options object holds its row's resolved method options (FedAlignOptions)
+        self.method = {key: getattr(options, key) for key in METHOD_OPTION_DEFAULTS}
+        self.method["count_weighted"] = bool(self.method["count_weighted"])
         self.needs_routing_statistics = options.ablation != "fedavg"
         if options.personalized_experts and layout.lora_expert_param_names():
             raise OptionError(
