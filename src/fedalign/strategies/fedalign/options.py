@@ -31,7 +31,10 @@ DEFAULT_ABLATION = "full-sound-prox"
 """The row ``--strategy fedalign`` runs: the configuration the evidence chose
 (docs/method.md, "Which defaults the evidence chose")."""
 
-ABLATION_LEVEL: dict[str, int] = {
+ABLATION_BASE_ROW: dict[str, str] = {"full-sound": "full", "full-sound-prox": "full"}
+"""The paper's row a row of ours runs (same components, different option values)."""
+
+_PAPER_LEVEL: dict[str, int] = {
     "fedavg": 0,
     "uniform-align": 1,
     "consistency": 2,
@@ -39,20 +42,24 @@ ABLATION_LEVEL: dict[str, int] = {
     "margin-only": 2,
     "adaptive-reg": 3,
     "full": 4,
-    "full-sound": 4,
-    "full-sound-prox": 4,
+}
+ABLATION_LEVEL: dict[str, int] = {
+    **_PAPER_LEVEL,
+    **{row: _PAPER_LEVEL[base] for row, base in ABLATION_BASE_ROW.items()},
 }
 """Row of the paper's ablation table each ablation switch belongs to (0-based)."""
 
-CONSISTENCY_SCORES: dict[str, str] = {
+_PAPER_SCORES: dict[str, str] = {
     "uniform-align": "uniform",
     "consistency": "overlap*margin",
     "overlap-only": "overlap",
     "margin-only": "margin",
     "adaptive-reg": "overlap*margin",
     "full": "overlap*margin",
-    "full-sound": "overlap*margin",
-    "full-sound-prox": "overlap*margin",
+}
+CONSISTENCY_SCORES: dict[str, str] = {
+    **_PAPER_SCORES,
+    **{row: _PAPER_SCORES[base] for row, base in ABLATION_BASE_ROW.items()},
 }
 """Consistency score ``s_i(e)`` used by each ablation (``fedavg`` uses none)."""
 
@@ -107,9 +114,6 @@ ABLATION_PRESETS: dict[str, dict[str, Any]] = {
     "full-sound-prox": dict(_SOUND_OPTIONS),
 }
 """Ablation rows that also fix method options (keys of :data:`METHOD_OPTION_DEFAULTS`)."""
-
-ABLATION_BASE_ROW: dict[str, str] = {"full-sound": "full", "full-sound-prox": "full"}
-"""The paper's row a preset row runs (same components, different option values)."""
 
 ROW_PROXIMAL_MU: dict[str, float] = {"full-sound-prox": 0.01}
 """``client_proximal_mu`` of a row when the option is left at 0: the value chosen on the
