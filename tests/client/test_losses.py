@@ -162,3 +162,24 @@ def test_label_calibration_leaves_classes_the_client_lacks_untouched(prepared) -
 
     assert torch.equal(head_rows(1.0), start[head][absent])
     assert not torch.equal(head_rows(0.0), start[head][absent])
+
+
+def test_terms_see_each_batch_labels(prepared) -> None:  # type: ignore[no-untyped-def]
+    """Every local step hands its batch's labels to the loss terms: over one epoch they are
+    the client's labels, each example once."""
+    model, data = prepared.model, prepared.data
+    start = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+    rows = data.client_rows(0)
+    seen: list[int] = []
+
+    class Recorder(CallableTerm):
+        def value(self, step: StepContext) -> torch.Tensor:
+            assert step.labels is not None
+            seen.extend(step.labels.tolist())
+            return torch.zeros(())
+
+    model.load_trainable_state(start)
+    config = tiny_config(train__local_epochs=1, train__local_steps=0)
+    recorder = Recorder(lambda model, routing: torch.zeros(()))
+    train_local(model, rows, [recorder], config.train, global_parameters=start, seed=3)
+    assert sorted(seen) == sorted(rows.labels.tolist())

@@ -52,12 +52,15 @@ class StepContext:
         The round's global trainable parameters (detached copies).
     top_k : mapping of str to int
         Experts selected per token, per MoE layer.
+    labels : Tensor or None, default None
+        The batch's labels ``(B,)`` (the correct choices for multiple-choice tasks).
     """
 
     model: MoEModel
     routing: dict[str, tuple[Tensor, Tensor]]
     reference: Mapping[str, Tensor]
     top_k: Mapping[str, int]
+    labels: Tensor | None = None
 
 
 class LossTerm(ABC):

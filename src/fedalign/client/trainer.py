@@ -171,7 +171,7 @@ def train_local(
             batch = batch.to(model.device)
             with model.autocast():
                 task_loss = objective.loss(model, batch)
-            step = StepContext(model, capture.pop(), reference, top_k)
+            step = StepContext(model, capture.pop(), reference, top_k, batch.labels)
             loss, values = _step_loss(task_loss, terms, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
