@@ -34,6 +34,12 @@ DEFAULT_ABLATION = "full-sound-prox"
 ABLATION_BASE_ROW: dict[str, str] = {"full-sound": "full", "full-sound-prox": "full"}
 """The paper's row a row of ours runs (same components, different option values)."""
 
+
+def _with_rows_of_ours(paper: Mapping[str, Any]) -> dict[str, Any]:
+    """``paper`` plus each row of ours, with the value of the paper's row it runs."""
+    return {**paper, **{row: paper[base] for row, base in ABLATION_BASE_ROW.items()}}
+
+
 _PAPER_LEVEL: dict[str, int] = {
     "fedavg": 0,
     "uniform-align": 1,
@@ -43,10 +49,7 @@ _PAPER_LEVEL: dict[str, int] = {
     "adaptive-reg": 3,
     "full": 4,
 }
-ABLATION_LEVEL: dict[str, int] = {
-    **_PAPER_LEVEL,
-    **{row: _PAPER_LEVEL[base] for row, base in ABLATION_BASE_ROW.items()},
-}
+ABLATION_LEVEL: dict[str, int] = _with_rows_of_ours(_PAPER_LEVEL)
 """Row of the paper's ablation table each ablation switch belongs to (0-based)."""
 
 _PAPER_SCORES: dict[str, str] = {
@@ -57,10 +60,7 @@ _PAPER_SCORES: dict[str, str] = {
     "adaptive-reg": "overlap*margin",
     "full": "overlap*margin",
 }
-CONSISTENCY_SCORES: dict[str, str] = {
-    **_PAPER_SCORES,
-    **{row: _PAPER_SCORES[base] for row, base in ABLATION_BASE_ROW.items()},
-}
+CONSISTENCY_SCORES: dict[str, str] = _with_rows_of_ours(_PAPER_SCORES)
 """Consistency score ``s_i(e)`` used by each ablation (``fedavg`` uses none)."""
 
 THRESHOLD_STD_CHOICES = ("population", "sample")
