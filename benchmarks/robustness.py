@@ -36,20 +36,16 @@ from demo_runs import LazyData, base_config, run_one, slug
 from fedalign.config import FederatedConfig
 from fedalign.experiments.stats import paired_difference
 
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "FedAvg": {"strategy.name": "fedavg"},
-    "FedProx": {"strategy.name": "fedprox"},
-    "FedAlign-MoE": {"strategy.name": "fedalign", "strategy.ablation": "full"},
-}
-"""The rows; ``--fedalign-row`` replaces the last one's ablation row (and its label)."""
 
-
-def use_fedalign_row(row: str) -> None:
-    """Run FedAlign-MoE as ablation ``row`` (``full`` keeps the committed table's label)."""
-    if row == "full":
-        return
-    del STRATEGIES["FedAlign-MoE"]
-    STRATEGIES[f"FedAlign-MoE {row}"] = {"strategy.name": "fedalign", "strategy.ablation": row}
+def strategies(fedalign_row: str) -> dict[str, dict[str, Any]]:
+    """The rows by label: FedAvg, FedProx and FedAlign-MoE as ablation ``fedalign_row``
+    (``--fedalign-row``; ``full`` keeps the label of the committed table, others name it)."""
+    label = "FedAlign-MoE" if fedalign_row == "full" else f"FedAlign-MoE {fedalign_row}"
+    return {
+        "FedAvg": {"strategy.name": "fedavg"},
+        "FedProx": {"strategy.name": "fedprox"},
+        label: {"strategy.name": "fedalign", "strategy.ablation": fedalign_row},
+    }
 
 
 ATTACKER = 0
@@ -88,7 +84,7 @@ def run_grid(args: argparse.Namespace, seeds: list[int], runs: Path) -> dict[str
         config = base_config(seed, args.rounds, args.train_examples, 256)
         data = LazyData(config)
         for attack, screening in grid(args):
-            for label, overrides in STRATEGIES.items():
+            for label, overrides in strategies(args.fedalign_row).items():
                 run_config = config.copy()
                 for key, value in overrides.items():
                     run_config.set(key, value)
@@ -152,7 +148,7 @@ def robustness_table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "wins (per seed) | vs | cost ≤ 1 point | clipped updates: client 0 / honest |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label in STRATEGIES:
+    for label in strategies(args.fedalign_row):
         for attack, screening in table_rows(args):
             rows = pick(results, label, attack, screening)
             if not rows:
@@ -199,7 +195,7 @@ def direction_table(results: dict[str, Any]) -> str:
         "below the flipped client's median |",
         "|---|---|---|---|",
     ]
-    for label in STRATEGIES:
+    for label in dict.fromkeys(row["strategy"] for row in results["runs"].values()):
         flipped = [
             rounds[str(ATTACKER)]
             for row in pick(results, label, "sign-flip", "default").values()
@@ -252,7 +248,6 @@ def main() -> None:
         help="FedAlign-MoE's ablation row (full: as specified; full-sound-prox: the default)",
     )
     args = parser.parse_args()
-    use_fedalign_row(args.fedalign_row)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     started = time.perf_counter()
