@@ -55,13 +55,13 @@ class UsageAnchorTerm(LossTerm):
     def __init__(self, coefficient: float, cap: float) -> None:
         super().__init__(coefficient)
         self.cap = float(cap)
-        self.round_key = -1
+        self.reference: object = None  # the round's reference dict, held so it is not reused
         self.expert_counts: dict[str, Tensor] = {}
         self.class_counts = torch.zeros(0)
 
     def _count(self, step: StepContext) -> None:
-        if self.round_key != id(step.reference):  # a new client round: fresh counts
-            self.round_key = id(step.reference)
+        if step.reference is not self.reference:  # a new client round: fresh counts
+            self.reference = step.reference
             self.expert_counts = {}
             self.class_counts = torch.zeros(step.model.num_labels)
         for name, (logits, _hidden) in step.routing.items():
